@@ -1,0 +1,3 @@
+"""specdec_jax: speculative decoding in JAX/Flax."""
+
+__version__ = "0.1.0"

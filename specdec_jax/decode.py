@@ -1,0 +1,290 @@
+"""The decode loop: prefill, the speculative step, the compiled while_loop.
+
+One step for all B rows (DESIGN.md): draft -> verify -> accept -> commit ->
+resync. Plain autoregressive decoding is the same step with K = 0, so the
+baseline and the speculative path share every line that matters.
+
+Everything inside ``generate_loop`` has a static shape: acceptance changes
+lengths and masks, never shapes, so nothing recompiles after warm-up and the
+whole generation is one ``lax.while_loop`` with no host round trips.
+The phases ``draft_phase`` and ``verify_phase`` are also jitted on their own
+for the Python-driven mode (streaming, traces): same functions, no second
+implementation.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from specdec_jax import policies
+from specdec_jax import sampling
+from specdec_jax import verify
+from specdec_jax.drafters.base import DraftContext, Drafter, Proposal
+from specdec_jax.models.kv_cache import KVCache
+from specdec_jax.models.transformer import Transformer
+
+RUNNING, FINISHED_EOS, FINISHED_LENGTH = 0, 1, 2
+FINISH_REASONS = {RUNNING: "running", FINISHED_EOS: "eos", FINISHED_LENGTH: "length"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+  """Everything static about a compiled generate function.
+
+  k_max: draft slots per step (0 = plain decoding). The effective k and the
+    policy's per-row k_b vary at run time inside it without recompiling.
+  num_slots: S, cache/token buffer length = max_prompt + max_new + k_max + 1.
+  max_new_tokens: cap on generated tokens per row (sizes the stats buffers).
+  """
+
+  batch_size: int
+  k_max: int
+  num_slots: int
+  max_new_tokens: int
+  eos_ids: tuple[int, ...]
+  greedy: bool
+  rule: str = "rejection"
+  policy: str = "fixed"
+  typical_epsilon: float = 0.09
+  typical_alpha: float = 0.3
+
+
+@flax.struct.dataclass
+class RunParams:
+  """Traced run-time settings: changing any of them never recompiles."""
+
+  sampling: sampling.SamplingParams
+  k: jax.Array               # int32 scalar, effective K (<= k_max)
+  tau: jax.Array             # float32 scalar, threshold policy's confidence bound
+  budget: jax.Array          # int32 scalar, budget policy's draft tokens per step
+
+
+@flax.struct.dataclass
+class Stats:
+  """Fixed-size on-device statistics.
+
+  accepted_TB: accepted drafts per step and row (-1 where the row was idle).
+  proposed_TB: drafts proposed per step and row (the effective k_b).
+  reached_BK: times draft slot i was evaluated (proposed, all before accepted).
+  accepted_BK: times draft slot i was accepted.
+  expected_accept_BK: sum of sum_v min(p, q) over evaluated slots.
+  target_calls_B: verify calls while the row was active.
+  """
+
+  accepted_TB: jax.Array
+  proposed_TB: jax.Array
+  reached_BK: jax.Array
+  accepted_BK: jax.Array
+  expected_accept_BK: jax.Array
+  target_calls_B: jax.Array
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """The loop carry. ``tokens_BS[b, :length_B[b]]`` is row b's committed text."""
+
+  tokens_BS: jax.Array
+  length_B: jax.Array
+  prompt_len_B: jax.Array
+  max_new_B: jax.Array
+  finish_B: jax.Array
+  keys_B2: jax.Array
+  target_cache: KVCache
+  drafter_state: Any
+  policy_state: policies.PolicyState
+  step: jax.Array
+  stats: Stats
+
+
+def _init_stats(spec: DecodeSpec) -> Stats:
+  b, k, t = spec.batch_size, spec.k_max, spec.max_new_tokens
+  return Stats(
+      accepted_TB=jnp.full((t, b), -1, jnp.int32),
+      proposed_TB=jnp.zeros((t, b), jnp.int32),
+      reached_BK=jnp.zeros((b, k), jnp.int32),
+      accepted_BK=jnp.zeros((b, k), jnp.int32),
+      expected_accept_BK=jnp.zeros((b, k), jnp.float32),
+      target_calls_B=jnp.zeros((b,), jnp.int32))
+
+
+def prefill(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
+            target_params, draft_params, prompt_BT, prompt_len_B, max_new_B,
+            keys_B2, active_B, run: RunParams) -> DecodeState:
+  """Writes the right-padded prompts into both caches; no token is sampled.
+
+  Padding tokens land in slots >= prompt_len, which the invariant treats as
+  stale. The first step re-feeds the last prompt token to get its logits.
+  """
+  batch, prompt_slots = prompt_BT.shape
+  positions_BT = jnp.broadcast_to(jnp.arange(prompt_slots, dtype=jnp.int32), prompt_BT.shape)
+  cache = target.init_cache(batch, spec.num_slots)
+  _, cache = target.apply(target_params, prompt_BT, positions_BT, cache)
+  drafter_state = ()
+  if drafter is not None and spec.k_max > 0:
+    drafter_state = drafter.init_state(batch, spec.num_slots)
+    drafter_state = drafter.prefill(draft_params, drafter_state, prompt_BT, positions_BT)
+  tokens_BS = jnp.zeros((batch, spec.num_slots), jnp.int32)
+  tokens_BS = tokens_BS.at[:, :prompt_slots].set(prompt_BT)
+  finish_B = jnp.where(active_B, RUNNING, FINISHED_LENGTH).astype(jnp.int32)
+  return DecodeState(
+      tokens_BS=tokens_BS, length_B=prompt_len_B, prompt_len_B=prompt_len_B,
+      max_new_B=max_new_B, finish_B=finish_B, keys_B2=keys_B2,
+      target_cache=cache, drafter_state=drafter_state,
+      policy_state=policies.init_state(batch, run.k), step=jnp.int32(0),
+      stats=_init_stats(spec))
+
+
+def _draft_purpose(spec: DecodeSpec) -> int:
+  return sampling.TARGET if spec.rule == "coupled" else sampling.DRAFT
+
+
+def empty_proposal(batch: int) -> Proposal:
+  return Proposal(draft_BK=jnp.zeros((batch, 0), jnp.int32), q_BKV=None,
+                  num_proposed_B=jnp.zeros((batch,), jnp.int32),
+                  confidence_BK=jnp.zeros((batch, 0), jnp.float32))
+
+
+def draft_phase(spec: DecodeSpec, drafter: Drafter | None, draft_params,
+                state: DecodeState, run: RunParams) -> tuple[Proposal, DecodeState]:
+  """Step 1 (and 5): the drafter resyncs and proposes K_max drafts per row."""
+  if drafter is None or spec.k_max == 0:
+    return empty_proposal(spec.batch_size), state
+  active_B = state.finish_B == RUNNING
+  max_k_B = policies.draft_limit(spec.policy, state.policy_state, run.k, run.budget,
+                                 active_B, spec.k_max)
+  min_confidence = jnp.where(spec.policy == "threshold", run.tau, 0.0)
+  ctx = DraftContext(tokens_BS=state.tokens_BS, length_B=state.length_B,
+                     keys_B2=state.keys_B2, sampling=run.sampling, max_k_B=max_k_B,
+                     min_confidence=jnp.float32(min_confidence))
+  proposal, drafter_state = drafter.propose(
+      draft_params, state.drafter_state, ctx, spec.k_max, greedy=spec.greedy,
+      purpose=_draft_purpose(spec))
+  num_proposed_B = jnp.where(active_B, jnp.minimum(proposal.num_proposed_B, max_k_B), 0)
+  proposal = proposal.replace(num_proposed_B=num_proposed_B.astype(jnp.int32))
+  return proposal, state.replace(drafter_state=drafter_state)
+
+
+def _accept(spec: DecodeSpec, proposal: Proposal, logits_BK1V, state, run):
+  """Step 3: the acceptance rule. Returns (n_B, x_B, p_BK1V or None)."""
+  draft_BK, num_B = proposal.draft_BK, proposal.num_proposed_B
+  if spec.greedy:
+    n_B, x_B = verify.greedy_accept(draft_BK, logits_BK1V, num_B)
+    return n_B, x_B, None
+  p_BK1V = sampling.warp(logits_BK1V, run.sampling)
+  keys_B2, length_B = state.keys_B2, state.length_B
+  if spec.rule == "rejection":
+    n_B, x_B = verify.rejection_accept(draft_BK, proposal.q_BKV, p_BK1V, num_B, keys_B2, length_B)
+  elif spec.rule == "coupled":
+    n_B, x_B = verify.coupled_accept(draft_BK, p_BK1V, num_B, keys_B2, length_B)
+  elif spec.rule == "typical":
+    n_B, x_B = verify.typical_accept(draft_BK, p_BK1V, num_B, keys_B2, length_B,
+                                     spec.typical_epsilon, spec.typical_alpha)
+  else:
+    raise ValueError(f"unknown rule {spec.rule!r}; expected one of {verify.RULES}")
+  return n_B, x_B, p_BK1V
+
+
+def _commit(spec: DecodeSpec, state: DecodeState, draft_BK, n_B, x_B):
+  """Step 4: writes accepted drafts + x, honouring EOS and max_new per row.
+
+  Returns the new state (without stats) and the number of tokens committed.
+  """
+  batch, k = draft_BK.shape
+  slots_K1 = jnp.arange(k + 1)[None, :]
+  emitted_BK1 = jnp.concatenate([draft_BK, jnp.zeros((batch, 1), jnp.int32)], axis=1)
+  emitted_BK1 = jnp.where(slots_K1 == n_B[:, None], x_B[:, None], emitted_BK1)
+  remaining_B = state.max_new_B - (state.length_B - state.prompt_len_B)
+  count_B = jnp.minimum(n_B + 1, remaining_B)
+  if spec.eos_ids:
+    is_eos_BK1 = jnp.isin(emitted_BK1, jnp.asarray(spec.eos_ids, jnp.int32))
+    is_eos_BK1 &= slots_K1 < count_B[:, None]
+  else:
+    is_eos_BK1 = jnp.zeros_like(emitted_BK1, bool)
+  hit_eos_B = jnp.any(is_eos_BK1, axis=1)
+  count_B = jnp.where(hit_eos_B, jnp.argmax(is_eos_BK1, axis=1) + 1, count_B)
+  active_B = state.finish_B == RUNNING
+  count_B = jnp.where(active_B, count_B, 0).astype(jnp.int32)
+
+  positions_BK1 = state.length_B[:, None] + slots_K1
+  positions_BK1 = jnp.where(slots_K1 < count_B[:, None], positions_BK1, spec.num_slots)
+  rows_B1 = jnp.arange(batch)[:, None]
+  tokens_BS = state.tokens_BS.at[rows_B1, positions_BK1].set(emitted_BK1, mode="drop")
+  length_B = state.length_B + count_B
+  out_of_budget_B = length_B - state.prompt_len_B >= state.max_new_B
+  finish_B = jnp.where(active_B & hit_eos_B, FINISHED_EOS,
+                       jnp.where(active_B & out_of_budget_B, FINISHED_LENGTH, state.finish_B))
+  return state.replace(tokens_BS=tokens_BS, length_B=length_B,
+                       finish_B=finish_B.astype(jnp.int32)), count_B
+
+
+def _update_stats(stats: Stats, step, proposal: Proposal, n_B, p_BK1V, active_B, greedy_p):
+  k = proposal.draft_BK.shape[1]
+  slots_K = jnp.arange(k)[None, :]
+  reached_BK = (slots_K <= n_B[:, None]) & (slots_K < proposal.num_proposed_B[:, None])
+  reached_BK &= active_B[:, None]
+  accepted_BK = (slots_K < n_B[:, None]) & active_B[:, None]
+  p_BKV = greedy_p if p_BK1V is None else p_BK1V[:, :k]
+  expected_BK = verify.expected_acceptance(p_BKV, proposal.q_BKV, proposal.draft_BK)
+  return Stats(
+      accepted_TB=stats.accepted_TB.at[step].set(jnp.where(active_B, n_B, -1), mode="drop"),
+      proposed_TB=stats.proposed_TB.at[step].set(proposal.num_proposed_B, mode="drop"),
+      reached_BK=stats.reached_BK + reached_BK,
+      accepted_BK=stats.accepted_BK + accepted_BK,
+      expected_accept_BK=stats.expected_accept_BK + jnp.where(reached_BK, expected_BK, 0.0),
+      target_calls_B=stats.target_calls_B + active_B)
+
+
+def verify_phase(spec: DecodeSpec, target: Transformer, target_params,
+                 state: DecodeState, proposal: Proposal, run: RunParams) -> DecodeState:
+  """Steps 2-4: one target call over [last, d_0 .. d_{K-1}], accept, commit."""
+  batch = spec.batch_size
+  k = proposal.draft_BK.shape[1]
+  last_B1 = jnp.take_along_axis(state.tokens_BS, state.length_B[:, None] - 1, axis=1)
+  block_BK1 = jnp.concatenate([last_B1, proposal.draft_BK], axis=1)
+  positions_BK1 = state.length_B[:, None] - 1 + jnp.arange(k + 1)[None, :]
+  logits_BK1V, target_cache = target.apply(target_params, block_BK1, positions_BK1,
+                                           state.target_cache)
+  n_B, x_B, p_BK1V = _accept(spec, proposal, logits_BK1V, state, run)
+  active_B = state.finish_B == RUNNING
+  greedy_p = None
+  if p_BK1V is None and k > 0:
+    vocab = logits_BK1V.shape[-1]
+    greedy_p = jax.nn.one_hot(jnp.argmax(logits_BK1V[:, :k], axis=-1), vocab, dtype=jnp.float32)
+  stats = state.stats
+  if k > 0:
+    stats = _update_stats(stats, state.step, proposal, n_B, p_BK1V, active_B, greedy_p)
+  else:
+    stats = stats.replace(
+        accepted_TB=stats.accepted_TB.at[state.step].set(jnp.where(active_B, 0, -1), mode="drop"),
+        target_calls_B=stats.target_calls_B + active_B)
+  policy_state = policies.update(spec.policy, state.policy_state, n_B,
+                                 proposal.num_proposed_B, active_B, run.k)
+  state = state.replace(target_cache=target_cache, policy_state=policy_state, stats=stats)
+  state, _ = _commit(spec, state, proposal.draft_BK, n_B, x_B)
+  del batch
+  return state.replace(step=state.step + 1)
+
+
+def step(spec, target, drafter, target_params, draft_params, state, run) -> DecodeState:
+  """One speculative step for all rows (plain decoding when k_max == 0)."""
+  proposal, state = draft_phase(spec, drafter, draft_params, state, run)
+  return verify_phase(spec, target, target_params, state, proposal, run)
+
+
+def generate_loop(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
+                  target_params, draft_params, prompt_BT, prompt_len_B, max_new_B,
+                  keys_B2, active_B, run: RunParams) -> DecodeState:
+  """Prefill + the whole generation as one ``lax.while_loop``."""
+  state = prefill(spec, target, drafter, target_params, draft_params, prompt_BT,
+                  prompt_len_B, max_new_B, keys_B2, active_B, run)
+
+  def not_done(state):
+    return jnp.any(state.finish_B == RUNNING) & (state.step < spec.max_new_tokens)
+
+  def body(state):
+    return step(spec, target, drafter, target_params, draft_params, state, run)
+
+  return jax.lax.while_loop(not_done, body, state)

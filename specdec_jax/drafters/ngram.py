@@ -1,0 +1,66 @@
+"""Prompt-lookup / n-gram drafter: copies what followed the last n-gram."""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from specdec_jax.drafters.base import DraftContext, Proposal
+
+
+@dataclasses.dataclass(frozen=True)
+class NgramDrafter:
+  """Finds the most recent earlier occurrence of the row's last n tokens in
+  its own committed tokens and proposes the tokens that followed.
+
+  Tries n = max_n down to min_n and uses the longest n that matches. Fully on
+  device with static shapes (O(S * max_n^2) compares per row). Proposals
+  never run past the committed text, so a short continuation proposes fewer
+  than K drafts; no match proposes none. Deterministic: q is one-hot.
+  """
+
+  max_n: int = 3
+  min_n: int = 1
+  name: str = "ngram"
+
+  def __post_init__(self):
+    if self.min_n < 1 or self.max_n < self.min_n:
+      raise ValueError(
+          f"n-gram sizes must satisfy 1 <= ngram_min_n <= ngram_max_n, got "
+          f"min_n={self.min_n}, max_n={self.max_n}")
+
+  def init_state(self, batch_size, num_slots):
+    del batch_size, num_slots
+    return ()
+
+  def prefill(self, params, state, prompt_BT, positions_BT):
+    return state
+
+  def propose(self, params, state, ctx: DraftContext, k: int, *, greedy: bool,
+              purpose: int):
+    del params, greedy, purpose
+    tokens_BS, length_B = ctx.tokens_BS, ctx.length_B
+    batch, num_slots = tokens_BS.shape
+    starts_S = jnp.arange(num_slots)
+    padded_BS = jnp.concatenate(
+        [tokens_BS, jnp.full((batch, self.max_n), -1, tokens_BS.dtype)], axis=1)
+
+    continuation_B = jnp.full((batch,), -1, jnp.int32)
+    for n in range(self.max_n, self.min_n - 1, -1):
+      match_BS = jnp.ones((batch, num_slots), bool)
+      for i in range(n):
+        suffix_token_B = jnp.take_along_axis(
+            tokens_BS, jnp.maximum(length_B - n + i, 0)[:, None], axis=1)
+        match_BS &= padded_BS[:, i:i + num_slots] == suffix_token_B
+      # The match must end before the last committed token, so that at least
+      # one token follows it; this also excludes the suffix itself.
+      valid_BS = (starts_S[None, :] + n <= length_B[:, None] - 1) & (length_B[:, None] > n)
+      start_B = jnp.max(jnp.where(match_BS & valid_BS, starts_S[None, :], -1), axis=1)
+      found_B = (start_B >= 0) & (continuation_B < 0)
+      continuation_B = jnp.where(found_B, start_B + n, continuation_B)
+
+    draft_pos_BK = continuation_B[:, None] + jnp.arange(k)[None, :]
+    draft_BK = jnp.take_along_axis(tokens_BS, jnp.clip(draft_pos_BK, 0, num_slots - 1), axis=1)
+    available_B = jnp.where(continuation_B >= 0, length_B - continuation_B, 0)
+    num_proposed_B = jnp.clip(jnp.minimum(available_B, ctx.max_k_B), 0, k).astype(jnp.int32)
+    confidence_BK = jnp.ones((batch, k), jnp.float32)
+    return Proposal(draft_BK.astype(jnp.int32), None, num_proposed_B, confidence_BK), state

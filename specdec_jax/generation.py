@@ -1,0 +1,364 @@
+"""Host-side generation API over the compiled decode loop.
+
+``Generator`` validates requests (before anything compiles), pads prompts to
+a small static set of length buckets and batches to the static batch size,
+runs the jitted ``decode.generate_loop`` and unpacks per-row results. It also
+drives the same jitted phases step by step from Python (``iterate``) for
+streaming and traces.
+"""
+
+import dataclasses
+import functools
+import time
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specdec_jax import decode
+from specdec_jax import policies
+from specdec_jax import sampling
+from specdec_jax import verify
+from specdec_jax.drafters.base import Drafter
+from specdec_jax.models.transformer import Transformer
+
+MIN_BUCKET = 16
+
+
+def prompt_buckets(max_prompt_len: int) -> tuple[int, ...]:
+  """Static padded prompt lengths: powers of two from 16, then max_prompt_len."""
+  buckets, size = [], MIN_BUCKET
+  while size < max_prompt_len:
+    buckets.append(size)
+    size *= 2
+  buckets.append(max_prompt_len)
+  return tuple(buckets)
+
+
+@dataclasses.dataclass
+class RowResult:
+  """One request's output. ``output_ids`` are the generated ids only."""
+
+  prompt_ids: list[int]
+  output_ids: list[int]
+  finish_reason: str
+  accepted_per_step: list[int]   # accepted drafts per target call
+  proposed_per_step: list[int]   # effective k_b per target call
+  reached_by_slot: list[int]
+  accepted_by_slot: list[int]
+  expected_accept_by_slot: list[float]
+  target_calls: int
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  rows: list[RowResult]
+  wall_time_s: float     # time of the compiled calls, including the host copy
+
+
+@dataclasses.dataclass
+class StepTrace:
+  """One Python-driven step: what each row proposed and committed."""
+
+  step: int
+  drafts: list[list[int]]          # proposed drafts per row (num_proposed long)
+  accepted: list[int]              # accepted drafts per row (-1: row idle)
+  emitted: list[list[int]]         # tokens committed this step per row
+  finished: list[bool]
+  draft_time_s: float
+  verify_time_s: float
+
+
+class Generator:
+  """Compiled generation for one target, drafter and static decode setup.
+
+  Args:
+    target: the target Transformer.
+    drafter: a Drafter, or None for plain decoding.
+    k_max: static draft slots (0 = plain decoding).
+    rule: acceptance rule used when temperature > 0 (temperature 0 is greedy).
+    max_prompt_len, max_new_tokens: sizes of the static buffers.
+    batch_size: static rows per compiled call; fewer prompts are padded.
+    eos_ids: ids that end a row.
+  """
+
+  def __init__(self, target: Transformer, drafter: Drafter | None = None, *,
+               k_max: int = 0, rule: str = "rejection", policy: str = "fixed",
+               max_prompt_len: int = 256, max_new_tokens: int = 64,
+               batch_size: int = 1, eos_ids: Sequence[int] = (),
+               typical_epsilon: float = 0.09, typical_alpha: float = 0.3,
+               draft_vocab_size: int | None = None):
+    if rule not in verify.RULES:
+      raise ValueError(f"unknown rule {rule!r}; expected one of {verify.RULES}")
+    policies.validate(policy, 0.0, 1)
+    if int(k_max) != k_max or k_max < 0:
+      raise ValueError(f"k_max must be an int >= 0, got {k_max}")
+    if k_max > 0 and drafter is None:
+      raise ValueError("k_max > 0 needs a drafter")
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_prompt_len < 1 or max_new_tokens < 1:
+      raise ValueError("max_prompt_len and max_new_tokens must be >= 1")
+    if draft_vocab_size is not None and draft_vocab_size != target.cfg.vocab_size:
+      raise ValueError(
+          f"draft vocab size {draft_vocab_size} differs from target vocab size "
+          f"{target.cfg.vocab_size}; drafter and target must share a tokenizer")
+    for eos in eos_ids:
+      if not 0 <= eos < target.cfg.vocab_size:
+        raise ValueError(f"eos id {eos} outside the vocabulary [0, {target.cfg.vocab_size})")
+    self.target = target
+    self.drafter = drafter if k_max > 0 else None
+    self.rule = rule
+    self.policy = policy
+    self.max_prompt_len = max_prompt_len
+    self.max_new_tokens = max_new_tokens
+    self.batch_size = batch_size
+    self.k_max = k_max
+    self.eos_ids = tuple(int(e) for e in eos_ids)
+    self.num_slots = max_prompt_len + max_new_tokens + k_max + 1
+    self.buckets = prompt_buckets(max_prompt_len)
+    self._typical = (typical_epsilon, typical_alpha)
+    self._jitted = {}
+
+  # ----- static setup -------------------------------------------------------
+
+  def spec(self, greedy: bool) -> decode.DecodeSpec:
+    return decode.DecodeSpec(
+        batch_size=self.batch_size, k_max=self.k_max, num_slots=self.num_slots,
+        max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, greedy=greedy,
+        rule=self.rule, policy=self.policy, typical_epsilon=self._typical[0],
+        typical_alpha=self._typical[1])
+
+  def _fn(self, name: str, greedy: bool):
+    """Jitted functions, one per (phase, greedy); shapes pick the bucket."""
+    key = (name, greedy)
+    if key not in self._jitted:
+      spec, target, drafter = self.spec(greedy), self.target, self.drafter
+
+      def generate_loop(tp, dp, prompt, plen, max_new, keys, active, run):
+        return decode.generate_loop(spec, target, drafter, tp, dp, prompt, plen,
+                                    max_new, keys, active, run)
+
+      def prefill(tp, dp, prompt, plen, max_new, keys, active, run):
+        return decode.prefill(spec, target, drafter, tp, dp, prompt, plen,
+                              max_new, keys, active, run)
+
+      def draft_phase(dp, state, run):
+        return decode.draft_phase(spec, drafter, dp, state, run)
+
+      def verify_phase(tp, state, proposal, run):
+        return decode.verify_phase(spec, target, tp, state, proposal, run)
+
+      fns = {"generate_loop": generate_loop, "prefill": prefill,
+             "draft_phase": draft_phase, "verify_phase": verify_phase}
+      self._jitted[key] = jax.jit(fns[name])
+    return self._jitted[key]
+
+  # ----- validation and batching --------------------------------------------
+
+  def validate(self, prompts, max_new_tokens, k, temperature, top_k, top_p, seeds,
+               tau=0.0, budget=1):
+    """Raises ValueError naming the problem; runs before anything compiles."""
+    if not prompts:
+      raise ValueError("no prompts given")
+    vocab = self.target.cfg.vocab_size
+    for i, ids in enumerate(prompts):
+      if len(ids) == 0:
+        raise ValueError(f"prompt {i} is empty")
+      if len(ids) > self.max_prompt_len:
+        raise ValueError(
+            f"prompt {i} has {len(ids)} tokens, longer than max_prompt_len="
+            f"{self.max_prompt_len} that the cache allows")
+      bad = [t for t in ids if not 0 <= int(t) < vocab]
+      if bad:
+        raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    for m in max_new_tokens:
+      if int(m) != m or m < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {m}")
+      if m > self.max_new_tokens:
+        raise ValueError(f"max_new_tokens={m} exceeds the compiled cap {self.max_new_tokens}")
+    sampling.validate(temperature, top_k, top_p)
+    if self.k_max > 0 and (int(k) != k or not 1 <= k <= self.k_max):
+      raise ValueError(f"k={k} must be an int in [1, k_max={self.k_max}]")
+    if len(seeds) != len(prompts):
+      raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    policies.validate(self.policy, tau, budget)
+
+  def _bucket(self, longest: int) -> int:
+    return next(b for b in self.buckets if b >= longest)
+
+  def _pack(self, prompts, max_new, seeds):
+    """Right-pads one batch (<= batch_size prompts) to static shapes."""
+    b = self.batch_size
+    bucket = self._bucket(max(len(p) for p in prompts))
+    prompt_BT = np.zeros((b, bucket), np.int32)
+    prompt_len_B = np.ones((b,), np.int32)
+    max_new_B = np.ones((b,), np.int32)
+    active_B = np.zeros((b,), bool)
+    seeds_B = np.zeros((b,), np.uint32)
+    for row, (ids, m, seed) in enumerate(zip(prompts, max_new, seeds)):
+      prompt_BT[row, :len(ids)] = ids
+      prompt_len_B[row] = len(ids)
+      max_new_B[row] = m
+      active_B[row] = True
+      seeds_B[row] = seed
+    keys_B2 = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds_B))
+    return (jnp.asarray(prompt_BT), jnp.asarray(prompt_len_B), jnp.asarray(max_new_B),
+            keys_B2, jnp.asarray(active_B))
+
+  def _run_params(self, k, temperature, top_k, top_p, tau, budget):
+    return decode.RunParams(
+        sampling=sampling.SamplingParams.create(temperature, top_k, top_p),
+        k=jnp.int32(k if self.k_max > 0 else 0), tau=jnp.float32(tau),
+        budget=jnp.int32(budget))
+
+  def _normalise(self, prompts, max_new_tokens, seeds, k):
+    prompts = [list(map(int, p)) for p in prompts]
+    if max_new_tokens is None:
+      max_new_tokens = self.max_new_tokens
+    if isinstance(max_new_tokens, (int, np.integer)):
+      max_new_tokens = [int(max_new_tokens)] * len(prompts)
+    if seeds is None:
+      seeds = list(range(len(prompts)))
+    elif isinstance(seeds, (int, np.integer)):
+      seeds = [int(seeds) + i for i in range(len(prompts))]
+    if k is None:
+      k = self.k_max
+    return prompts, list(max_new_tokens), list(seeds), k
+
+  # ----- running --------------------------------------------------------------
+
+  def generate(self, target_params, draft_params, prompts: Sequence[Sequence[int]], *,
+               max_new_tokens=None, seeds=None, k=None, temperature=0.0, top_k=0,
+               top_p=1.0, tau=0.0, budget=1) -> GenerationResult:
+    """Generates for any number of prompts, batch_size rows per compiled call.
+
+    Args:
+      prompts: token id lists (1 <= len <= max_prompt_len).
+      max_new_tokens: int or per-prompt list (<= the compiled cap).
+      seeds: per-prompt seeds (default 0..n-1), or one int base seed.
+      k: effective draft length in [1, k_max] (default k_max).
+    """
+    prompts, max_new, seeds, k = self._normalise(prompts, max_new_tokens, seeds, k)
+    self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget)
+    run = self._run_params(k, temperature, top_k, top_p, tau, budget)
+    fn = self._fn("generate_loop", temperature == 0)
+    rows, wall = [], 0.0
+    for start in range(0, len(prompts), self.batch_size):
+      chunk = slice(start, start + self.batch_size)
+      packed = self._pack(prompts[chunk], max_new[chunk], seeds[chunk])
+      t0 = time.perf_counter()
+      state = fn(target_params, draft_params, *packed, run)
+      state = jax.device_get(state)
+      wall += time.perf_counter() - t0
+      rows.extend(_unpack(state, len(prompts[chunk])))
+    return GenerationResult(rows=rows, wall_time_s=wall)
+
+  def phase_costs(self, target_params, draft_params, prompts, *, iters=10,
+                  k=None, temperature=0.0, top_k=0, top_p=1.0, tau=0.0,
+                  budget=1) -> dict:
+    """Median seconds of one draft phase and one verify phase (warm).
+
+    Both run repeatedly on the same freshly prefilled state, so each call does
+    the work of a real step at the start of generation.
+    """
+    prompts, max_new, seeds, k = self._normalise(prompts[:self.batch_size], None, None, k)
+    self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget)
+    run = self._run_params(k, temperature, top_k, top_p, tau, budget)
+    greedy = temperature == 0
+    packed = self._pack(prompts, max_new, seeds)
+    state = self._fn("prefill", greedy)(target_params, draft_params, *packed, run)
+    if self.drafter is None:
+      proposal = decode.empty_proposal(self.batch_size)
+      draft_s = 0.0
+    else:
+      draft_fn = self._fn("draft_phase", greedy)
+      call = lambda: jax.block_until_ready(draft_fn(draft_params, state, run))
+      call()
+      draft_s = median_time(call, iters)
+      proposal, _ = draft_fn(draft_params, state, run)
+    verify_fn = self._fn("verify_phase", greedy)
+    call = lambda: jax.block_until_ready(verify_fn(target_params, state, proposal, run))
+    call()
+    return {"draft_s": draft_s, "verify_s": median_time(call, iters)}
+
+  def iterate(self, target_params, draft_params, prompts, *, max_new_tokens=None,
+              seeds=None, k=None, temperature=0.0, top_k=0, top_p=1.0, tau=0.0,
+              budget=1) -> Iterator[StepTrace]:
+    """Python-driven loop over the same jitted phases, one batch (<= batch_size).
+
+    Yields a StepTrace after every step (for streaming and traces); the final
+    state's rows are available as ``self.last_rows`` once exhausted.
+    """
+    prompts, max_new, seeds, k = self._normalise(prompts, max_new_tokens, seeds, k)
+    if len(prompts) > self.batch_size:
+      raise ValueError(f"iterate takes at most batch_size={self.batch_size} prompts")
+    self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget)
+    run = self._run_params(k, temperature, top_k, top_p, tau, budget)
+    greedy = temperature == 0
+    packed = self._pack(prompts, max_new, seeds)
+    state = self._fn("prefill", greedy)(target_params, draft_params, *packed, run)
+    draft_fn, verify_fn = self._fn("draft_phase", greedy), self._fn("verify_phase", greedy)
+    n = len(prompts)
+    for step_index in range(self.max_new_tokens):
+      finish = np.asarray(state.finish_B)
+      if not (finish[:n] == decode.RUNNING).any():
+        break
+      old_length = np.asarray(state.length_B)
+      t0 = time.perf_counter()
+      if self.drafter is None:
+        proposal = decode.empty_proposal(self.batch_size)
+      else:
+        proposal, state = draft_fn(draft_params, state, run)
+        jax.block_until_ready(proposal.draft_BK)
+      t1 = time.perf_counter()
+      state = verify_fn(target_params, state, proposal, run)
+      length = np.asarray(state.length_B)
+      t2 = time.perf_counter()
+      tokens = np.asarray(state.tokens_BS)
+      drafts = np.asarray(proposal.draft_BK)
+      num = np.asarray(proposal.num_proposed_B)
+      accepted = np.asarray(state.stats.accepted_TB[step_index])
+      yield StepTrace(
+          step=step_index,
+          drafts=[drafts[b, :num[b]].tolist() for b in range(n)],
+          accepted=accepted[:n].tolist(),
+          emitted=[tokens[b, old_length[b]:length[b]].tolist() for b in range(n)],
+          finished=(np.asarray(state.finish_B)[:n] != decode.RUNNING).tolist(),
+          draft_time_s=t1 - t0, verify_time_s=t2 - t1)
+    self.last_rows = _unpack(jax.device_get(state), n)
+
+
+def median_time(fn, iters: int) -> float:
+  """Median wall time of ``fn()`` (which must block on its result)."""
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def _unpack(state: decode.DecodeState, num_rows: int) -> list[RowResult]:
+  tokens = np.asarray(state.tokens_BS)
+  length = np.asarray(state.length_B)
+  prompt_len = np.asarray(state.prompt_len_B)
+  finish = np.asarray(state.finish_B)
+  stats = state.stats
+  accepted_TB = np.asarray(stats.accepted_TB)
+  proposed_TB = np.asarray(stats.proposed_TB)
+  rows = []
+  for b in range(num_rows):
+    calls = int(stats.target_calls_B[b])
+    rows.append(RowResult(
+        prompt_ids=tokens[b, :prompt_len[b]].tolist(),
+        output_ids=tokens[b, prompt_len[b]:length[b]].tolist(),
+        finish_reason=decode.FINISH_REASONS[int(finish[b])],
+        accepted_per_step=accepted_TB[:calls, b].tolist(),
+        proposed_per_step=proposed_TB[:calls, b].tolist(),
+        reached_by_slot=np.asarray(stats.reached_BK[b]).tolist(),
+        accepted_by_slot=np.asarray(stats.accepted_BK[b]).tolist(),
+        expected_accept_by_slot=np.asarray(stats.expected_accept_BK[b]).tolist(),
+        target_calls=calls))
+  return rows

@@ -1,0 +1,1 @@
+"""Jobs run by ``specdec_jax.main`` (one module each)."""

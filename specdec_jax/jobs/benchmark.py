@@ -1,0 +1,188 @@
+"""job=benchmark: plain (K=0) vs speculative decoding in one process.
+
+After a warm-up that compiles every prompt bucket, baseline and speculative
+runs alternate over the same prompts, ``benchmark.repeats`` times, per prompt
+category; medians are reported. The draft cost ratio c and the verify cost
+(K+1 tokens vs one decode step) are measured on the same compiled phases the
+loop runs, so the predicted speedup sits next to the measured one.
+"""
+
+import collections
+import os
+
+import numpy as np
+
+from specdec_jax import compile_count
+from specdec_jax import metrics
+from specdec_jax import runtime
+from specdec_jax.jobs import generate as generate_job
+from specdec_jax.jobs import io
+
+
+def _time_generation(generator, rt, prompt_ids, seeds, kwargs):
+  result = generator.generate(rt.target_params, rt.draft_params, prompt_ids,
+                              seeds=seeds, **kwargs)
+  return result
+
+
+def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
+  """Runs the measurement; returns (summary, per-prompt records)."""
+  if config.drafter == "none":
+    raise ValueError("config.job=benchmark needs a drafter (config.drafter=ngram or model)")
+  prompts = runtime.load_prompt_list(config)
+  prompt_ids = [rt.encode_prompt(p) for p in prompts]
+  categories = [generate_job.prompt_record(p)[1] for p in prompts]
+  seeds = [config.seed + i for i in range(len(prompts))]
+  base_gen = rt.generator(baseline=True)
+  spec_gen = rt.generator()
+  base_kwargs, spec_kwargs = rt.run_kwargs(baseline=True), rt.run_kwargs()
+  spec_gen.validate(prompt_ids, [config.max_new_tokens] * len(prompts), config.k,
+                    config.temperature, config.top_k, config.top_p, seeds,
+                    config.tau, config.budget)
+
+  groups = collections.OrderedDict()
+  for i, category in enumerate(categories):
+    groups.setdefault(category, []).append(i)
+
+  log(f"warm-up: compiling for {len(prompts)} prompts ({len(groups)} categories)")
+  for _ in range(max(1, config.benchmark.warmup)):
+    for idx in groups.values():
+      ids = [prompt_ids[i] for i in idx]
+      s = [seeds[i] for i in idx]
+      _time_generation(base_gen, rt, ids, s, base_kwargs)
+      _time_generation(spec_gen, rt, ids, s, spec_kwargs)
+  compiles_warm = compile_count.count("generate_loop")
+
+  times = {c: {"baseline": [], "speculative": []} for c in groups}
+  base_rows, spec_rows = {}, {}
+  for repeat in range(config.benchmark.repeats):
+    for category, idx in groups.items():
+      ids = [prompt_ids[i] for i in idx]
+      s = [seeds[i] for i in idx]
+      base = _time_generation(base_gen, rt, ids, s, base_kwargs)
+      spec = _time_generation(spec_gen, rt, ids, s, spec_kwargs)
+      times[category]["baseline"].append(base.wall_time_s)
+      times[category]["speculative"].append(spec.wall_time_s)
+      for i, b_row, s_row in zip(idx, base.rows, spec.rows):
+        base_rows[i], spec_rows[i] = b_row, s_row
+    log(f"repeat {repeat + 1}/{config.benchmark.repeats} done")
+  compiles_after_warmup = compile_count.count("generate_loop") - compiles_warm
+
+  # Costs of one step's phases, on the compiled functions the loop uses.
+  probe = [prompt_ids[0]]
+  iters = config.benchmark.timing_iters
+  base_costs = base_gen.phase_costs(rt.target_params, rt.draft_params, probe,
+                                    iters=iters, **base_kwargs)
+  spec_costs = spec_gen.phase_costs(rt.target_params, rt.draft_params, probe,
+                                    iters=iters, **spec_kwargs)
+  target_step_s = base_costs["verify_s"]
+  cost_ratio_c = spec_costs["draft_s"] / (config.k * target_step_s)
+  verify_cost = spec_costs["verify_s"] / target_step_s
+
+  ordered_base = [base_rows[i] for i in range(len(prompts))]
+  ordered_spec = [spec_rows[i] for i in range(len(prompts))]
+  greedy = config.temperature == 0
+  comparable = greedy or config.rule == "coupled"
+  identical = [b.output_ids == s.output_ids for b, s in zip(ordered_base, ordered_spec)]
+  k_slots = spec_gen.k_max
+  acc = metrics.acceptance_summary(ordered_spec, k_slots)
+
+  def tokens(rows):
+    return sum(len(r.output_ids) for r in rows)
+
+  per_category = []
+  for category, idx in groups.items():
+    base_t = float(np.median(times[category]["baseline"]))
+    spec_t = float(np.median(times[category]["speculative"]))
+    cat_spec_rows = [spec_rows[i] for i in idx]
+    cat_acc = metrics.acceptance_summary(cat_spec_rows, k_slots)
+    per_category.append({
+        "category": category, "num_prompts": len(idx),
+        "baseline_s": base_t, "speculative_s": spec_t, "speedup": base_t / spec_t,
+        "baseline_tokens_per_s": tokens(base_rows[i] for i in idx) / base_t,
+        "speculative_tokens_per_s": tokens(cat_spec_rows) / spec_t,
+        "acceptance_rate": cat_acc["acceptance_rate"],
+        "mean_accepted_length": cat_acc["mean_accepted_length"],
+    })
+  base_total = sum(r["baseline_s"] for r in per_category)
+  spec_total = sum(r["speculative_s"] for r in per_category)
+  a = acc["acceptance_rate"]
+  mal = acc["mean_accepted_length"] or 1.0
+  predicted = metrics.predicted_speedup(a, config.k, cost_ratio_c)
+  spec_calls = sum(r.target_calls for r in ordered_spec)
+  base_calls = sum(r.target_calls for r in ordered_base)
+  model_time = spec_calls * (spec_costs["draft_s"] + spec_costs["verify_s"])
+  summary = {
+      "job": "benchmark", "drafter": config.drafter, "rule": config.rule,
+      "policy": config.policy, "k": config.k, "k_max": k_slots,
+      "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
+      "batch_size": config.batch_size, "num_prompts": len(prompts),
+      "max_new_tokens": config.max_new_tokens, "repeats": config.benchmark.repeats,
+      "speedup": base_total / spec_total,
+      "baseline_s": base_total, "speculative_s": spec_total,
+      "baseline_tokens_per_s": tokens(ordered_base) / base_total,
+      "speculative_tokens_per_s": tokens(ordered_spec) / spec_total,
+      "target_calls_baseline": base_calls, "target_calls_speculative": spec_calls,
+      "cost_ratio_c": cost_ratio_c, "verify_cost_ratio": verify_cost,
+      "target_step_s": target_step_s, "draft_phase_s": spec_costs["draft_s"],
+      "verify_phase_s": spec_costs["verify_s"],
+      "predicted_speedup": predicted,
+      # Same, but from the measured tokens per call and the measured verify
+      # cost: the gap to the measured speedup is overhead outside the models.
+      "predicted_speedup_from_costs": mal / (config.k * cost_ratio_c + verify_cost),
+      "host_overhead_fraction": max(0.0, 1.0 - model_time / spec_total),
+      "outputs_identical": all(identical) if comparable else None,
+      "num_outputs_different": (len(identical) - sum(identical)) if comparable else None,
+      "compiles_warmup": compiles_warm,
+      "compiles_after_warmup": compiles_after_warmup,
+      "per_category": per_category,
+      **acc,
+  }
+  records = []
+  for i, prompt in enumerate(prompts):
+    text, category = generate_job.prompt_record(prompt)
+    records.append({
+        "prompt": text, "category": category, "prompt_ids": prompt_ids[i],
+        "output_ids": ordered_spec[i].output_ids,
+        "output_text": rt.tokenizer.decode(ordered_spec[i].output_ids, skip_special=True),
+        "baseline_output_ids": ordered_base[i].output_ids,
+        "finish_reason": ordered_spec[i].finish_reason,
+        "identical": identical[i], "target_calls": ordered_spec[i].target_calls,
+        "baseline_target_calls": ordered_base[i].target_calls})
+  return summary, records
+
+
+def format_table(summary: dict) -> str:
+  """A readable stdout table."""
+  lines = [f"{'category':<16}{'n':>3}{'base tok/s':>12}{'spec tok/s':>12}"
+           f"{'speedup':>9}{'accept':>8}{'tok/call':>9}"]
+  for row in summary["per_category"] + [dict(
+      category="ALL", num_prompts=summary["num_prompts"],
+      baseline_tokens_per_s=summary["baseline_tokens_per_s"],
+      speculative_tokens_per_s=summary["speculative_tokens_per_s"],
+      speedup=summary["speedup"], acceptance_rate=summary["acceptance_rate"],
+      mean_accepted_length=summary["mean_accepted_length"])]:
+    lines.append(
+        f"{row['category']:<16}{row['num_prompts']:>3}{row['baseline_tokens_per_s']:>12.1f}"
+        f"{row['speculative_tokens_per_s']:>12.1f}{row['speedup']:>8.2f}x"
+        f"{(row['acceptance_rate'] or 0):>8.2f}{(row['mean_accepted_length'] or 0):>9.2f}")
+  lines.append(
+      f"K={summary['k']} drafter={summary['drafter']} c={summary['cost_ratio_c']:.3f} "
+      f"verify_cost={summary['verify_cost_ratio']:.2f} predicted={summary['predicted_speedup']:.2f}x "
+      f"measured={summary['speedup']:.2f}x outputs_identical={summary['outputs_identical']} "
+      f"compiles_after_warmup={summary['compiles_after_warmup']}")
+  return "\n".join(lines)
+
+
+def run(config, workdir: str, log=print) -> dict:
+  workdir = io.prepare_workdir(workdir)
+  rt = runtime.build(config)
+  summary, records = run_benchmark(config, rt, log=log)
+  results_path = os.path.join(workdir, "results.jsonl")
+  if os.path.exists(results_path):
+    os.remove(results_path)
+  for record in records:
+    io.append_jsonl(results_path, record)
+  io.write_json(os.path.join(workdir, "summary.json"), summary)
+  log(format_table(summary))
+  return summary

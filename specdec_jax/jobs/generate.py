@@ -1,0 +1,72 @@
+"""job=generate: decode the config's prompts and print the text.
+
+Writes ``results.jsonl`` (one object per prompt, appended as each batch
+finishes) and ``summary.json``.
+"""
+
+import os
+import time
+
+from specdec_jax import compile_count
+from specdec_jax import metrics
+from specdec_jax import runtime
+from specdec_jax.jobs import io
+
+
+def prompt_record(prompt) -> tuple[str, str]:
+  """(text shown in results, category) of a str or suite Prompt."""
+  if isinstance(prompt, str):
+    return prompt, "builtin"
+  return prompt.text(), prompt.category
+
+
+def run(config, workdir: str, log=print) -> dict:
+  workdir = io.prepare_workdir(workdir)
+  prompts = runtime.load_prompt_list(config)
+  t0 = time.perf_counter()
+  rt = runtime.build(config)
+  load_s = time.perf_counter() - t0
+  prompt_ids = [rt.encode_prompt(p) for p in prompts]
+  generator = rt.generator(baseline=config.drafter == "none")
+  kwargs = rt.run_kwargs(baseline=config.drafter == "none")
+  seeds = [config.seed + i for i in range(len(prompts))]
+  generator.validate(prompt_ids, [config.max_new_tokens] * len(prompts),
+                     kwargs.get("k", 0), config.temperature, config.top_k, config.top_p,
+                     seeds, config.tau, config.budget)
+
+  results_path = os.path.join(workdir, "results.jsonl")
+  if os.path.exists(results_path):
+    os.remove(results_path)
+  compiles_before = compile_count.count("generate_loop")
+  rows = []
+  t_start = time.perf_counter()
+  for start in range(0, len(prompts), config.batch_size):
+    chunk = slice(start, start + config.batch_size)
+    result = generator.generate(rt.target_params, rt.draft_params, prompt_ids[chunk],
+                                seeds=seeds[chunk], **kwargs)
+    for prompt, row in zip(prompts[chunk], result.rows):
+      text, category = prompt_record(prompt)
+      output_text = rt.tokenizer.decode(row.output_ids, skip_special=True)
+      log(f"--- prompt: {text[:200]!r}\n{output_text}\n[{row.finish_reason}, "
+          f"{len(row.output_ids)} tokens, {row.target_calls} target calls]")
+      io.append_jsonl(results_path, {
+          "prompt": text, "category": category, "prompt_ids": row.prompt_ids,
+          "output_text": output_text, "output_ids": row.output_ids,
+          "finish_reason": row.finish_reason, "target_calls": row.target_calls,
+          "accepted_per_step": row.accepted_per_step})
+      rows.append(row)
+
+  k_max = generator.k_max
+  new_tokens = sum(len(r.output_ids) for r in rows)
+  wall_s = time.perf_counter() - t_start
+  summary = {
+      "job": "generate", "num_prompts": len(prompts), "batch_size": config.batch_size,
+      "drafter": config.drafter, "k": config.k if k_max else 0,
+      "new_tokens": new_tokens, "load_time_s": load_s,
+      "wall_time_s": wall_s,  # includes compilation; job=benchmark times warm runs
+      "compiles": compile_count.count("generate_loop") - compiles_before,
+      **metrics.acceptance_summary(rows, k_max),
+  }
+  io.write_json(os.path.join(workdir, "summary.json"), summary)
+  log(f"wrote {results_path} and summary.json ({new_tokens} new tokens)")
+  return summary

@@ -1,0 +1,47 @@
+"""Workdir output: JSON files written atomically, JSONL appended durably."""
+
+import json
+import os
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Creates the workdir and checks it is writable; ValueError otherwise."""
+  if not workdir:
+    raise ValueError("--workdir is required")
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_probe")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"workdir {workdir} is not writable: {e.strerror}") from None
+  return workdir
+
+
+def write_json(path: str, obj) -> None:
+  """Writes via a temporary file and rename: never a half-written file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_default)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def append_jsonl(path: str, obj) -> None:
+  """Appends one line and flushes it to disk before returning."""
+  with open(path, "a") as f:
+    f.write(json.dumps(obj, sort_keys=True, default=_default) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _default(obj):
+  if hasattr(obj, "tolist"):
+    return obj.tolist()
+  if hasattr(obj, "item"):
+    return obj.item()
+  raise TypeError(f"not JSON serialisable: {type(obj)}")

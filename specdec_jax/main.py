@@ -1,0 +1,49 @@
+"""Command-line entry point.
+
+  python -m specdec_jax.main --config=configs/tiny.py --workdir=/tmp/run \
+      [--config.job=generate|benchmark|fidelity|sweep|trace|diagnose|distill] \
+      [--config.k=4 --config.drafter=ngram ...]
+
+Bad flags or config values exit non-zero with one line naming the problem.
+"""
+
+import importlib
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
+
+
+def run_job(config, workdir: str, log=print):
+  """Runs ``config.job`` and returns its summary dict."""
+  from specdec_jax import runtime
+  runtime.validate_config(config)
+  module = importlib.import_module(f"specdec_jax.jobs.{config.job}")
+  return module.run(config, workdir, log=log)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from specdec_jax import compile_count
+  compile_count.install()
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required (e.g. --config=configs/tiny.py)")
+  try:
+    run_job(config, _WORKDIR.value or "")
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def entry():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  entry()

@@ -1,0 +1,203 @@
+"""Builds models, drafter, tokenizer and generators from an experiment config.
+
+All config checks happen here, before any weights load or anything compiles,
+and raise ValueError naming the offending field.
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from specdec_jax import policies
+from specdec_jax import sampling
+from specdec_jax import verify
+from specdec_jax.drafters import DRAFTERS, ModelDrafter, NgramDrafter
+from specdec_jax.generation import Generator
+from specdec_jax.models.config import ModelConfig
+from specdec_jax.models.tokenizers import ByteTokenizer, Tokenizer
+from specdec_jax.models.transformer import Transformer
+
+JOBS = ("generate", "benchmark", "fidelity", "sweep", "trace", "diagnose", "distill")
+MODEL_SOURCES = ("random", "gguf", "hf", "orbax", "smollm2")
+
+
+def effective_k_max(config) -> int:
+  if config.drafter == "none":
+    return 0
+  return int(config.k_max) if config.k_max else int(config.k)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks every field a job reads; raises ValueError naming the field."""
+  if config.job not in JOBS:
+    raise ValueError(f"config.job={config.job!r}; expected one of {JOBS}")
+  if config.drafter not in DRAFTERS:
+    raise ValueError(f"config.drafter={config.drafter!r}; expected one of {DRAFTERS}")
+  if config.rule not in verify.RULES:
+    raise ValueError(f"config.rule={config.rule!r}; expected one of {verify.RULES}")
+  if int(config.k) != config.k or config.k < 1:
+    raise ValueError(f"config.k={config.k} must be an int >= 1")
+  if config.k_max and config.k > config.k_max:
+    raise ValueError(f"config.k={config.k} is above config.k_max={config.k_max}")
+  for name in ("max_new_tokens", "max_prompt_len", "batch_size"):
+    value = config[name]
+    if int(value) != value or value < 1:
+      raise ValueError(f"config.{name}={value} must be an int >= 1")
+  try:
+    sampling.validate(config.temperature, config.top_k, config.top_p)
+  except ValueError as e:
+    raise ValueError(f"config: {e}") from None
+  try:
+    policies.validate(config.policy, config.tau, config.budget)
+  except ValueError as e:
+    raise ValueError(f"config: {e}") from None
+  if config.drafter == "ngram" and not 1 <= config.ngram_min_n <= config.ngram_max_n:
+    raise ValueError(
+        f"config.ngram_min_n={config.ngram_min_n} and ngram_max_n={config.ngram_max_n} "
+        "must satisfy 1 <= ngram_min_n <= ngram_max_n")
+  for name in ("model", "draft"):
+    source = config[name].source
+    if source not in MODEL_SOURCES:
+      raise ValueError(f"config.{name}.source={source!r}; expected one of {MODEL_SOURCES}")
+
+
+def cache_dir(config) -> str:
+  path = config.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "specdec_jax")
+  return os.path.abspath(path)
+
+
+def _random_model(model_config) -> tuple[Transformer, Any]:
+  cfg = ModelConfig(
+      vocab_size=model_config.vocab_size, num_layers=model_config.num_layers,
+      d_model=model_config.d_model, num_heads=model_config.num_heads,
+      num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim,
+      ffn_dim=model_config.ffn_dim, rope_theta=float(model_config.rope_theta),
+      tie_embeddings=model_config.tie_embeddings, qkv_bias=model_config.qkv_bias,
+      dtype=model_config.dtype)
+  model = Transformer(cfg)
+  params = jax.jit(model.init_params)(jax.random.PRNGKey(model_config.init_seed))
+  return model, params
+
+
+def load_model(model_config, config) -> tuple[Transformer, Any, Tokenizer | None]:
+  """(model, params, tokenizer or None) for one ``config.model``-style entry."""
+  source = model_config.source
+  if source == "random":
+    model, params = _random_model(model_config)
+    return model, params, None
+  dtype = model_config.get("dtype", "float32")
+  if source == "smollm2":
+    from specdec_jax.models import checkpoint
+    cfg, params, tokenizer = checkpoint.load_smollm2(cache_dir(config), dtype=dtype)
+    return Transformer(cfg), params, tokenizer
+  if source == "gguf":
+    from specdec_jax.models import gguf_import
+    from specdec_jax.models import tokenizers
+    cfg, params, info = gguf_import.load_gguf(model_config.path, dtype=dtype)
+    return Transformer(cfg), params, tokenizers.load_tokenizer_from_gguf(info)
+  if source == "hf":
+    from specdec_jax.models import hf_import
+    cfg, params, tokenizer = hf_import.load_hf_dir(model_config.path, dtype=dtype)
+    return Transformer(cfg), params, tokenizer
+  if source == "orbax":
+    from specdec_jax.models import checkpoint
+    cfg, params = checkpoint.restore_converted(model_config.path)
+    return Transformer(cfg), params, None
+  raise ValueError(f"unknown model source {source!r}; expected one of {MODEL_SOURCES}")
+
+
+@dataclasses.dataclass
+class Runtime:
+  """Everything a job needs, built once per process."""
+
+  config: ml_collections.ConfigDict
+  target: Transformer
+  target_params: Any
+  tokenizer: Tokenizer
+  drafter: Any
+  draft_params: Any
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    return tuple(self.tokenizer.eos_ids)
+
+  def generator(self, *, baseline: bool = False, **overrides) -> Generator:
+    """A Generator for the config (``baseline=True``: plain decoding, K=0)."""
+    c = self.config
+    kwargs = dict(
+        k_max=0 if baseline else effective_k_max(c), rule=c.rule, policy=c.policy,
+        max_prompt_len=c.max_prompt_len, max_new_tokens=c.max_new_tokens,
+        batch_size=c.batch_size, eos_ids=self.eos_ids,
+        typical_epsilon=c.typical_epsilon, typical_alpha=c.typical_alpha)
+    kwargs.update(overrides)
+    drafter = None if kwargs["k_max"] == 0 else self.drafter
+    return Generator(self.target, drafter, **kwargs)
+
+  def run_kwargs(self, baseline: bool = False) -> dict:
+    """Run-time settings from the config for Generator.generate."""
+    c = self.config
+    kwargs = dict(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                  tau=c.tau, budget=c.budget)
+    if not baseline and c.drafter != "none":
+      kwargs["k"] = c.k
+    return kwargs
+
+  def encode_prompt(self, prompt) -> list[int]:
+    """Token ids for a prompt (str, or a Prompt with messages)."""
+    messages = getattr(prompt, "messages", None)
+    if isinstance(prompt, str):
+      messages = [{"role": "user", "content": prompt}]
+      text = prompt
+    else:
+      text = prompt.text()
+    if self.config.chat:
+      text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+      return self.tokenizer.encode(text)
+    return self.tokenizer.encode(text, add_bos=self.tokenizer.bos_id is not None)
+
+
+def build(config: ml_collections.ConfigDict, with_drafter: bool = True) -> Runtime:
+  """Validates the config, loads the target, tokenizer and drafter."""
+  validate_config(config)
+  target, target_params, tokenizer = load_model(config.model, config)
+  if config.tokenizer == "byte" or tokenizer is None:
+    if config.tokenizer != "byte":
+      raise ValueError(f"config.tokenizer={config.tokenizer!r} but the model source "
+                       f"{config.model.source!r} ships no tokenizer")
+    tokenizer = ByteTokenizer()
+  if tokenizer.vocab_size > target.cfg.vocab_size:
+    raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} exceeds the model's "
+                     f"vocab_size {target.cfg.vocab_size}")
+  drafter, draft_params = None, {}
+  if with_drafter and config.drafter == "ngram":
+    drafter = NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n)
+  elif with_drafter and config.drafter == "model":
+    if config.draft_checkpoint:
+      from specdec_jax.models import checkpoint
+      draft_cfg, draft_params = checkpoint.restore_latest_draft(config.draft_checkpoint)
+      draft_model = Transformer(draft_cfg)
+    else:
+      draft_model, draft_params, _ = load_model(config.draft, config)
+    if draft_model.cfg.vocab_size != target.cfg.vocab_size:
+      raise ValueError(
+          f"draft vocab size {draft_model.cfg.vocab_size} differs from target vocab size "
+          f"{target.cfg.vocab_size}; drafter and target must share a tokenizer")
+    drafter = ModelDrafter(draft_model)
+  return Runtime(config=config, target=target, target_params=target_params,
+                 tokenizer=tokenizer, drafter=drafter, draft_params=draft_params)
+
+
+def load_prompt_list(config) -> list:
+  """The prompts a job runs: the config's built-in texts, or the suite/file."""
+  if config.prompts_file or config.prompts != "builtin":
+    from specdec_jax import prompts as prompts_lib
+    selected = prompts_lib.load_prompts(config.prompts if config.prompts != "builtin" else "all",
+                                        config.prompts_file or None)
+  else:
+    selected = list(config.prompt_texts)
+  if config.max_prompts:
+    selected = selected[:config.max_prompts]
+  return selected

@@ -1,0 +1,41 @@
+"""Reference objects from transformers, loaded once per test session.
+
+Loading SmolLM2 through transformers' GGUF path takes ~20 s on 2 cores, so
+every test shares these cached instances (and our own import of the file).
+"""
+
+import functools
+import os
+
+from specdec_jax.models import gguf_import
+
+
+@functools.lru_cache(maxsize=None)
+def smollm2_path() -> str:
+  return gguf_import.smollm2_gguf_path()
+
+
+@functools.lru_cache(maxsize=None)
+def hf_smollm2_tokenizer():
+  """transformers' tokenizer built from the GGUF metadata."""
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  path = smollm2_path()
+  return AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                       gguf_file=os.path.basename(path))
+
+
+@functools.lru_cache(maxsize=None)
+def hf_smollm2_model():
+  """transformers' LlamaForCausalLM from the GGUF, float32, eval mode."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
+  path = smollm2_path()
+  model = AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+  return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def our_smollm2():
+  """(cfg, params, info) from our importer, float32."""
+  return gguf_import.load_gguf(smollm2_path(), dtype="float32")
