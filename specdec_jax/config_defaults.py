@@ -5,14 +5,15 @@ import ml_collections
 
 def random_model(*, vocab_size, num_layers, d_model, num_heads, num_kv_heads,
                  ffn_dim, head_dim=16, init_seed=0, tie_embeddings=True,
-                 qkv_bias=False, rope_theta=10000.0) -> ml_collections.ConfigDict:
+                 qkv_bias=False, rope_theta=10000.0, init_scale=0.2,
+                 logit_scale=4.0) -> ml_collections.ConfigDict:
   """A randomly initialised decoder (source='random')."""
   return ml_collections.ConfigDict(dict(
       source="random", path="", vocab_size=vocab_size, num_layers=num_layers,
       d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
       head_dim=head_dim, ffn_dim=ffn_dim, tie_embeddings=tie_embeddings,
       qkv_bias=qkv_bias, rope_theta=rope_theta, init_seed=init_seed,
-      dtype="float32"))
+      init_scale=init_scale, logit_scale=logit_scale, dtype="float32"))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -55,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.benchmark = ml_collections.ConfigDict(dict(repeats=3, warmup=1, timing_iters=10))
   c.fidelity = ml_collections.ConfigDict(dict(
-      num_samples=20000, num_tokens=3, vocab_size=6, batch_size=2000, alpha=0.01))
+      num_samples=20000, num_tokens=3, vocab_size=6, batch_size=2000, alpha=0.01,
+      logit_scale=1.5))
   c.sweep = ml_collections.ConfigDict()
   return c

@@ -57,14 +57,3 @@ def acceptance_summary(rows: Sequence[RowResult], k_max: int) -> dict:
       "wasted_drafts_per_token": _mean(wasted),
   }
 
-
-def tokens_per_call(a: float, k: int) -> float:
-  """Expected committed tokens per target call: (1 - a^(k+1)) / (1 - a)."""
-  if a >= 1.0:
-    return float(k + 1)
-  return (1.0 - a ** (k + 1)) / (1.0 - a)
-
-
-def predicted_speedup(a: float, k: int, c: float) -> float:
-  """Leviathan et al. Thm 3.8: (1 - a^(k+1)) / ((1 - a)(k c + 1))."""
-  return tokens_per_call(a, k) / (k * c + 1.0)

@@ -5,6 +5,7 @@ and raise ValueError naming the offending field.
 """
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -78,7 +79,10 @@ def _random_model(model_config) -> tuple[Transformer, Any]:
       tie_embeddings=model_config.tie_embeddings, qkv_bias=model_config.qkv_bias,
       dtype=model_config.dtype)
   model = Transformer(cfg)
-  params = jax.jit(model.init_params)(jax.random.PRNGKey(model_config.init_seed))
+  init = functools.partial(model.init_params,
+                           init_scale=model_config.get("init_scale", 0.2),
+                           logit_scale=model_config.get("logit_scale", 4.0))
+  params = jax.jit(init)(jax.random.PRNGKey(model_config.init_seed))
   return model, params
 
 
@@ -159,6 +163,25 @@ class Runtime:
     return self.tokenizer.encode(text, add_bos=self.tokenizer.bos_id is not None)
 
 
+def build_drafter(config, target: Transformer) -> tuple[Any, Any]:
+  """(drafter or None, draft params) for ``config.drafter``."""
+  if config.drafter == "ngram":
+    return NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n), {}
+  if config.drafter != "model":
+    return None, {}
+  if config.draft_checkpoint:
+    from specdec_jax.models import checkpoint
+    draft_cfg, draft_params = checkpoint.restore_latest_draft(config.draft_checkpoint)
+    draft_model = Transformer(draft_cfg)
+  else:
+    draft_model, draft_params, _ = load_model(config.draft, config)
+  if draft_model.cfg.vocab_size != target.cfg.vocab_size:
+    raise ValueError(
+        f"draft vocab size {draft_model.cfg.vocab_size} differs from target vocab size "
+        f"{target.cfg.vocab_size}; drafter and target must share a tokenizer")
+  return ModelDrafter(draft_model), draft_params
+
+
 def build(config: ml_collections.ConfigDict, with_drafter: bool = True) -> Runtime:
   """Validates the config, loads the target, tokenizer and drafter."""
   validate_config(config)
@@ -171,21 +194,7 @@ def build(config: ml_collections.ConfigDict, with_drafter: bool = True) -> Runti
   if tokenizer.vocab_size > target.cfg.vocab_size:
     raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} exceeds the model's "
                      f"vocab_size {target.cfg.vocab_size}")
-  drafter, draft_params = None, {}
-  if with_drafter and config.drafter == "ngram":
-    drafter = NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n)
-  elif with_drafter and config.drafter == "model":
-    if config.draft_checkpoint:
-      from specdec_jax.models import checkpoint
-      draft_cfg, draft_params = checkpoint.restore_latest_draft(config.draft_checkpoint)
-      draft_model = Transformer(draft_cfg)
-    else:
-      draft_model, draft_params, _ = load_model(config.draft, config)
-    if draft_model.cfg.vocab_size != target.cfg.vocab_size:
-      raise ValueError(
-          f"draft vocab size {draft_model.cfg.vocab_size} differs from target vocab size "
-          f"{target.cfg.vocab_size}; drafter and target must share a tokenizer")
-    drafter = ModelDrafter(draft_model)
+  drafter, draft_params = build_drafter(config, target) if with_drafter else (None, {})
   return Runtime(config=config, target=target, target_params=target_params,
                  tokenizer=tokenizer, drafter=drafter, draft_params=draft_params)
 

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from specdec_jax import compile_count
+from specdec_jax import diagnose
 from specdec_jax import metrics
 from specdec_jax import runtime
 from specdec_jax.jobs import generate as generate_job
@@ -108,7 +109,7 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   spec_total = sum(r["speculative_s"] for r in per_category)
   a = acc["acceptance_rate"]
   mal = acc["mean_accepted_length"] or 1.0
-  predicted = metrics.predicted_speedup(a, config.k, cost_ratio_c)
+  predicted = diagnose.predicted_speedup(a, config.k, cost_ratio_c)
   spec_calls = sum(r.target_calls for r in ordered_spec)
   base_calls = sum(r.target_calls for r in ordered_base)
   model_time = spec_calls * (spec_costs["draft_s"] + spec_costs["verify_s"])
@@ -138,6 +139,12 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
       "per_category": per_category,
       **acc,
   }
+  diagnosis = diagnose.diagnose({**summary, "verify_cost_by_k": None})
+  summary["diagnosis"] = {
+      "bottleneck": diagnosis.bottleneck, "best_k": diagnosis.best_k,
+      "best_k_predicted_speedup": diagnosis.best_k_speedup,
+      "findings": [{"bottleneck": f.bottleneck, "message": f.message}
+                   for f in diagnosis.findings]}
   records = []
   for i, prompt in enumerate(prompts):
     text, category = generate_job.prompt_record(prompt)
@@ -185,4 +192,5 @@ def run(config, workdir: str, log=print) -> dict:
     io.append_jsonl(results_path, record)
   io.write_json(os.path.join(workdir, "summary.json"), summary)
   log(format_table(summary))
+  log(diagnose.format_diagnosis(diagnose.diagnose(summary)))
   return summary

@@ -443,3 +443,23 @@ def _finish(fig, ax, path: str, num_lines: int) -> None:
   ax.legend(fontsize="small" if num_lines <= 8 else "x-small", ncol=1 if num_lines <= 8 else 2)
   fig.tight_layout()
   fig.savefig(path, dpi=110, format="png")
+
+
+def run(config, workdir: str, log=print) -> list:
+  """job=sweep: one benchmark (see jobs/benchmark.py) per grid point."""
+  from specdec_jax import runtime
+  from specdec_jax.jobs import benchmark
+
+  if not sweep_fields(config):
+    raise ValueError("config.job=sweep needs a non-empty config.sweep grid, e.g. "
+                     "--config.sweep=... in the config file (sweep.k=[1, 2, 4])")
+
+  def run_point(point_config):
+    runtime.validate_config(point_config)
+    rt = runtime.build(point_config)
+    summary, _ = benchmark.run_benchmark(point_config, rt, log=lambda msg: None)
+    return summary
+
+  rows = run_sweep(config, workdir, run_point, log=log)
+  log(summary_table(rows))
+  return rows

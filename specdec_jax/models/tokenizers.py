@@ -304,6 +304,7 @@ class SentencePieceTokenizer(_TemplateMixin, Tokenizer):
       self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
     except Exception as e:
       raise ValueError(f"SentencePiece model {model_file!r} is corrupt: {e}") from e
+    self.model_file = model_file
     sp = self._sp
     self._bos_id = bos_id if bos_id is not None else (sp.bos_id() if sp.bos_id() >= 0 else None)
     if eos_ids is None:
@@ -424,3 +425,32 @@ def load_tokenizer_from_hf_dir(folder: str) -> Tokenizer | None:
     return SentencePieceTokenizer(sp_file, bos_id if bos_id is not None else sp_tok.bos_id,
                                   eos_ids, template)
   return None
+
+
+def train_sentencepiece(texts, model_file: str, vocab_size: int = 400,
+                        model_type: str = "bpe") -> SentencePieceTokenizer:
+  """Trains a small lossless SentencePiece model (for tests and toy models).
+
+  Identity normalization, no whitespace folding, byte fallback and split
+  digits, so that decode(encode(s)) == s for any text. Ids: <unk>=0,
+  <s>=1, </s>=2; vocab_size must exceed 256 byte pieces + 3.
+
+  Args:
+    texts: iterable of training sentences.
+    model_file: where to write the ``.model`` file.
+    vocab_size: number of pieces.
+    model_type: "bpe" or "unigram".
+  """
+  import io  # pylint: disable=g-import-not-at-top
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_writer=buffer, vocab_size=vocab_size,
+      model_type=model_type, normalization_rule_name="identity",
+      remove_extra_whitespaces=False, byte_fallback=True, split_digits=True,
+      character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+      hard_vocab_limit=False, num_threads=1, minloglevel=2)
+  os.makedirs(os.path.dirname(os.path.abspath(model_file)), exist_ok=True)
+  with open(model_file, "wb") as f:
+    f.write(buffer.getvalue())
+  return SentencePieceTokenizer(model_file)
