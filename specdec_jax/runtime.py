@@ -108,8 +108,9 @@ def load_model(model_config, config) -> tuple[Transformer, Any, Tokenizer | None
     return Transformer(cfg), params, tokenizer
   if source == "orbax":
     from specdec_jax.models import checkpoint
-    cfg, params = checkpoint.restore_converted(model_config.path)
-    return Transformer(cfg), params, None
+    path = os.path.abspath(model_config.path)
+    cfg = checkpoint.read_config(path)
+    return Transformer(cfg), checkpoint.restore_params(path, cfg), None
   raise ValueError(f"unknown model source {source!r}; expected one of {MODEL_SOURCES}")
 
 

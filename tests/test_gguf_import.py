@@ -1,5 +1,6 @@
 """GGUF import: tiny files written with gguf.GGUFWriter, and damaged files."""
 
+import dataclasses
 import os
 
 import gguf
@@ -84,7 +85,7 @@ def write_gguf(path, cfg, params, arch="llama", skip=(), qtype=None, ffn_meta=No
 
 @pytest.fixture(scope="module")
 def tiny_params():
-  return Transformer(CFG).init_params(jax.random.PRNGKey(3))
+  return jax.jit(Transformer(CFG).init_params)(jax.random.PRNGKey(3))
 
 
 def _assert_trees_close(a, b, atol=0.0):
@@ -98,7 +99,6 @@ def _assert_trees_close(a, b, atol=0.0):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_tiny_llama_roundtrip(tmp_path, tiny_params, tie):
-  import dataclasses
   cfg = dataclasses.replace(CFG, tie_embeddings=tie)
   params = dict(tiny_params)
   if tie:

@@ -130,9 +130,9 @@ def render_chatml(messages: Sequence[dict], add_generation_prompt: bool = True,
   assistant header; ``default_system`` is prepended when the first message is
   not a system message."""
   parts = []
-  if default_system is not None and (not messages or messages[0]["role"] != "system"):
-    if messages:  # the reference template only inserts it inside the message loop
-      parts.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
+  # SmolLM2's template inserts it inside the message loop: never for no messages.
+  if default_system is not None and messages and messages[0]["role"] != "system":
+    parts.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
   for m in messages:
     parts.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
   if add_generation_prompt:
@@ -156,7 +156,12 @@ def _render_jinja(template: str, messages, add_generation_prompt, **special) -> 
 
 
 class _TemplateMixin:
-  """apply_chat_template from a template string (ChatML natively, else jinja2)."""
+  """apply_chat_template from a template string.
+
+  ChatML templates (SmolLM2, Qwen) are rendered in Python (plain messages; a
+  template's tool-calling branches are not reproduced), anything else with
+  jinja2 when it is installed.
+  """
 
   chat_template: str | None = None
 
