@@ -60,3 +60,14 @@ def base_config() -> ml_collections.ConfigDict:
       logit_scale=1.5))
   c.sweep = ml_collections.ConfigDict()
   return c
+
+
+def config_from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """``get_config()`` of another config file (for configs that extend one)."""
+  import importlib.util
+  import os
+  spec = importlib.util.spec_from_file_location(
+      "_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()

@@ -1,0 +1,138 @@
+"""Peer benchmark: our decoding vs transformers on the same SmolLM2 GGUF.
+
+In one process, on the same chat-formatted prompts and the same number of new
+tokens (greedy, batch 1, float32, CPU):
+  1. transformers greedy ``generate``
+  2. transformers ``generate(prompt_lookup_num_tokens=K)`` (prompt lookup)
+  3. our plain decoding (K=0)
+  4. our n-gram speculative decoding (K)
+Each is warmed up, then timed over the prompts (median of --repeats).
+Writes a JSON and prints a table: tokens/s, the two speedups, and whether each
+output equals plain greedy (transformers' greedy output is the reference).
+
+Needs the test extras (torch CPU + transformers):
+  python benchmarks/peer_transformers.py --prompts=rewrite,code --max_new_tokens=64 \
+      --out=runs/peer.json
+"""
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+_PROMPTS = flags.DEFINE_string("prompts", "rewrite,code", "Prompt suite selection.")
+_MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 0, "0 = all selected prompts.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt.")
+_K = flags.DEFINE_integer("k", 4, "Draft length (ours) / prompt_lookup_num_tokens (theirs).")
+_NGRAM = flags.DEFINE_integer("ngram_max_n", 3, "Longest n-gram matched (both sides).")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "Timed repeats (median).")
+_OUT = flags.DEFINE_string("out", "runs/peer_transformers.json", "Output JSON.")
+_CACHE = flags.DEFINE_string("cache_dir", "", "Converted-weights cache.")
+
+
+def _time(fn, repeats):
+  times, out = [], None
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)), out
+
+
+def main(argv):
+  del argv
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  from specdec_jax import prompts as prompts_lib
+  from specdec_jax.drafters import NgramDrafter
+  from specdec_jax.generation import Generator
+  from specdec_jax.models import checkpoint
+  from specdec_jax.models import gguf_import
+  from specdec_jax.models.transformer import Transformer
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  cache = os.path.abspath(_CACHE.value or os.path.expanduser("~/.cache/specdec_jax"))
+  cfg, params, tokenizer = checkpoint.load_smollm2(cache)
+  path = gguf_import.smollm2_gguf_path()
+  hf_model = AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+
+  selected = prompts_lib.load_prompts(_PROMPTS.value)
+  if _MAX_PROMPTS.value:
+    selected = selected[:_MAX_PROMPTS.value]
+  prompt_ids = [tokenizer.encode(tokenizer.apply_chat_template(list(p.messages)))
+                for p in selected]
+  max_new, k = _MAX_NEW.value, _K.value
+  eos = list(tokenizer.eos_ids)
+
+  def hf_generate(**extra):
+    outs = []
+    for ids in prompt_ids:
+      with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new,
+                                eos_token_id=eos, pad_token_id=eos[0], **extra)
+      outs.append(out[0, len(ids):].tolist())
+    return outs
+
+  target = Transformer(cfg)
+  max_prompt = max(len(p) for p in prompt_ids)
+  base = Generator(target, None, k_max=0, max_prompt_len=max_prompt, max_new_tokens=max_new,
+                   eos_ids=tokenizer.eos_ids)
+  spec = Generator(target, NgramDrafter(max_n=_NGRAM.value), k_max=k,
+                   max_prompt_len=max_prompt, max_new_tokens=max_new, eos_ids=tokenizer.eos_ids)
+
+  def ours(generator):
+    return [r.output_ids for r in generator.generate(params, {}, prompt_ids).rows]
+
+  systems = {
+      "transformers_greedy": lambda: hf_generate(),
+      "transformers_prompt_lookup": lambda: hf_generate(
+          prompt_lookup_num_tokens=k, max_matching_ngram_size=_NGRAM.value),
+      "ours_plain": lambda: ours(base),
+      "ours_ngram": lambda: ours(spec),
+  }
+  print(f"warm-up on {len(prompt_ids)} prompts ({_PROMPTS.value}), {max_new} new tokens")
+  hf_model.generate(torch.tensor([prompt_ids[0]]), do_sample=False, max_new_tokens=4,
+                    pad_token_id=eos[0])
+  ours(base)
+  ours(spec)
+
+  results = {}
+  for name, fn in systems.items():
+    seconds, outputs = _time(fn, _REPEATS.value)
+    results[name] = {"seconds": seconds, "outputs": outputs,
+                     "new_tokens": sum(len(o) for o in outputs)}
+    print(f"{name}: {seconds:.1f}s")
+  reference = results["transformers_greedy"]["outputs"]
+  for r in results.values():
+    r["tokens_per_s"] = r["new_tokens"] / r["seconds"]
+    r["equals_greedy"] = r["outputs"] == reference
+  report = {
+      "prompts": _PROMPTS.value, "num_prompts": len(prompt_ids), "max_new_tokens": max_new,
+      "k": k, "ngram_max_n": _NGRAM.value,
+      "systems": {n: {kk: v for kk, v in r.items() if kk != "outputs"}
+                  for n, r in results.items()},
+      "transformers_prompt_lookup_speedup":
+          results["transformers_greedy"]["seconds"] / results["transformers_prompt_lookup"]["seconds"],
+      "ours_ngram_speedup": results["ours_plain"]["seconds"] / results["ours_ngram"]["seconds"],
+      "ours_plain_vs_transformers_greedy":
+          results["transformers_greedy"]["seconds"] / results["ours_plain"]["seconds"],
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(report, f, indent=2)
+  print(f"\n{'system':<30}{'tok/s':>9}{'== greedy':>11}")
+  for name, r in report["systems"].items():
+    print(f"{name:<30}{r['tokens_per_s']:>9.1f}{str(r['equals_greedy']):>11}")
+  print(f"transformers prompt-lookup speedup: {report['transformers_prompt_lookup_speedup']:.2f}x")
+  print(f"ours n-gram speedup:                {report['ours_ngram_speedup']:.2f}x")
+  print(f"ours plain vs transformers greedy:  {report['ours_plain_vs_transformers_greedy']:.2f}x")
+  print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
