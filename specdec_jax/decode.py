@@ -99,6 +99,17 @@ class DecodeState:
   stats: Stats
 
 
+@flax.struct.dataclass
+class DecodeOutput:
+  """What generate_loop returns: the state without caches (no large copy back)."""
+
+  tokens_BS: jax.Array
+  length_B: jax.Array
+  prompt_len_B: jax.Array
+  finish_B: jax.Array
+  stats: Stats
+
+
 def _init_stats(spec: DecodeSpec) -> Stats:
   b, k, t = spec.batch_size, spec.k_max, spec.max_new_tokens
   return Stats(
@@ -276,7 +287,7 @@ def step(spec, target, drafter, target_params, draft_params, state, run) -> Deco
 
 def generate_loop(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
                   target_params, draft_params, prompt_BT, prompt_len_B, max_new_B,
-                  keys_B2, active_B, run: RunParams) -> DecodeState:
+                  keys_B2, active_B, run: RunParams) -> DecodeOutput:
   """Prefill + the whole generation as one ``lax.while_loop``."""
   state = prefill(spec, target, drafter, target_params, draft_params, prompt_BT,
                   prompt_len_B, max_new_B, keys_B2, active_B, run)
@@ -287,4 +298,7 @@ def generate_loop(spec: DecodeSpec, target: Transformer, drafter: Drafter | None
   def body(state):
     return step(spec, target, drafter, target_params, draft_params, state, run)
 
-  return jax.lax.while_loop(not_done, body, state)
+  state = jax.lax.while_loop(not_done, body, state)
+  return DecodeOutput(tokens_BS=state.tokens_BS, length_B=state.length_B,
+                      prompt_len_B=state.prompt_len_B, finish_B=state.finish_B,
+                      stats=state.stats)

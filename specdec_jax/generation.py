@@ -24,6 +24,14 @@ from specdec_jax.drafters.base import Drafter
 from specdec_jax.models.transformer import Transformer
 
 MIN_BUCKET = 16
+# What each jitted phase's arguments are, for sharded jitting (sharding.py).
+_BATCH5 = ("batch",) * 5
+_ARG_KINDS = {
+    "generate_loop": ("target_params", "draft_params", *_BATCH5, "replicated"),
+    "prefill": ("target_params", "draft_params", *_BATCH5, "replicated"),
+    "draft_phase": ("draft_params", "state", "replicated"),
+    "verify_phase": ("target_params", "state", "state", "replicated"),
+}
 
 
 def prompt_buckets(max_prompt_len: int) -> tuple[int, ...]:
@@ -81,6 +89,10 @@ class Generator:
     max_prompt_len, max_new_tokens: sizes of the static buffers.
     batch_size: static rows per compiled call; fewer prompts are padded.
     eos_ids: ids that end a row.
+    shardings: optional ``sharding.GenerationShardings``: the phases are then
+      jitted with explicit in/out shardings on its mesh (params per the rules,
+      batch arrays and the DecodeState over ``data``, caches per the rules)
+      and inputs are placed into them. None: single-device, unchanged.
   """
 
   def __init__(self, target: Transformer, drafter: Drafter | None = None, *,
@@ -88,7 +100,7 @@ class Generator:
                max_prompt_len: int = 256, max_new_tokens: int = 64,
                batch_size: int = 1, eos_ids: Sequence[int] = (),
                typical_epsilon: float = 0.09, typical_alpha: float = 0.3,
-               draft_vocab_size: int | None = None):
+               draft_vocab_size: int | None = None, shardings=None):
     if rule not in verify.RULES:
       raise ValueError(f"unknown rule {rule!r}; expected one of {verify.RULES}")
     policies.validate(policy, 0.0, 1)
@@ -120,6 +132,9 @@ class Generator:
     self.buckets = prompt_buckets(max_prompt_len)
     self._typical = (typical_epsilon, typical_alpha)
     self._jitted = {}
+    self.shardings = shardings
+    if shardings is not None:
+      shardings.check_batch(batch_size)
 
   # ----- static setup -------------------------------------------------------
 
@@ -152,7 +167,10 @@ class Generator:
 
       fns = {"generate_loop": generate_loop, "prefill": prefill,
              "draft_phase": draft_phase, "verify_phase": verify_phase}
-      self._jitted[key] = jax.jit(fns[name])
+      if self.shardings is None:
+        self._jitted[key] = jax.jit(fns[name])
+      else:
+        self._jitted[key] = self.shardings.jit(fns[name], _ARG_KINDS[name])
     return self._jitted[key]
 
   # ----- validation and batching --------------------------------------------
@@ -250,7 +268,7 @@ class Generator:
       packed = self._pack(prompts[chunk], max_new[chunk], seeds[chunk])
       t0 = time.perf_counter()
       state = fn(target_params, draft_params, *packed, run)
-      state = jax.device_get(state)
+      state = jax.device_get(state) if self.shardings is None else self.shardings.fetch(state)
       wall += time.perf_counter() - t0
       rows.extend(_unpack(state, len(prompts[chunk])))
     return GenerationResult(rows=rows, wall_time_s=wall)
