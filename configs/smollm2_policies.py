@@ -34,10 +34,10 @@ def get_config(variant: str = "policies") -> ml_collections.ConfigDict:
   if variant == "tau":
     config.policy = "threshold"
     config.drafter = "model"
-    config.sweep.tau = [0.1, 0.3, 0.5, 0.7, 0.9]
+    config.sweep.tau = (0.1, 0.3, 0.5, 0.7, 0.9)
   elif variant == "policies":
-    config.sweep.policy = ["fixed", "threshold", "adaptive", "budget"]
-    config.sweep.drafter = ["ngram", "model"]
+    config.sweep.policy = ("fixed", "threshold", "adaptive", "budget")
+    config.sweep.drafter = ("ngram", "model")
   else:
     raise ValueError(f"unknown variant {variant!r}; expected 'policies' or 'tau'")
   return config

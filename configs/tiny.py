@@ -3,6 +3,7 @@
   python -m specdec_jax.main --config=configs/tiny.py --workdir=/tmp/tiny
   python -m specdec_jax.main --config=configs/tiny.py --workdir=/tmp/tiny \
       --config.job=benchmark --config.drafter=model --config.k=4
+  python -m specdec_jax.main --config=configs/tiny.py:sweep --workdir=/tmp/tiny_sweep
 """
 
 import ml_collections
@@ -10,7 +11,8 @@ import ml_collections
 from specdec_jax import config_defaults as common
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  """``configs/tiny.py:sweep`` adds a small K x drafter grid for job=sweep."""
   config = common.base_config()
   config.model = common.random_model(vocab_size=259, num_layers=2, d_model=64,
                                      num_heads=4, num_kv_heads=2, ffn_dim=128,
@@ -29,4 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
       "def add(a, b):\n    return a + b\n\ndef add(",
       "Speculative decoding drafts K tokens and verifies them in one call.",
   )
+  if variant == "sweep":
+    config.job = "sweep"
+    config.sweep.k = (1, 2, 4)
+    config.sweep.drafter = ("ngram", "model")
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/tiny.py; expected 'sweep'")
   return config

@@ -41,8 +41,20 @@ def main(argv):
     sys.exit(2)
 
 
+def _parse_flags(argv):
+  """absl flag parsing with one-line errors (config_flags raises deep inside)."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    if isinstance(e, (AttributeError, KeyError)):
+      message = f"unknown config field or flag: {message}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def entry():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ class ModelConfig:
   tie_embeddings: bool = True
   qkv_bias: bool = False
   dtype: str = "float32"
+  # 0: the output head covers the whole vocabulary. N > 0: a restricted head
+  # (a draft's) with N outputs for the token ids in params["lm_head"]
+  # ["token_ids"]; ``Transformer.apply`` spreads them into full-vocabulary
+  # logits that are -inf (probability 0) elsewhere. Needs an untied head.
+  head_size: int = 0
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads",
@@ -43,6 +48,12 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.dtype={self.dtype!r}; expected one of {sorted(_DTYPES)}")
     if self.rope_theta <= 0 or self.rms_eps <= 0:
       raise ValueError("ModelConfig.rope_theta and rms_eps must be positive")
+    if not isinstance(self.head_size, int) or not 0 <= self.head_size <= self.vocab_size:
+      raise ValueError(f"ModelConfig.head_size={self.head_size!r} must be an int in "
+                       f"[0, vocab_size={self.vocab_size}] (0: full vocabulary)")
+    if self.head_size and self.tie_embeddings:
+      raise ValueError("ModelConfig.head_size > 0 (a restricted head) needs "
+                       "tie_embeddings=False")
 
   @property
   def jnp_dtype(self):
@@ -55,5 +66,5 @@ class ModelConfig:
     if self.qkv_bias:
       attn += h * (self.num_heads + 2 * self.num_kv_heads)
     mlp = 3 * d * self.ffn_dim
-    head = 0 if self.tie_embeddings else d * self.vocab_size
+    head = 0 if self.tie_embeddings else d * (self.head_size or self.vocab_size)
     return self.vocab_size * d + self.num_layers * (attn + mlp + 2 * d) + d + head

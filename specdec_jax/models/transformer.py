@@ -13,6 +13,12 @@ Params layout (kernels are [in, out]):
   layers/mlp/{gate,up}/kernel [L, D, F], layers/mlp/down/kernel [L, F, D]
   final_norm/scale [D]
   lm_head/kernel [D, V]   (only when the head is not tied)
+
+A restricted head (``cfg.head_size = N > 0``, used by distilled drafts) has
+  lm_head/kernel [D, N], lm_head/token_ids [N] int32 (the vocabulary id of
+  each output, not trained)
+and ``apply`` spreads its N logits into full-vocabulary logits that are -inf
+elsewhere, so every consumer still sees logits_BTV.
 """
 
 import dataclasses
@@ -160,14 +166,16 @@ class Transformer:
     }
     if not cfg.tie_embeddings:
       params["lm_head"] = {"kernel": jax.random.normal(
-          k_head, (cfg.d_model, cfg.vocab_size), dtype) * embed_std}
+          k_head, (cfg.d_model, cfg.head_size or cfg.vocab_size), dtype) * embed_std}
+    if cfg.head_size:
+      params["lm_head"]["token_ids"] = jnp.arange(cfg.head_size, dtype=jnp.int32)
     return params
 
   def init_cache(self, batch_size: int, num_slots: int) -> kv_cache_lib.KVCache:
     return kv_cache_lib.init_cache(self.cfg, batch_size, num_slots)
 
   def apply(self, params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
-            cache: kv_cache_lib.KVCache):
+            cache: kv_cache_lib.KVCache, full_vocab: bool = True):
     """Runs the decoder over a block of tokens at the given absolute positions.
 
     Args:
@@ -175,6 +183,8 @@ class Transformer:
       tokens_BT: int32 token ids.
       positions_BT: int32 absolute positions; slot j of the cache is position j.
       cache: KVCache with shapes [L, B, S, G, H].
+      full_vocab: with a restricted head, False returns the head's own
+        logits_BTN (for training) instead of logits_BTV.
 
     Returns:
       (logits_BTV float32, updated cache).
@@ -202,4 +212,19 @@ class Transformer:
     else:
       logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, params["lm_head"]["kernel"],
                               preferred_element_type=jnp.float32)
-    return logits_BTV.astype(jnp.float32), kv_cache_lib.KVCache(k_LBSGH, v_LBSGH)
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    if cfg.head_size and full_vocab:
+      logits_BTV = expand_head_logits(logits_BTV, params["lm_head"]["token_ids"],
+                                      cfg.vocab_size)
+    return logits_BTV, kv_cache_lib.KVCache(k_LBSGH, v_LBSGH)
+
+
+def expand_head_logits(logits_BTN: jax.Array, token_ids_N: jax.Array,
+                       vocab_size: int) -> jax.Array:
+  """Full-vocabulary logits_BTV from a restricted head's: -inf off the head.
+
+  Probability 0 outside the head keeps rejection sampling exact: such tokens
+  are never drafted, and the residual max(0, p - q) keeps their target mass.
+  """
+  full_BTV = jnp.full(logits_BTN.shape[:-1] + (vocab_size,), -jnp.inf, logits_BTN.dtype)
+  return full_BTV.at[..., token_ids_N].set(logits_BTN)

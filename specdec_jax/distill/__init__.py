@@ -1,0 +1,12 @@
+"""Distilling a small draft model from a target (``job=distill``).
+
+Modules, in data-flow order:
+  instructions  templated instructions that widen the prompt mix
+  data          on-policy samples from the target, the target's top-k
+                distributions over them (cached in WORKDIR/data), batches
+  model         the draft's ModelConfig, restricted-head token choice, init
+  losses        forward KL and total variation against the target
+  checkpoints   orbax CheckpointManager state; ``restore_latest_draft``
+  train         optimiser, jitted train step, the resumable training loop
+  evaluate      greedy acceptance of the draft on held-out prompts
+"""

@@ -1,0 +1,428 @@
+"""Distillation data: target samples and the target's distributions over them.
+
+On-policy: the target itself completes the training prompts (prompt-suite
+prompts and templated instructions, chat-formatted like at inference) with
+the compiled ``Generator`` at a temperature > 0, so the draft learns the text
+it will have to predict. A jitted target forward then stores, for every
+completion token, the target's top-k next-token log-probabilities (the
+teacher). An optional plain-text file adds off-policy windows, trained on
+every position.
+
+Layout in WORKDIR/data (NumPy ``.npz``, loaded with ``allow_pickle=False``)::
+
+  meta.json          fingerprint of the settings and requests
+  shard-00000.npz    tokens, offsets, loss_start, teacher_ids, teacher_logp
+  text.npz           the same for the optional text file
+
+A shard is written atomically once its samples and teacher exist. A rerun, or
+a run resumed after a kill, reuses complete shards and makes only the missing
+ones; seeds are fixed per request, so a remade shard equals the lost one.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specdec_jax import prompts as prompts_lib
+from specdec_jax.distill import instructions
+from specdec_jax.generation import Generator
+
+DATA_DIR = "data"
+META_FILE = "meta.json"
+TEXT_SHARD = "text.npz"
+SHARD_REQUESTS = 32          # requests per shard (a multiple of common batch sizes)
+MIN_PROMPT_BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One prompt to complete; ``seed`` fixes its sample."""
+
+  prompt_ids: tuple[int, ...]
+  seed: int
+  source: str   # "suite" | "templated"
+
+
+@dataclasses.dataclass
+class Examples:
+  """Variable-length training sequences with teacher distributions.
+
+  tokens[e]: int32 [L_e], the full sequence (prompt + completion).
+  loss_start[e]: first position whose token is a training target.
+  teacher_ids[e], teacher_logp[e]: [L_e - loss_start[e], k]: the target's
+    top-k next-token ids / log-probs for the tokens at positions
+    loss_start .. L_e - 1 (i.e. the logits at positions one earlier).
+  """
+
+  tokens: list
+  loss_start: np.ndarray
+  teacher_ids: list
+  teacher_logp: list
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.tokens)
+
+  @property
+  def num_target_tokens(self) -> int:
+    return int(sum(len(t) for t in self.teacher_ids))
+
+
+# ----- requests ---------------------------------------------------------------
+
+
+def build_requests(config, encode) -> list[Request]:
+  """The generation requests: suite prompts x samples_per_prompt + templated.
+
+  Args:
+    config: the experiment config (reads ``config.distill``).
+    encode: prompt (str or prompts.Prompt) -> token ids, chat-formatted as at
+      inference (``Runtime.encode_prompt``).
+  """
+  d = config.distill
+  texts = []
+  if d.prompts == "builtin":
+    texts = list(config.prompt_texts)
+  elif d.prompts:
+    names = [n.strip() for n in d.prompts.split(",")]
+    if prompts_lib.HELD_OUT in names:
+      raise ValueError(f"config.distill.prompts={d.prompts!r} includes the "
+                       f"{prompts_lib.HELD_OUT!r} prompts kept for evaluation")
+    texts = prompts_lib.load_prompts(d.prompts)
+  requests = []
+  for prompt in texts:
+    ids = tuple(encode(prompt))
+    for _ in range(d.samples_per_prompt):
+      requests.append(Request(ids, d.seed * 1_000_003 + len(requests), "suite"))
+  for text in instructions.templated_instructions(d.num_templated, d.seed):
+    requests.append(Request(tuple(encode(text)), d.seed * 1_000_003 + len(requests),
+                            "templated"))
+  return requests
+
+
+def fingerprint(config, target_cfg, requests: list[Request]) -> str:
+  """Hash of everything that determines the data (not the training settings)."""
+  d = config.distill
+  text_hash = ""
+  if d.text_file:
+    with open(d.text_file, "rb") as f:
+      text_hash = hashlib.sha256(f.read()).hexdigest()
+  blob = json.dumps({
+      "target": dataclasses.asdict(target_cfg), "model": config.model.to_dict(),
+      "gen": [d.gen_temperature, d.gen_top_k, d.gen_top_p, d.gen_max_new_tokens],
+      "teacher_top_k": d.teacher_top_k, "seq_len": d.seq_len, "text": text_hash,
+      "requests": [[list(r.prompt_ids), r.seed] for r in requests],
+  }, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----- the target as teacher ----------------------------------------------------
+
+
+def make_teacher_fn(target, top_k: int):
+  """Jitted (params, tokens_BT) -> (logp_BTk, ids_BTk): top-k of log softmax."""
+
+  @jax.jit
+  def teacher(params, tokens_BT):
+    batch, seq = tokens_BT.shape
+    positions_BT = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    logits_BTV, _ = target.apply(params, tokens_BT, positions_BT,
+                                 target.init_cache(batch, seq))
+    logp_BTk, ids_BTk = jax.lax.top_k(jax.nn.log_softmax(logits_BTV, axis=-1), top_k)
+    return logp_BTk, ids_BTk.astype(jnp.int32)
+
+  return teacher
+
+
+def _length_bucket(n: int) -> int:
+  """Padded lengths for the teacher forward: few shapes, little padding."""
+  step = 64 if n <= 256 else 128
+  return max(step, -(-n // step) * step)
+
+
+def teacher_targets(teacher_fn, target_params, sequences: list, loss_start: list,
+                    batch_size: int) -> tuple[list, list]:
+  """Teacher (ids, logp) per sequence for the tokens at loss_start .. L-1."""
+  order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+  ids_out, logp_out = [None] * len(sequences), [None] * len(sequences)
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    seq = _length_bucket(max(len(sequences[i]) for i in chunk))
+    tokens_BT = np.zeros((batch_size, seq), np.int32)
+    for row, i in enumerate(chunk):
+      tokens_BT[row, :len(sequences[i])] = sequences[i]
+    logp_BTk, ids_BTk = jax.device_get(teacher_fn(target_params, jnp.asarray(tokens_BT)))
+    for row, i in enumerate(chunk):
+      # logits at position t describe the token at t + 1
+      span = slice(loss_start[i] - 1, len(sequences[i]) - 1)
+      ids_out[i], logp_out[i] = ids_BTk[row, span], logp_BTk[row, span]
+  return ids_out, logp_out
+
+
+# ----- shards ---------------------------------------------------------------------
+
+
+def _save_npz(path: str, **arrays) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _pack(sequences, loss_start, teacher_ids, teacher_logp) -> dict:
+  lengths = [len(s) for s in sequences]
+  n_targets = [len(t) for t in teacher_ids]
+  return dict(
+      tokens=np.concatenate([np.asarray(s, np.int32) for s in sequences]),
+      offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+      loss_start=np.asarray(loss_start, np.int32),
+      teacher_offsets=np.concatenate([[0], np.cumsum(n_targets)]).astype(np.int64),
+      teacher_ids=np.concatenate(teacher_ids).astype(np.int32),
+      teacher_logp=np.concatenate(teacher_logp).astype(np.float32))
+
+
+def _unpack(path: str) -> Examples:
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      arrays = {k: z[k] for k in z.files}
+    off, toff = arrays["offsets"], arrays["teacher_offsets"]
+    return Examples(
+        tokens=[arrays["tokens"][off[i]:off[i + 1]] for i in range(len(off) - 1)],
+        loss_start=arrays["loss_start"],
+        teacher_ids=[arrays["teacher_ids"][toff[i]:toff[i + 1]] for i in range(len(toff) - 1)],
+        teacher_logp=[arrays["teacher_logp"][toff[i]:toff[i + 1]]
+                      for i in range(len(toff) - 1)])
+  except (OSError, KeyError, ValueError) as e:
+    raise ValueError(f"distillation data file {path} is damaged ({e}); delete it "
+                     "to have it regenerated") from None
+
+
+def _merge(parts: list[Examples]) -> Examples:
+  return Examples(
+      tokens=[t for p in parts for t in p.tokens],
+      loss_start=np.concatenate([p.loss_start for p in parts] or [np.zeros(0, np.int32)]),
+      teacher_ids=[t for p in parts for t in p.teacher_ids],
+      teacher_logp=[t for p in parts for t in p.teacher_logp])
+
+
+def _prompt_bucket(n: int, cap: int) -> int:
+  size = MIN_PROMPT_BUCKET
+  while size < n:
+    size *= 2
+  return min(size, cap)
+
+
+class _Sampler:
+  """Generators per prompt-length bucket: a short prompt gets a small cache."""
+
+  def __init__(self, rt, d, max_prompt_len: int):
+    self.rt, self.d, self.cap = rt, d, max_prompt_len
+    self.generators = {}
+
+  def __call__(self, requests: list[Request]) -> list[list[int]]:
+    """Full sequences (prompt + sampled completion) in request order."""
+    out = [None] * len(requests)
+    groups = {}
+    for i, r in enumerate(requests):
+      groups.setdefault(_prompt_bucket(len(r.prompt_ids), self.cap), []).append(i)
+    for bucket, idx in sorted(groups.items()):
+      if bucket not in self.generators:
+        self.generators[bucket] = Generator(
+            self.rt.target, None, max_prompt_len=bucket,
+            max_new_tokens=self.d.gen_max_new_tokens, batch_size=self.d.gen_batch_size,
+            eos_ids=self.rt.eos_ids)
+      result = self.generators[bucket].generate(
+          self.rt.target_params, {}, [requests[i].prompt_ids for i in idx],
+          seeds=[requests[i].seed for i in idx], temperature=self.d.gen_temperature,
+          top_k=self.d.gen_top_k, top_p=self.d.gen_top_p)
+      for i, row in zip(idx, result.rows):
+        out[i] = list(requests[i].prompt_ids) + row.output_ids
+    return out
+
+
+def _check_meta(folder: str, fp: str, num_requests: int) -> None:
+  path = os.path.join(folder, META_FILE)
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"{path} is damaged: {e}") from None
+    if meta.get("fingerprint") != fp:
+      raise ValueError(
+          f"{folder} holds distillation data built with other settings "
+          f"(fingerprint {meta.get('fingerprint')} != {fp}); use a new workdir or "
+          "delete that folder")
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump({"fingerprint": fp, "num_requests": num_requests}, f)
+  os.replace(tmp, path)
+
+
+def prepare(config, rt, workdir: str, log=print) -> Examples:
+  """Builds (or reuses) WORKDIR/data and returns every training example.
+
+  Raises:
+    ValueError: no prompts and no text (an empty dataset), a prompt longer
+      than ``config.max_prompt_len``, or data in the workdir made with other
+      settings.
+  """
+  d = config.distill
+  requests = build_requests(config, rt.encode_prompt)
+  too_long = [len(r.prompt_ids) for r in requests if len(r.prompt_ids) > config.max_prompt_len]
+  if too_long:
+    raise ValueError(f"{len(too_long)} distillation prompts are longer than "
+                     f"config.max_prompt_len={config.max_prompt_len} (longest "
+                     f"{max(too_long)} tokens); raise it or choose other prompts")
+  if d.text_file and not os.path.isfile(d.text_file):
+    raise ValueError(f"config.distill.text_file={d.text_file!r} is not a file")
+  if not requests and not d.text_file:
+    raise ValueError("the distillation dataset is empty: config.distill.prompts is "
+                     "empty, num_templated is 0 and there is no text_file")
+  folder = os.path.join(workdir, DATA_DIR)
+  os.makedirs(folder, exist_ok=True)
+  _check_meta(folder, fingerprint(config, rt.target.cfg, requests), len(requests))
+
+  teacher_fn = make_teacher_fn(rt.target, d.teacher_top_k)
+  sampler = _Sampler(rt, d, config.max_prompt_len)
+  # Similar lengths share a shard, so a batch wastes little padding.
+  ordered = sorted(requests, key=lambda r: (len(r.prompt_ids), r.seed))
+  shards = [ordered[i:i + SHARD_REQUESTS] for i in range(0, len(ordered), SHARD_REQUESTS)]
+  parts, made_tokens, made_shards, start = [], 0, 0, time.perf_counter()
+  for n, shard in enumerate(shards):
+    path = os.path.join(folder, f"shard-{n:05d}.npz")
+    if not os.path.exists(path):
+      sequences = sampler(shard)
+      loss_start = [len(r.prompt_ids) for r in shard]
+      ids, logp = teacher_targets(teacher_fn, rt.target_params, sequences, loss_start,
+                                  d.teacher_batch_size)
+      _save_npz(path, **_pack(sequences, loss_start, ids, logp))
+      made_tokens += sum(len(t) for t in ids)
+      made_shards += 1
+      elapsed = time.perf_counter() - start
+      remaining = sum(not os.path.exists(os.path.join(folder, f"shard-{m:05d}.npz"))
+                      for m in range(n + 1, len(shards)))
+      log(f"data: shard {n + 1}/{len(shards)} made, {made_tokens} new tokens in "
+          f"{elapsed:.0f}s ({made_tokens / elapsed:.1f} tok/s incl. teacher), "
+          f"ETA {elapsed / made_shards * remaining:.0f}s")
+    parts.append(_unpack(path))
+  if d.text_file:
+    parts.append(_text_examples(config, rt, teacher_fn, folder, log))
+  examples = _merge(parts)
+  if examples.num_target_tokens == 0:
+    raise ValueError("the distillation dataset is empty: no training tokens")
+  return examples
+
+
+def _text_examples(config, rt, teacher_fn, folder: str, log) -> Examples:
+  """Windows of ``seq_len`` tokens of the text file, trained on every position."""
+  path = os.path.join(folder, TEXT_SHARD)
+  if not os.path.exists(path):
+    with open(config.distill.text_file, encoding="utf-8") as f:
+      ids = rt.tokenizer.encode(f.read())
+    seq_len = config.distill.seq_len
+    windows = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+    windows = [w for w in windows if len(w) >= 2]
+    if not windows:
+      return _merge([])
+    start = [1] * len(windows)
+    t_ids, t_logp = teacher_targets(teacher_fn, rt.target_params, windows, start,
+                                    config.distill.teacher_batch_size)
+    _save_npz(path, **_pack(windows, start, t_ids, t_logp))
+    log(f"data: text file {config.distill.text_file}: {len(windows)} windows, "
+        f"{sum(len(w) for w in windows)} tokens")
+  return _unpack(path)
+
+
+# ----- batches ---------------------------------------------------------------------
+
+
+def token_scores(examples: Examples, vocab_size: int) -> np.ndarray:
+  """Expected count of each token under the target over the data: float [V]."""
+  scores_V = np.zeros((vocab_size,), np.float64)
+  for ids, logp in zip(examples.teacher_ids, examples.teacher_logp):
+    np.add.at(scores_V, ids.reshape(-1), np.exp(logp.reshape(-1).astype(np.float64)))
+  return scores_V
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> np.ndarray:
+  """Example indices of training step ``step``: a pure function of its inputs.
+
+  Samples are drawn epoch by epoch, each epoch a fresh permutation from
+  (seed, epoch); so a resumed run sees exactly the batches an uninterrupted
+  run would have seen, without any data-loader state to save.
+  """
+  out = np.empty((batch_size,), np.int64)
+  for j in range(batch_size):
+    epoch, i = divmod(step * batch_size + j, num_examples)
+    out[j] = _permutation(seed, epoch, num_examples)[i]
+  return out
+
+
+@dataclasses.dataclass
+class TrainData:
+  """Examples as fixed-shape arrays [E, T] for static-shape training.
+
+  Each example keeps its last ``seq_len`` tokens (the completion and the end
+  of the prompt) at their absolute positions. Position t is trained on the
+  token at t + 1 where mask_ET is 1.
+
+  tokens_ET, positions_ET: int32.
+  mask_ET: float32.
+  teacher_head_ETk: int32 head index of each teacher token (-1: not in head).
+  teacher_logp_ETk: float32 teacher log-probs.
+  """
+
+  tokens_ET: np.ndarray
+  positions_ET: np.ndarray
+  mask_ET: np.ndarray
+  teacher_head_ETk: np.ndarray
+  teacher_logp_ETk: np.ndarray
+
+  @classmethod
+  def build(cls, examples: Examples, seq_len: int, vocab_to_head_V: np.ndarray) -> "TrainData":
+    num, k = examples.num_examples, examples.teacher_ids[0].shape[-1]
+    tokens = np.zeros((num, seq_len), np.int32)
+    positions = np.zeros((num, seq_len), np.int32)
+    mask = np.zeros((num, seq_len), np.float32)
+    head = np.full((num, seq_len, k), -1, np.int32)
+    logp = np.full((num, seq_len, k), -np.inf, np.float32)
+    for e in range(num):
+      seq, start = examples.tokens[e], int(examples.loss_start[e])
+      w = max(0, len(seq) - seq_len)
+      n = len(seq) - w
+      tokens[e, :n] = seq[w:]
+      positions[e] = w + np.arange(seq_len)
+      # window index j predicts the token at absolute position w + j + 1
+      first = max(start, w + 1)
+      j0, j1 = first - 1 - w, len(seq) - 1 - w
+      mask[e, j0:j1] = 1.0
+      rows = slice(first - start, len(seq) - start)
+      head[e, j0:j1] = vocab_to_head_V[examples.teacher_ids[e][rows]]
+      logp[e, j0:j1] = examples.teacher_logp[e][rows]
+    return cls(tokens, positions, mask, head, logp)
+
+  @property
+  def num_examples(self) -> int:
+    return self.tokens_ET.shape[0]
+
+  def batch(self, seed: int, step: int, batch_size: int) -> dict:
+    idx = batch_indices(seed, step, self.num_examples, batch_size)
+    return {"tokens_BT": self.tokens_ET[idx], "positions_BT": self.positions_ET[idx],
+            "mask_BT": self.mask_ET[idx], "teacher_head_BTk": self.teacher_head_ETk[idx],
+            "teacher_logp_BTk": self.teacher_logp_ETk[idx]}

@@ -1,0 +1,216 @@
+"""The resumable distillation loop: optimiser, jitted step, checkpoints, logs.
+
+Resuming reproduces an uninterrupted run: params and optimiser state come
+back from the latest checkpoint, and the batch of every step is a pure
+function of (seed, step) (``data.batch_indices``), so there is no loader
+state to lose.
+"""
+
+import copy
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from specdec_jax.distill import checkpoints
+from specdec_jax.distill import losses
+from specdec_jax.distill.data import TrainData
+from specdec_jax.models.config import ModelConfig
+from specdec_jax.models.transformer import Transformer
+
+
+def frozen_paths(draft_cfg: ModelConfig, d) -> list[tuple[str, ...]]:
+  """Params not trained: head token ids, and the embedding unless trained.
+
+  A tied embedding is the head too, so it is always trained.
+  """
+  paths = []
+  if draft_cfg.head_size:
+    paths.append(("lm_head", "token_ids"))
+  if not d.train_embedding and not draft_cfg.tie_embeddings:
+    paths.append(("embed",))
+  return paths
+
+
+def partition(params: dict, paths) -> tuple[dict, dict]:
+  """(trainable, frozen): nested dicts with the ``paths`` moved to frozen."""
+  trainable, frozen = copy.copy(params), {}
+  for path in paths:
+    src, dst = trainable, frozen
+    for key in path[:-1]:
+      src[key] = copy.copy(src[key])
+      src, dst = src[key], dst.setdefault(key, {})
+    dst[path[-1]] = src.pop(path[-1])
+  return trainable, frozen
+
+
+def merge(a: dict, b: dict) -> dict:
+  """Recursive union of two nested dicts with disjoint leaves."""
+  out = dict(a)
+  for key, value in b.items():
+    out[key] = merge(out[key], value) if key in out else value
+  return out
+
+
+def make_optimizer(d, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warm-up then cosine decay, after global-norm clipping."""
+  warmup = min(int(d.warmup_steps), max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=d.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=d.learning_rate * d.min_lr_ratio)
+  decay_mask = lambda tree: jax.tree_util.tree_map_with_path(
+      lambda path, _: "scale" not in jax.tree_util.keystr(path), tree)
+  return optax.chain(optax.clip_by_global_norm(d.clip_norm),
+                     optax.adamw(schedule, weight_decay=d.weight_decay, mask=decay_mask))
+
+
+def make_train_step(model: Transformer, optimizer, loss_kind: str):
+  """Jitted (trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)."""
+  losses.total_loss(loss_kind, {"kl": 0.0, "tv": 0.0})  # validates the name
+
+  def loss_fn(trainable, frozen, batch):
+    tokens_BT = batch["tokens_BT"]
+    batch_size, seq = tokens_BT.shape
+    # RoPE depends on relative offsets only, so a window may start at 0.
+    positions_BT = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch_size, seq))
+    logits_BTN, _ = model.apply(merge(trainable, frozen), tokens_BT, positions_BT,
+                                model.init_cache(batch_size, seq), full_vocab=False)
+    metrics = losses.distill_metrics(logits_BTN, batch["teacher_head_BTk"],
+                                     batch["teacher_logp_BTk"], batch["mask_BT"])
+    return losses.total_loss(loss_kind, metrics), metrics
+
+  @jax.jit
+  def train_step(trainable, frozen, opt_state, batch):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   tokens=jnp.sum(batch["mask_BT"]))
+    return trainable, opt_state, metrics
+
+  return train_step
+
+
+@dataclasses.dataclass
+class TrainResult:
+  params: dict                 # the full draft params after the last step
+  step: int
+  resumed_from: int            # 0 for a fresh run
+  history: list                # one dict per progress line
+  evals: list                  # one dict per held-out evaluation
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def run_training(config, draft_cfg: ModelConfig, init_fn: Callable[[], dict],
+                 data: TrainData, workdir: str, data_fingerprint: str, log=print,
+                 evaluate: Callable[[dict], dict] | None = None,
+                 on_checkpoint: Callable[[int], None] | None = None) -> TrainResult:
+  """Trains ``config.train_steps`` steps, resuming from WORKDIR/checkpoints.
+
+  Args:
+    init_fn: () -> initial full draft params (only called on a fresh run).
+    evaluate: full draft params -> metrics dict (held-out acceptance), run at
+      the start of a fresh run, every ``distill.eval_every`` steps and at the end.
+    on_checkpoint: called with the step after each checkpoint is on disk
+      (tests use it to simulate a kill).
+
+  Raises:
+    ValueError: the checkpoints were made for another draft config, data or
+      seed, or are damaged.
+  """
+  d = config.distill
+  total = int(config.train_steps)
+  model = Transformer(draft_cfg)
+  optimizer = make_optimizer(d, total)
+  train_step = make_train_step(model, optimizer, d.loss)
+  paths = frozen_paths(draft_cfg, d)
+  meta_base = {"model_config": checkpoints.config_dict(draft_cfg), "data_seed": int(d.seed),
+               "data_fingerprint": data_fingerprint, "train_steps": total}
+
+  mngr = checkpoints.manager(workdir, keep=d.keep_checkpoints)
+  try:
+    start = mngr.latest_step() or 0
+    if start:
+      meta, stored_cfg = checkpoints.read_meta(mngr, start)
+      for key in ("model_config", "data_seed", "data_fingerprint"):
+        if meta.get(key) != meta_base[key]:
+          raise ValueError(
+              f"{checkpoints.checkpoint_dir(workdir)} holds checkpoints of another run "
+              f"({key}: stored {meta.get(key)!r}, now {meta_base[key]!r}); use a new workdir")
+      del stored_cfg
+      abstract = checkpoints.model_checkpoint.expected_params_shapes(draft_cfg)
+      abstract_opt = jax.eval_shape(optimizer.init, partition(abstract, paths)[0])
+      params, opt_state = checkpoints.restore(mngr, start, abstract, abstract_opt)
+      log(f"resumed from the checkpoint at step {start}")
+    else:
+      params = init_fn()
+      opt_state = optimizer.init(partition(params, paths)[0])
+    trainable, frozen = partition(params, paths)
+    history, evals = [], []
+    if evaluate is not None and start == 0 and d.eval_at_start:
+      evals.append(dict(evaluate(params), step=0))
+      log(_eval_line(evals[-1]))
+
+    window, t_window, tokens_window = [], time.perf_counter(), 0.0
+    t_run, run_tokens, timed_steps = None, 0.0, 0
+    for step in range(start, total):
+      batch = data.batch(d.seed, step, d.batch_size)
+      trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, batch)
+      metrics = jax.device_get(metrics)
+      window.append(metrics)
+      tokens_window += float(metrics["tokens"])
+      if t_run is None:  # the first step compiles: time the rest
+        t_run, t_window, tokens_window, window = time.perf_counter(), time.perf_counter(), 0.0, []
+      else:
+        timed_steps += 1
+        run_tokens += float(metrics["tokens"])
+      done = step + 1
+      if window and (done % d.log_every == 0 or done == total):
+        now = time.perf_counter()
+        rate = tokens_window / max(now - t_window, 1e-9)
+        per_step = (now - t_run) / max(timed_steps, 1)
+        row = {"step": done, **{k: float(np.mean([m[k] for m in window]))
+                                for k in ("loss", "kl", "tv", "top1", "grad_norm")},
+               "lr": float(optimizer_lr(d, total, done)), "tokens_per_s": rate}
+        history.append(row)
+        log(f"step {done}/{total} loss {row['loss']:.4f} kl {row['kl']:.4f} "
+            f"tv {row['tv']:.4f} top1 {row['top1']:.3f} lr {row['lr']:.2e} | "
+            f"{rate:.0f} tok/s | ETA {_fmt_time(per_step * (total - done))}")
+        window, t_window, tokens_window = [], now, 0.0
+      if done % d.checkpoint_every == 0 or done == total:
+        params = merge(trainable, frozen)
+        checkpoints.save(mngr, done, params, opt_state,
+                         dict(meta_base, step=done, metrics=history[-1] if history else {}))
+        if on_checkpoint is not None:
+          mngr.wait_until_finished()
+          on_checkpoint(done)
+      if evaluate is not None and ((d.eval_every and done % d.eval_every == 0) or done == total):
+        evals.append(dict(evaluate(merge(trainable, frozen)), step=done))
+        log(_eval_line(evals[-1]))
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+  return TrainResult(params=merge(trainable, frozen), step=max(start, total),
+                     resumed_from=start, history=history, evals=evals)
+
+
+def optimizer_lr(d, total: int, step: int) -> float:
+  """The learning rate the schedule gives at ``step`` (for the logs)."""
+  warmup = min(int(d.warmup_steps), max(total - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, d.learning_rate, warmup, max(total, warmup + 1), d.learning_rate * d.min_lr_ratio)
+  return float(schedule(step))
+
+
+def _eval_line(ev: dict) -> str:
+  return (f"eval @ step {ev['step']}: held-out greedy K={ev['k']} acceptance "
+          f"{ev['acceptance_rate']:.3f}, mean accepted length "
+          f"{ev['mean_accepted_length']:.2f} ({ev['num_prompts']} prompts, {ev['wall_s']:.0f}s)")

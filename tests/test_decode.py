@@ -1,0 +1,319 @@
+"""The decode loop through the Generator API: compile counts, EOS and length
+limits per row, and input validation before anything compiles."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from specdec_jax import compile_count
+from specdec_jax import runtime
+from specdec_jax.drafters import ModelDrafter, NgramDrafter
+from specdec_jax.generation import Generator
+from specdec_jax.models.config import ModelConfig
+from specdec_jax.models.transformer import Transformer
+
+VOCAB = 259
+TARGET = Transformer(ModelConfig(vocab_size=VOCAB, num_layers=2, d_model=64, num_heads=4,
+                                 num_kv_heads=2, head_dim=16, ffn_dim=128))
+DRAFT = Transformer(ModelConfig(vocab_size=VOCAB, num_layers=1, d_model=32, num_heads=2,
+                                num_kv_heads=1, head_dim=16, ffn_dim=64))
+
+
+@functools.lru_cache(maxsize=None)
+def _init_fn(model):
+  return jax.jit(model.init_params)
+
+
+def init(model, seed):
+  return _init_fn(model)(jax.random.PRNGKey(seed))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _install_counter():
+  compile_count.install()
+
+
+@pytest.fixture(scope="module")
+def params():
+  return init(TARGET, 0), init(DRAFT, 1)
+
+
+def random_prompts(rng, lengths):
+  return [rng.integers(0, VOCAB, size=n).tolist() for n in lengths]
+
+
+def loop_compiles():
+  return compile_count.count("generate_loop")
+
+
+# ----------------------------------------------------------------------------
+# Compile counts.
+
+def test_plain_compiles_once_per_bucket(params):
+  tp, _ = params
+  gen = Generator(TARGET, max_prompt_len=64, max_new_tokens=8, batch_size=3)
+  assert gen.buckets == (16, 32, 64)
+  rng = np.random.default_rng(0)
+  before = loop_compiles()
+  outputs = []
+  for i in range(10):
+    n = int(rng.integers(1, 4))             # also partial batches
+    lengths = rng.integers(1, 17, size=n)   # all in the 16 bucket
+    prompts = random_prompts(rng, lengths)
+    result = gen.generate(tp, None, prompts, seeds=[100 * i + j for j in range(n)],
+                          temperature=0.9, max_new_tokens=[int(m) for m in
+                                                           rng.integers(1, 9, size=n)])
+    outputs.extend(r.output_ids for r in result.rows)
+  assert loop_compiles() - before == 1
+  assert len({tuple(o) for o in outputs}) > 5   # really different runs
+  gen.generate(tp, None, [list(range(1, 21))], temperature=0.9)   # bucket 32
+  assert loop_compiles() - before == 2
+  gen.generate(tp, None, [list(range(1, 31)), [3]], temperature=0.5, seeds=[7, 8])
+  assert loop_compiles() - before == 2
+
+
+def test_speculative_no_recompiles_after_warmup(params):
+  tp, dp = params
+  gen = Generator(TARGET, ModelDrafter(DRAFT), k_max=4, max_prompt_len=32,
+                  max_new_tokens=12, batch_size=3)
+  rng = np.random.default_rng(1)
+  gen.generate(tp, dp, random_prompts(rng, [5, 9]), temperature=1.0)   # warm-up
+  before, before_all = loop_compiles(), compile_count.count("")
+  accepted_patterns, lengths = set(), set()
+  for i in range(20):
+    n = 3 if i % 4 else 2
+    prompts = random_prompts(rng, rng.integers(1, 17, size=n))
+    if i % 3 == 0:   # copy-heavy: drafts get accepted at different rates
+      prompts[0] = (prompts[0][:4] * 4)[:16]
+    result = gen.generate(
+        tp, dp, prompts, seeds=[int(s) for s in rng.integers(0, 2**31, size=n)],
+        k=int(rng.integers(1, 5)), temperature=float(rng.uniform(0.2, 1.5)),
+        top_p=[1.0, 0.9, 0.5][i % 3], top_k=[0, 5, 0, 50][i % 4],
+        max_new_tokens=[int(m) for m in rng.integers(1, 13, size=n)])
+    for r in result.rows:
+      accepted_patterns.add(tuple(r.accepted_per_step))
+      lengths.add(len(r.output_ids))
+  assert loop_compiles() == before
+  assert compile_count.count("") == before_all, compile_count.snapshot()
+  assert len(accepted_patterns) > 10 and len(lengths) > 5
+
+
+# ----------------------------------------------------------------------------
+# EOS and max_new_tokens per row.
+
+@pytest.fixture(scope="module")
+def eos_setup(params):
+  tp, _ = params
+  rng = np.random.default_rng(2)
+  prompts = random_prompts(rng, [6, 13, 3])
+  gen = Generator(TARGET, max_prompt_len=16, max_new_tokens=12, batch_size=3)
+  full = gen.generate(tp, None, prompts).rows
+  eos = full[0].output_ids[2]
+  eos_gen = Generator(TARGET, max_prompt_len=16, max_new_tokens=12, batch_size=3,
+                      eos_ids=(eos,))
+  return gen, eos_gen, prompts, full, eos
+
+
+def test_eos_truncates_each_row_independently(params, eos_setup):
+  tp, _ = params
+  _, eos_gen, prompts, full, eos = eos_setup
+  rows = eos_gen.generate(tp, None, prompts).rows
+  finished_by_eos = 0
+  for row, ref in zip(rows, full):
+    assert len(ref.output_ids) == 12 and ref.finish_reason == "length"
+    if eos in ref.output_ids:
+      stop = ref.output_ids.index(eos)
+      assert row.output_ids == ref.output_ids[:stop + 1]
+      assert row.output_ids[-1] == eos and eos not in row.output_ids[:-1]
+      assert row.finish_reason == "eos"
+      assert row.target_calls == stop + 1
+      finished_by_eos += 1
+    else:
+      assert row.output_ids == ref.output_ids
+      assert row.finish_reason == "length"
+  assert rows[0].finish_reason == "eos" and len(rows[0].output_ids) <= 3
+  # Some row keeps going after row 0 stopped.
+  assert any(r.finish_reason == "length" and len(r.output_ids) == 12 for r in rows)
+  assert finished_by_eos >= 1
+
+
+def test_nothing_written_after_eos(params, eos_setup):
+  """Step by step: a finished row emits nothing more, its length is frozen."""
+  tp, _ = params
+  _, eos_gen, prompts, _, eos = eos_setup
+  traces = list(eos_gen.iterate(tp, None, prompts))
+  rows = eos_gen.last_rows
+  for b in range(3):
+    emitted = [t.emitted[b] for t in traces]
+    finished = [t.finished[b] for t in traces]
+    done_at = finished.index(True)
+    assert all(finished[done_at:])
+    assert all(e == [] for e in emitted[done_at + 1:])
+    assert all(t.accepted[b] == -1 for t in traces[done_at + 1:])
+    assert sum(emitted, []) == rows[b].output_ids
+  assert rows[0].output_ids[-1] == eos
+  ref = eos_gen.generate(tp, None, prompts).rows
+  assert [r.output_ids for r in ref] == [r.output_ids for r in rows]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_per_row_max_new_tokens(params, eos_setup, temperature):
+  tp, _ = params
+  gen, _, prompts, _, _ = eos_setup
+  seeds = [11, 12, 13]
+  full = gen.generate(tp, None, prompts, seeds=seeds, temperature=temperature).rows
+  limits = [3, 12, 1]
+  rows = gen.generate(tp, None, prompts, seeds=seeds, temperature=temperature,
+                      max_new_tokens=limits).rows
+  for row, ref, m in zip(rows, full, limits):
+    assert len(row.output_ids) == m
+    assert row.finish_reason == "length"
+    assert row.target_calls == m
+    # Stopping early does not change the tokens produced before the stop.
+    assert row.output_ids == ref.output_ids[:m]
+  rows = gen.generate(tp, None, prompts, seeds=seeds, temperature=temperature,
+                      max_new_tokens=5).rows
+  assert [len(r.output_ids) for r in rows] == [5, 5, 5]
+
+
+# ----------------------------------------------------------------------------
+# Bad input: ValueError naming the problem, before anything compiles.
+
+@pytest.fixture(scope="module")
+def fresh_gen():
+  """A speculative generator that has never compiled anything."""
+  return Generator(TARGET, ModelDrafter(DRAFT), k_max=4, max_prompt_len=16,
+                   max_new_tokens=8, batch_size=2)
+
+
+GOOD = dict(prompts=[[1, 2, 3], [4, 5]], max_new_tokens=4, temperature=1.0, top_k=0,
+            top_p=1.0, k=2, seeds=[0, 1], tau=0.0, budget=1)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(prompts=[]), "no prompts"),
+    (dict(prompts=[[1, 2], []]), "empty"),
+    (dict(prompts=[[1] * 17, [2]]), "max_prompt_len"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=[4, 0]), "max_new_tokens"),
+    (dict(max_new_tokens=9), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(prompts=[[1, VOCAB], [2]]), "vocab"),
+    (dict(prompts=[[-1, 3], [2]]), "vocab"),
+    (dict(k=0), "k="),
+    (dict(k=5), "k="),
+    (dict(seeds=[1]), "seeds"),
+    (dict(tau=1.5), "tau"),
+    (dict(tau=-0.1), "tau"),
+])
+def test_bad_generate_input_raises_before_compile(params, fresh_gen, change, match):
+  tp, dp = params
+  args = dict(GOOD, **change)
+  prompts = args.pop("prompts")
+  before, before_all = loop_compiles(), compile_count.count("")
+  with pytest.raises(ValueError, match=match):
+    fresh_gen.generate(tp, dp, prompts, **args)
+  assert loop_compiles() == before
+  assert compile_count.count("") == before_all
+
+
+def test_good_input_is_accepted(fresh_gen):
+  """The baseline of the parametrized cases above is itself valid."""
+  args = dict(GOOD)
+  prompts = args.pop("prompts")
+  fresh_gen.validate(prompts, [args["max_new_tokens"]] * 2, args["k"], args["temperature"],
+                     args["top_k"], args["top_p"], args["seeds"], args["tau"], args["budget"])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rule="bogus"), "rule"),
+    (dict(policy="bogus"), "policy"),
+    (dict(k_max=-1), "k_max"),
+    (dict(k_max=2, drafter=None), "drafter"),
+    (dict(eos_ids=(VOCAB,)), "eos"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(draft_vocab_size=VOCAB + 1), "vocab"),
+])
+def test_bad_generator_config(kwargs, match):
+  full = dict(drafter=NgramDrafter(), k_max=2, max_prompt_len=16, max_new_tokens=4)
+  full.update(kwargs)
+  drafter = full.pop("drafter")
+  with pytest.raises(ValueError, match=match):
+    Generator(TARGET, drafter, **full)
+
+
+def test_greedy_rule_at_positive_temperature_is_not_called_unknown(params):
+  """rule='greedy' is one of verify.RULES. At temperature > 0 it must either
+  work or be refused up front with a clear message, not fail while tracing
+  with "unknown rule 'greedy'; expected one of ('greedy', ...)"."""
+  tp, _ = params
+  before = loop_compiles()
+  try:
+    gen = Generator(TARGET, NgramDrafter(), k_max=2, rule="greedy", max_prompt_len=16,
+                    max_new_tokens=4)
+    gen.generate(tp, {}, [[1, 2, 3]], temperature=1.0)
+  except ValueError as e:
+    assert "unknown rule" not in str(e), str(e)
+    assert loop_compiles() == before
+
+
+def _tiny_config(**changes):
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+  spec = importlib.util.spec_from_file_location("tiny_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in changes.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def test_draft_target_vocab_mismatch():
+  config = _tiny_config(drafter="model", **{"draft.vocab_size": VOCAB + 7})
+  before = loop_compiles()
+  with pytest.raises(ValueError, match="vocab"):
+    runtime.build_drafter(config, TARGET)
+  assert loop_compiles() == before
+  # The same config with matching vocab builds a model drafter.
+  drafter, draft_params = runtime.build_drafter(_tiny_config(drafter="model"), TARGET)
+  assert isinstance(drafter, ModelDrafter)
+  assert draft_params["embed"]["embedding"].shape[0] == VOCAB
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(drafter="bogus"), "drafter"),
+    (dict(ngram_min_n=0), "ngram"),
+    (dict(ngram_min_n=3, ngram_max_n=2), "ngram"),
+    (dict(k=0), "k"),
+    (dict(rule="bogus"), "rule"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(policy="bogus"), "policy"),
+    (dict(tau=2.0), "tau"),
+    (dict(policy="budget", budget=0), "budget"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(job="bogus"), "job"),
+    (dict(**{"model.source": "bogus"}), "source"),
+])
+def test_validate_config(changes, match):
+  runtime.validate_config(_tiny_config())   # the baseline is valid
+  with pytest.raises(ValueError, match=match):
+    runtime.validate_config(_tiny_config(**changes))
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_n=0), dict(min_n=0), dict(min_n=3, max_n=2)])
+def test_ngram_sizes(kwargs):
+  with pytest.raises(ValueError, match="n-gram"):
+    NgramDrafter(**kwargs)

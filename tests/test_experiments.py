@@ -1,0 +1,108 @@
+"""End-to-end experiment jobs through the CLI: trace, sweep, prompts, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from specdec_jax import runtime
+from specdec_jax.jobs import trace as trace_job
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(workdir, *overrides, config="configs/tiny.py", timeout=300):
+  cmd = [sys.executable, "-m", "specdec_jax.main", f"--config={config}",
+         f"--workdir={workdir}", *overrides]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _tiny(**overrides):
+  from specdec_jax import config_defaults
+  config = config_defaults.config_from_file(os.path.join(REPO, "configs", "tiny.py"))
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.mark.parametrize("drafter", ["model", "ngram"])
+def test_trace_mode_matches_compiled_loop(tmp_path, drafter):
+  config = _tiny(drafter=drafter, batch_size=2, job="trace")
+  summary = trace_job.run(config, str(tmp_path), log=lambda *_: None)
+  rt = runtime.build(config)
+  prompts = [rt.encode_prompt(p) for p in runtime.load_prompt_list(config)[:2]]
+  compiled = rt.generator().generate(rt.target_params, rt.draft_params, prompts,
+                                     seeds=[0, 1], **rt.run_kwargs())
+  assert summary["output_ids"] == [r.output_ids for r in compiled.rows]
+  lines = (tmp_path / "trace.jsonl").read_text().splitlines()
+  steps = [json.loads(line) for line in lines]
+  assert len(steps) == summary["steps"] > 0
+  # Emitted tokens per step concatenate to the output; accepted <= proposed.
+  for b in range(2):
+    emitted = [t for s in steps for t in s["rows"][b]["emitted"]]
+    assert emitted == summary["output_ids"][b]
+    for s in steps:
+      row = s["rows"][b]
+      if row["accepted"] >= 0:
+        assert row["accepted"] <= len(row["drafts"])
+        assert row["emitted"][:row["accepted"]] == row["drafts"][:row["accepted"]]
+  html = (tmp_path / "trace.html").read_text()
+  assert "<table>" in html and "Row 1" in html
+
+
+def test_sweep_job_end_to_end(tmp_path):
+  result = _main(tmp_path, "--config.sweep.k=(1, 2)", "--config.benchmark.repeats=1",
+                 "--config.max_new_tokens=8", config="configs/tiny.py:sweep")
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
+  assert sorted((r["point"]["k"], r["point"]["drafter"]) for r in rows) == [
+      (1, "model"), (1, "ngram"), (2, "model"), (2, "ngram")]
+  assert all("speedup" in r and "predicted_speedup" in r for r in rows)
+  assert (tmp_path / "speedup_vs_k.png").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.job=benchmark", "--config.prompts=nonsense"], "nonsense"),
+    (["--config.prompts_file=/nonexistent/prompts.jsonl"], "prompts.jsonl"),
+    (["--config.job=bogus"], "config.job"),
+    (["--config.policy=sometimes"], "policy"),
+    (["--config.tau=1.5"], "tau"),
+    (["--config.k=0"], "config.k"),
+    (["--config.no_such_field=3"], "no_such_field"),
+])
+def test_bad_config_gives_one_line_error(tmp_path, overrides, message):
+  result = _main(tmp_path, *overrides, timeout=120)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_malformed_prompts_file_names_the_line(tmp_path):
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"prompt": "ok"}\n{"prompt": \n')
+  result = _main(tmp_path / "out", f"--config.prompts_file={path}", timeout=120)
+  assert result.returncode != 0
+  assert "p.jsonl:2" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  result = _main(blocker / "sub", timeout=120)
+  assert result.returncode != 0
+  assert "workdir" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_user_prompts_file_runs_with_categories(tmp_path):
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"prompt": "copy copy copy copy", "category": "mine"}\n'
+                  '{"prompt": "hello"}\n')
+  result = _main(tmp_path / "out", f"--config.prompts_file={path}",
+                 "--config.job=benchmark", "--config.benchmark.repeats=1")
+  assert result.returncode == 0, result.stderr[-2000:]
+  summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+  assert {r["category"] for r in summary["per_category"]} == {"mine", "custom"}
+  assert summary["compiles_after_warmup"] == 0

@@ -1,0 +1,471 @@
+"""The speculative core: exactness against plain decoding, batching, EOS and
+length limits inside draft blocks, draft-length policies and statistics.
+
+Every Generator here has max_prompt_len=16 (one prompt bucket) and is built
+once (``gen``), so each compiles once per greedy flag; params and prompts
+vary freely without recompiling.
+"""
+
+import functools
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from specdec_jax import compile_count
+from specdec_jax import metrics
+from specdec_jax.drafters import ModelDrafter, NgramDrafter
+from specdec_jax.generation import Generator
+from specdec_jax.models.config import ModelConfig
+from specdec_jax.models.transformer import Transformer
+
+VOCAB = 259
+TARGET = Transformer(ModelConfig(vocab_size=VOCAB, num_layers=2, d_model=64, num_heads=4,
+                                 num_kv_heads=2, head_dim=16, ffn_dim=128))
+DRAFT = Transformer(ModelConfig(vocab_size=VOCAB, num_layers=1, d_model=32, num_heads=2,
+                                num_kv_heads=1, head_dim=16, ffn_dim=64))
+K_MAX = 7
+MAX_NEW = 24
+KS = (1, 2, 4, 7)
+DRAFTERS = {"plain": None, "model": ModelDrafter(DRAFT), "ngram": NgramDrafter(),
+            "self": ModelDrafter(TARGET)}
+
+
+@functools.lru_cache(maxsize=None)
+def _init_fn(model):
+  return jax.jit(model.init_params)
+
+
+def init(model, seed):
+  return _init_fn(model)(jax.random.PRNGKey(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def gen(kind, batch, rule="rejection", policy="fixed", eos=()):
+  drafter = DRAFTERS[kind]
+  return Generator(TARGET, drafter, k_max=0 if drafter is None else K_MAX, rule=rule,
+                   policy=policy, max_prompt_len=16, max_new_tokens=MAX_NEW,
+                   batch_size=batch, eos_ids=eos)
+
+
+def draft_params_for(kind, tp, dp):
+  return {"plain": None, "model": dp, "ngram": {}, "self": tp}[kind]
+
+
+def make_prompts(seed, n=5):
+  """Ragged prompts (2..16 tokens); rows 1 and 3 repeat a short pattern."""
+  rng = np.random.default_rng(seed)
+  prompts = []
+  for i, length in enumerate(rng.integers(2, 17, size=n)):
+    if i in (1, 3):
+      pattern = rng.integers(0, VOCAB, size=int(rng.integers(2, 5))).tolist()
+      prompts.append((pattern * 16)[:max(int(length), 6)])
+    else:
+      prompts.append(rng.integers(0, VOCAB, size=int(length)).tolist())
+  return prompts
+
+
+def outputs(result):
+  return [r.output_ids for r in result.rows]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _install_counter():
+  compile_count.install()
+
+
+def check_stats(row, k_max=K_MAX):
+  """Per-row statistics are mutually consistent."""
+  acc, reached = np.asarray(row.accepted_by_slot), np.asarray(row.reached_by_slot)
+  assert len(acc) == len(reached) == k_max
+  assert np.all(acc <= reached)
+  assert np.all(np.diff(acc) <= 0) and np.all(np.diff(reached) <= 0)
+  assert len(row.accepted_per_step) == len(row.proposed_per_step) == row.target_calls
+  steps_acc = np.asarray(row.accepted_per_step)
+  steps_prop = np.asarray(row.proposed_per_step)
+  assert np.all(steps_acc >= 0) and np.all(steps_acc <= steps_prop)
+  assert steps_acc.sum() == acc.sum()
+  assert reached.sum() == np.minimum(steps_acc + 1, steps_prop).sum()
+  # Every step commits n + 1 tokens except a last one cut by EOS / max_new.
+  committed = steps_acc + 1
+  assert len(row.output_ids) <= committed.sum()
+  assert len(row.output_ids) > committed[:-1].sum()
+  expected = np.asarray(row.expected_accept_by_slot)
+  assert np.all(expected >= -1e-6) and np.all(expected <= reached + 1e-4)
+
+
+# ----------------------------------------------------------------------------
+# Greedy speculative == greedy plain.
+
+@pytest.mark.slow
+def test_greedy_speculative_equals_plain():
+  accepted = {"model": 0, "ngram": 0}
+  proposed = {"model": 0, "ngram": 0}
+  before = None
+  for seed in range(20):
+    tp, dp = init(TARGET, seed), init(DRAFT, 1000 + seed)
+    prompts = make_prompts(seed)
+    rng = np.random.default_rng(seed)
+    max_new = [MAX_NEW if i % 2 else int(m) for i, m in enumerate(rng.integers(1, 25, size=5))]
+    ref = outputs(gen("plain", 5).generate(tp, None, prompts, max_new_tokens=max_new))
+    assert [len(o) for o in ref] == max_new
+    alone_i = seed % 5
+    ref_alone = gen("plain", 1).generate(tp, None, [prompts[alone_i]],
+                                         max_new_tokens=max_new[alone_i]).rows[0].output_ids
+    assert ref_alone == ref[alone_i], f"seed {seed}: plain batch 1 vs batch 5"
+    for kind in ("model", "ngram"):
+      d = draft_params_for(kind, tp, dp)
+      for k in KS:
+        result = gen(kind, 5).generate(tp, d, prompts, k=k, max_new_tokens=max_new)
+        assert outputs(result) == ref, f"seed {seed} drafter {kind} K={k} (batch 5)"
+        for row in result.rows:
+          check_stats(row)
+          assert max(row.proposed_per_step) <= k
+          accepted[kind] += sum(row.accepted_per_step)
+          proposed[kind] += sum(row.proposed_per_step)
+        alone = gen(kind, 1).generate(tp, d, [prompts[alone_i]], k=k,
+                                      max_new_tokens=max_new[alone_i]).rows[0]
+        assert alone.output_ids == ref[alone_i], f"seed {seed} drafter {kind} K={k} (batch 1)"
+    if seed == 0:
+      before = compile_count.count("generate_loop")
+  # Different params, prompts and K never recompiled.
+  assert compile_count.count("generate_loop") == before
+  # Not vacuous: drafts were proposed and some were accepted by both drafters.
+  assert accepted["ngram"] > 50 and accepted["model"] > 0, (accepted, proposed)
+  assert proposed["model"] > 1000
+
+
+def test_self_draft_accepted_everywhere():
+  """A draft identical to the target is accepted at every slot (greedy)."""
+  tp = init(TARGET, 5)
+  prompts = make_prompts(5)
+  ref = outputs(gen("plain", 5).generate(tp, None, prompts))
+  for k in KS:
+    result = gen("self", 5).generate(tp, tp, prompts, k=k)
+    assert outputs(result) == ref, f"K={k}"
+    for row in result.rows:
+      check_stats(row)
+      assert row.accepted_per_step[:-1] == [k] * (len(row.accepted_per_step) - 1)
+      assert row.accepted_per_step[-1] <= k
+      assert row.proposed_per_step == [k] * row.target_calls
+      assert row.target_calls == math.ceil(MAX_NEW / (k + 1))
+      assert row.accepted_by_slot[:k] == row.reached_by_slot[:k]
+      assert row.reached_by_slot[k:] == [0] * (K_MAX - k)
+    summary = metrics.acceptance_summary(result.rows, K_MAX)
+    assert summary["acceptance_rate"] == 1.0
+    assert summary["min_row_acceptance"] == 1.0
+    assert summary["acceptance_by_position"][:k] == [1.0] * k
+    assert summary["wasted_drafts_per_token"] == pytest.approx(0.0, abs=1.0 / MAX_NEW * k)
+
+
+# ----------------------------------------------------------------------------
+# coupled == plain sampling, token for token.
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["model", "ngram"])
+def test_coupled_equals_plain_sampling(kind):
+  accepted = 0
+  for seed in range(3):
+    tp, dp = init(TARGET, 50 + seed), init(DRAFT, 60 + seed)
+    prompts = make_prompts(70 + seed)
+    seeds = [1000 * seed + i for i in range(5)]
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.9)):
+      ref = gen("plain", 5).generate(tp, None, prompts, seeds=seeds,
+                                     temperature=temperature, top_p=top_p)
+      for k in (2, 7):
+        result = gen(kind, 5, rule="coupled").generate(
+            tp, draft_params_for(kind, tp, dp), prompts, seeds=seeds, k=k,
+            temperature=temperature, top_p=top_p)
+        assert outputs(result) == outputs(ref), (seed, temperature, k)
+        for row in result.rows:
+          check_stats(row)
+          accepted += sum(row.accepted_per_step)
+    # Sampling really depends on the seed (the comparison is not trivial).
+    other = gen("plain", 5).generate(tp, None, prompts, seeds=[s + 1 for s in seeds],
+                                     temperature=1.0)
+    assert outputs(other) != outputs(ref)
+  assert accepted > 0
+
+
+# ----------------------------------------------------------------------------
+# A row does not depend on the other rows of its batch.
+
+@pytest.mark.parametrize("kind,temperature", [
+    ("model", 0.0), ("ngram", 0.0), ("model", 1.0), ("plain", 1.0)])
+def test_row_independent_of_batch(kind, temperature):
+  tp, dp = init(TARGET, 8), init(DRAFT, 9)
+  d = draft_params_for(kind, tp, dp)
+  prompt, seed = make_prompts(10)[1], 4242
+  others = make_prompts(11)
+  alone = gen(kind, 1).generate(tp, d, [prompt], seeds=[seed], k=4,
+                                temperature=temperature).rows[0]
+  assert len(alone.output_ids) == MAX_NEW
+  for position in (0, 2, 4):
+    prompts = list(others)
+    prompts[position] = prompt
+    seeds = [7 + i for i in range(5)]
+    seeds[position] = seed
+    rows = gen(kind, 5).generate(tp, d, prompts, seeds=seeds, k=4,
+                                 temperature=temperature).rows
+    assert rows[position].output_ids == alone.output_ids, f"row position {position}"
+    if kind != "plain":
+      assert rows[position].accepted_per_step == alone.accepted_per_step
+  # The seed matters when sampling (so equality above is not trivial).
+  if temperature > 0:
+    other_seed = gen(kind, 1).generate(tp, d, [prompt], seeds=[seed + 1], k=4,
+                                       temperature=temperature).rows[0]
+    assert other_seed.output_ids != alone.output_ids
+
+
+# ----------------------------------------------------------------------------
+# EOS and max_new_tokens inside an accepted block.
+
+K_BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def self_draft_run():
+  tp = init(TARGET, 12)
+  prompts = make_prompts(13)
+  result = gen("self", 5).generate(tp, tp, prompts, k=K_BLOCK)
+  for row in result.rows:
+    assert row.accepted_per_step[:-1] == [K_BLOCK] * (row.target_calls - 1)
+  return tp, prompts, outputs(result)
+
+
+def test_eos_inside_accepted_block(self_draft_run):
+  tp, prompts, full = self_draft_run
+  block = K_BLOCK + 1
+  # A token whose first occurrence is strictly inside a block (not its first
+  # draft, not the bonus token), preferably in the second block or later.
+  candidates = [(j < block, b, j) for b, out in enumerate(full) for j in range(1, len(out))
+                if j % block not in (0, block - 1) and out[j] not in out[:j]]
+  assert candidates, "no usable mid-block token"
+  _, row_index, j = min(candidates)
+  eos = full[row_index][j]
+  result = gen("self", 5, eos=(eos,)).generate(tp, tp, prompts, k=K_BLOCK)
+  for b, (row, out) in enumerate(zip(result.rows, full)):
+    if eos in out:
+      stop = out.index(eos)
+      assert row.output_ids == out[:stop + 1], f"row {b}"
+      assert row.finish_reason == "eos"
+      assert row.target_calls == stop // block + 1
+    else:
+      assert row.output_ids == out and row.finish_reason == "length"
+  row = result.rows[row_index]
+  assert row.output_ids[-1] == eos and len(row.output_ids) == j + 1
+  # The whole last block was accepted; the commit stopped at the EOS inside it.
+  assert row.accepted_per_step[-1] == K_BLOCK
+  check_stats(row)
+
+
+def test_max_new_tokens_inside_accepted_block(self_draft_run):
+  tp, prompts, full = self_draft_run
+  limits = [7, 12, 3, 24, 1]
+  result = gen("self", 5).generate(tp, tp, prompts, k=K_BLOCK, max_new_tokens=limits)
+  for row, out, m in zip(result.rows, full, limits):
+    assert row.output_ids == out[:m]
+    assert row.finish_reason == "length"
+    assert row.target_calls == math.ceil(m / (K_BLOCK + 1))
+    assert row.accepted_per_step == [K_BLOCK] * row.target_calls
+    check_stats(row)
+
+
+# ----------------------------------------------------------------------------
+# Draft-length policies.
+
+@pytest.fixture(scope="module")
+def policy_setup():
+  tp, dp = init(TARGET, 20), init(DRAFT, 21)
+  prompts = make_prompts(22)
+  ref = outputs(gen("plain", 5).generate(tp, None, prompts))
+  fixed = gen("model", 5).generate(tp, dp, prompts, k=4)
+  assert outputs(fixed) == ref
+  return tp, dp, prompts, ref, fixed
+
+
+def steps_table(rows, field):
+  """[T, B] array of a per-step field, -1 where the row had finished."""
+  steps = max(r.target_calls for r in rows)
+  table = np.full((steps, len(rows)), -1)
+  for b, r in enumerate(rows):
+    table[:r.target_calls, b] = getattr(r, field)
+  return table
+
+
+def test_policy_threshold(policy_setup):
+  tp, dp, prompts, ref, fixed = policy_setup
+  g = gen("model", 5, policy="threshold")
+  none = g.generate(tp, dp, prompts, k=4, tau=1.0)
+  before = compile_count.count("generate_loop")
+  assert outputs(none) == ref
+  for row in none.rows:
+    assert set(row.proposed_per_step) == {0}
+    assert sum(row.reached_by_slot) == 0
+    assert row.target_calls == len(row.output_ids)
+  zero = g.generate(tp, dp, prompts, k=4, tau=0.0)
+  assert outputs(zero) == ref
+  assert [r.proposed_per_step for r in zero.rows] == [r.proposed_per_step for r in fixed.rows]
+  assert [r.accepted_per_step for r in zero.rows] == [r.accepted_per_step for r in fixed.rows]
+  counts = set()
+  for tau in (0.05, 0.2, 0.5):
+    for k in (1, 3, 7):
+      result = g.generate(tp, dp, prompts, k=k, tau=tau)
+      assert outputs(result) == ref, (tau, k)
+      for row in result.rows:
+        check_stats(row)
+        assert max(row.proposed_per_step) <= k
+        counts.update(row.proposed_per_step)
+  assert compile_count.count("generate_loop") == before
+  assert len(counts) > 2    # the threshold stopped rows at various slots
+
+
+def assert_adaptive_recurrence(row, k):
+  """k_b starts at k, +1 after a full acceptance, -1 after a rejection."""
+  p, a = row.proposed_per_step, row.accepted_per_step
+  assert p[0] == k
+  for t in range(len(p) - 1):
+    grown = p[t] + 1 if a[t] >= p[t] else p[t] - 1
+    assert p[t + 1] == min(max(grown, 1), k), (t, p, a)
+
+
+def test_policy_adaptive_per_row(policy_setup):
+  tp, dp, prompts, ref, _ = policy_setup
+  g = gen("model", 5, policy="adaptive")
+  g.generate(tp, dp, prompts, k=4)
+  before = compile_count.count("generate_loop")
+  differing_steps = 0
+  for k in (2, 4, 7):
+    result = g.generate(tp, dp, prompts, k=k)
+    assert outputs(result) == ref
+    for row in result.rows:
+      check_stats(row)
+      assert_adaptive_recurrence(row, k)
+    table = steps_table(result.rows, "proposed_per_step")
+    for step in table:
+      active = step[step >= 0]
+      differing_steps += len(set(active)) > 1 and min(active) > 0
+  assert differing_steps > 0   # rows in the same step drafted different k_b
+  assert compile_count.count("generate_loop") == before
+
+
+def test_policy_adaptive_ngram_copy_heavy_vs_random():
+  tp = init(TARGET, 30)
+  rng = np.random.default_rng(31)
+  copy_heavy = ([5, 9, 200, 31] * 4)[:16]
+  prompts = [copy_heavy] + [rng.integers(0, VOCAB, size=n).tolist() for n in (9, 14, 4, 12)]
+  ref = outputs(gen("plain", 5).generate(tp, None, prompts))
+  result = gen("ngram", 5, policy="adaptive").generate(tp, {}, prompts, k=4)
+  assert outputs(result) == ref
+  table = steps_table(result.rows, "proposed_per_step")
+  assert table[0, 0] == 4    # the copy-heavy row drafts from the start
+  assert any(len(set(step[step >= 0])) > 1 for step in table)
+  assert sum(result.rows[0].accepted_per_step) >= 0
+  for row in result.rows:
+    check_stats(row)
+    assert max(row.proposed_per_step) <= 4
+
+
+@pytest.mark.parametrize("kind", ["model", "ngram"])
+def test_policy_budget(policy_setup, kind):
+  tp, dp, prompts, ref, _ = policy_setup
+  d = draft_params_for(kind, tp, dp)
+  g = gen(kind, 5, policy="budget")
+  g.generate(tp, d, prompts, k=4, budget=3)
+  before = compile_count.count("generate_loop")
+  binding = 0
+  for budget in (1, 3, 8, 100):
+    for k in (1, 4, 7):
+      result = g.generate(tp, d, prompts, k=k, budget=budget)
+      assert outputs(result) == ref, (budget, k)
+      table = steps_table(result.rows, "proposed_per_step")
+      for step in table:
+        active = step >= 0
+        total = step[active].sum()
+        assert total <= budget, (budget, k, step)
+        if kind == "model":
+          # A model drafter always fills its k_b: exactly the budget is used.
+          assert total == min(budget, active.sum() * k), (budget, k, step)
+        binding += total == budget
+      for row in result.rows:
+        check_stats(row)
+        assert max(row.proposed_per_step) <= k
+  assert binding > 0
+  assert compile_count.count("generate_loop") == before
+
+
+def test_policy_bad_input(policy_setup):
+  tp, dp, prompts, _, _ = policy_setup
+  with pytest.raises(ValueError, match="tau"):
+    gen("model", 5, policy="threshold").generate(tp, dp, prompts, tau=1.5)
+  with pytest.raises(ValueError, match="tau"):
+    gen("model", 5, policy="threshold").generate(tp, dp, prompts, tau=-0.5)
+  with pytest.raises(ValueError, match="budget"):
+    gen("model", 5, policy="budget").generate(tp, dp, prompts, budget=0)
+  with pytest.raises(ValueError, match="budget"):
+    gen("model", 5, policy="budget").generate(tp, dp, prompts, budget=1.5)
+  with pytest.raises(ValueError, match="policy"):
+    Generator(TARGET, NgramDrafter(), k_max=2, policy="bogus")
+
+
+# ----------------------------------------------------------------------------
+# Statistics.
+
+@pytest.mark.parametrize("kind,temperature", [("model", 0.0), ("ngram", 0.0),
+                                              ("model", 1.0)])
+def test_statistics_consistent(kind, temperature):
+  tp, dp = init(TARGET, 40), init(DRAFT, 41)
+  prompts = make_prompts(42)
+  k = 4
+  result = gen(kind, 5).generate(tp, draft_params_for(kind, tp, dp), prompts, k=k,
+                                 temperature=temperature, max_new_tokens=[24, 5, 17, 1, 24])
+  rows = result.rows
+  rates, lengths = [], []
+  for row in rows:
+    check_stats(row)
+    if sum(row.reached_by_slot):
+      rates.append(sum(row.accepted_by_slot) / sum(row.reached_by_slot))
+    lengths.append(len(row.output_ids) / row.target_calls)
+  summary = metrics.acceptance_summary(rows, K_MAX)
+  assert summary["acceptance_rate"] == pytest.approx(np.mean(rates))
+  assert summary["min_row_acceptance"] == pytest.approx(min(rates))
+  assert summary["mean_accepted_length"] == pytest.approx(np.mean(lengths))
+  for i, value in enumerate(summary["acceptance_by_position"]):
+    per_row = [r.accepted_by_slot[i] / r.reached_by_slot[i] for r in rows
+               if r.reached_by_slot[i]]
+    if per_row:
+      assert value == pytest.approx(np.mean(per_row))
+    else:
+      assert value is None
+  hist = {}
+  for row in rows:
+    for p in row.proposed_per_step:
+      hist[str(p)] = hist.get(str(p), 0) + 1
+  assert summary["effective_k_histogram"] == hist
+  if kind == "model":
+    assert hist.get("4", 0) == sum(r.target_calls for r in rows)
+  assert 0.0 <= summary["acceptance_rate"] <= 1.0
+
+
+def test_acceptance_summary_hand_made():
+  from specdec_jax.generation import RowResult
+  row = lambda out, acc_steps, prop_steps, reached, acc: RowResult(
+      prompt_ids=[1], output_ids=out, finish_reason="length", accepted_per_step=acc_steps,
+      proposed_per_step=prop_steps, reached_by_slot=reached, accepted_by_slot=acc,
+      expected_accept_by_slot=[0.0] * len(reached), target_calls=len(acc_steps))
+  # Row A: 2 steps, K=2: accepted 2 then 0 -> 4 tokens; reached [2, 2], acc [1, 1].
+  a = row([1, 2, 3, 4], [2, 0], [2, 2], [2, 1], [1, 1])
+  # Row B: 4 steps, nothing accepted: 4 tokens; reached [4, 0].
+  b = row([5, 6, 7, 8], [0, 0, 0, 0], [2, 2, 2, 2], [4, 0], [0, 0])
+  s = metrics.acceptance_summary([a, b], 2)
+  # Per-row averaged: (2/3 + 0) / 2, not pooled 2/7.
+  assert s["acceptance_rate"] == pytest.approx((2 / 3 + 0) / 2)
+  assert s["min_row_acceptance"] == 0.0
+  assert s["mean_accepted_length"] == pytest.approx((4 / 2 + 4 / 4) / 2)
+  assert s["acceptance_by_position"] == [pytest.approx((0.5 + 0) / 2), 1.0]
+  assert s["effective_k_histogram"] == {"2": 6}
+  assert s["wasted_drafts_per_token"] == pytest.approx(((4 - 2) / 4 + 8 / 4) / 2)
+  assert metrics.tokens_per_call(1.0, 4) == 5
+  assert metrics.tokens_per_call(0.5, 2) == pytest.approx(1.75)
+  assert metrics.predicted_speedup(0.5, 2, 0.25) == pytest.approx(1.75 / 1.5)
