@@ -49,6 +49,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_prompt_len = 256
   c.batch_size = 1
 
+  # Sharding (specdec_jax/sharding.py): a ("data", "model") mesh over all devices.
+  c.mesh = ""                   # "data=2,model=4"; -1 fills; "" = all on data (none on 1 device)
+  c.sharding_rules = "batch=data,heads=model,kv_heads=model,mlp=model,vocab=model,embed=none"
+  c.draft_sharding = "replicated"  # replicated | rules (the draft model's params)
+  c.distributed = False         # multi-host: jax.distributed.initialize() first
+
   c.prompts = "builtin"         # builtin | all | a category | comma list of categories
   c.prompts_file = ""           # JSONL of {"prompt": ..., "category": ...}
   c.prompt_texts = ("Hello, world!",)
@@ -59,7 +65,56 @@ def base_config() -> ml_collections.ConfigDict:
       num_samples=20000, num_tokens=3, vocab_size=6, batch_size=2000, alpha=0.01,
       logit_scale=1.5))
   c.sweep = ml_collections.ConfigDict()
+  c.train_steps = 200           # job=distill: optimisation steps
+  c.distill = distill_defaults()
   return c
+
+
+def distill_defaults() -> ml_collections.ConfigDict:
+  """job=distill settings (see specdec_jax/jobs/distill.py); the draft's shape
+  is ``config.draft``, the number of steps ``config.train_steps``."""
+  return ml_collections.ConfigDict(dict(
+      # data: on-policy samples of the target, cached in WORKDIR/data
+      prompts="all",            # suite selection for the data | builtin | "" (none)
+      samples_per_prompt=2,     # samples (seeds) per suite prompt
+      num_templated=32,         # templated instructions added (distill/instructions.py)
+      text_file="",             # optional plain text, trained on every position
+      gen_temperature=0.8,
+      gen_top_k=0,
+      gen_top_p=1.0,
+      gen_max_new_tokens=64,
+      gen_batch_size=8,
+      teacher_top_k=32,         # target distribution stored as its top-k
+      teacher_batch_size=4,
+      seed=0,                   # sampling seeds, draft init and batch order
+      # draft
+      head_size=0,              # > 0: restricted head over the N most frequent tokens
+      init_from_target=False,   # start from the target's embeddings (projected), head
+                                # rows and, for same-shape blocks, layers
+      init_layers="",           # target layers copied into a same-width draft ("" = first L)
+      train_embedding=False,    # an untied draft keeps the target's embeddings frozen
+      # optimisation
+      loss="kl+tv",             # kl | tv | kl+tv
+      batch_size=8,
+      seq_len=128,              # training window: the last seq_len tokens of a sample
+      prompt_loss_weight=0.0,   # weight of prompt positions (completions weigh 1)
+      learning_rate=1e-3,
+      warmup_steps=20,
+      min_lr_ratio=0.1,
+      weight_decay=0.01,
+      clip_norm=1.0,
+      checkpoint_every=50,
+      keep_checkpoints=3,
+      log_every=10,
+      # held-out evaluation (greedy acceptance)
+      eval_prompts="held_out",
+      eval_max_prompts=0,       # 0 = all
+      eval_k=4,
+      eval_max_new_tokens=32,
+      eval_batch_size=8,
+      eval_every=0,             # 0 = only at the start and the end
+      eval_at_start=True,
+  ))
 
 
 def config_from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:

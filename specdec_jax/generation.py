@@ -150,6 +150,8 @@ class Generator:
     key = (name, greedy)
     if key not in self._jitted:
       spec, target, drafter = self.spec(greedy), self.target, self.drafter
+      if self.shardings is not None:
+        target, drafter = self.shardings.constrain(target, drafter)
 
       def generate_loop(tp, dp, prompt, plen, max_new, keys, active, run):
         return decode.generate_loop(spec, target, drafter, tp, dp, prompt, plen,
@@ -201,6 +203,13 @@ class Generator:
       raise ValueError(f"k={k} must be an int in [1, k_max={self.k_max}]")
     if len(seeds) != len(prompts):
       raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    for seed in seeds:
+      if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+          or not 0 <= seed < 2**32:
+        raise ValueError(f"seed {seed!r} must be an int in [0, 2**32)")
+    if self.rule == "greedy" and temperature > 0:
+      raise ValueError(f"rule='greedy' needs temperature=0, got temperature={temperature}; "
+                       "use rule=rejection or coupled to sample")
     policies.validate(self.policy, tau, budget)
 
   def _bucket(self, longest: int) -> int:

@@ -19,9 +19,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
 
 
 def run_job(config, workdir: str, log=print):
-  """Runs ``config.job`` and returns its summary dict."""
+  """Runs ``config.job`` and returns its summary dict.
+
+  With ``config.distributed`` every host runs this; only process 0 logs.
+  """
+  from specdec_jax import multihost
+  multihost.initialize(config)  # before anything touches a device
   from specdec_jax import runtime
   runtime.validate_config(config)
+  if not multihost.is_writer():
+    log = lambda *args, **kwargs: None
   module = importlib.import_module(f"specdec_jax.jobs.{config.job}")
   return module.run(config, workdir, log=log)
 
@@ -34,6 +41,8 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/tiny.py)")
+  from specdec_jax import multihost
+  multihost.initialize(config)  # multi-host: first, before anything touches a device
   try:
     run_job(config, _WORKDIR.value or "")
   except (ValueError, FileNotFoundError) as e:

@@ -39,6 +39,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.drafter={config.drafter!r}; expected one of {DRAFTERS}")
   if config.rule not in verify.RULES:
     raise ValueError(f"config.rule={config.rule!r}; expected one of {verify.RULES}")
+  if config.rule == "greedy" and config.temperature > 0:
+    raise ValueError(f"config.rule='greedy' needs config.temperature=0, got "
+                     f"{config.temperature}; use rule=rejection or coupled to sample")
+  if int(config.seed) != config.seed or not 0 <= config.seed < 2**32:
+    raise ValueError(f"config.seed={config.seed} must be an int in [0, 2**32)")
   if int(config.k) != config.k or config.k < 1:
     raise ValueError(f"config.k={config.k} must be an int >= 1")
   if config.k_max and config.k > config.k_max:
@@ -70,7 +75,7 @@ def cache_dir(config) -> str:
   return os.path.abspath(path)
 
 
-def _random_model(model_config) -> tuple[Transformer, Any]:
+def _random_model(model_config, sharding_fn=None) -> tuple[Transformer, Any]:
   cfg = ModelConfig(
       vocab_size=model_config.vocab_size, num_layers=model_config.num_layers,
       d_model=model_config.d_model, num_heads=model_config.num_heads,
@@ -82,35 +87,47 @@ def _random_model(model_config) -> tuple[Transformer, Any]:
   init = functools.partial(model.init_params,
                            init_scale=model_config.get("init_scale", 0.2),
                            logit_scale=model_config.get("logit_scale", 4.0))
-  params = jax.jit(init)(jax.random.PRNGKey(model_config.init_seed))
+  if sharding_fn is None:
+    params = jax.jit(init)(jax.random.PRNGKey(model_config.init_seed))
+  else:  # initialised in place, shard by shard (same values: partitionable RNG)
+    params = jax.jit(init, out_shardings=sharding_fn(cfg))(
+        jax.random.PRNGKey(model_config.init_seed))
   return model, params
 
 
-def load_model(model_config, config) -> tuple[Transformer, Any, Tokenizer | None]:
-  """(model, params, tokenizer or None) for one ``config.model``-style entry."""
+def load_model(model_config, config, sharding_fn=None) -> tuple[Transformer, Any, Tokenizer | None]:
+  """(model, params, tokenizer or None) for one ``config.model``-style entry.
+
+  ``sharding_fn``: optional ``ModelConfig -> params sharding pytree``; the
+  params are then loaded straight into their shards.
+  """
   source = model_config.source
   if source == "random":
-    model, params = _random_model(model_config)
+    model, params = _random_model(model_config, sharding_fn)
     return model, params, None
   dtype = model_config.get("dtype", "float32")
   if source == "smollm2":
     from specdec_jax.models import checkpoint
-    cfg, params, tokenizer = checkpoint.load_smollm2(cache_dir(config), dtype=dtype)
+    cfg, params, tokenizer = checkpoint.load_smollm2(cache_dir(config), dtype=dtype,
+                                                     sharding_fn=sharding_fn)
     return Transformer(cfg), params, tokenizer
   if source == "gguf":
     from specdec_jax.models import gguf_import
     from specdec_jax.models import tokenizers
-    cfg, params, info = gguf_import.load_gguf(model_config.path, dtype=dtype)
+    cfg, params, info = gguf_import.load_gguf(model_config.path, dtype=dtype,
+                                              sharding_fn=sharding_fn)
     return Transformer(cfg), params, tokenizers.load_tokenizer_from_gguf(info)
   if source == "hf":
     from specdec_jax.models import hf_import
-    cfg, params, tokenizer = hf_import.load_hf_dir(model_config.path, dtype=dtype)
+    cfg, params, tokenizer = hf_import.load_hf_dir(model_config.path, dtype=dtype,
+                                                   sharding_fn=sharding_fn)
     return Transformer(cfg), params, tokenizer
   if source == "orbax":
     from specdec_jax.models import checkpoint
     path = os.path.abspath(model_config.path)
     cfg = checkpoint.read_config(path)
-    return Transformer(cfg), checkpoint.restore_params(path, cfg), None
+    shardings = sharding_fn(cfg) if sharding_fn is not None else None
+    return Transformer(cfg), checkpoint.restore_params(path, cfg, shardings), None
   raise ValueError(f"unknown model source {source!r}; expected one of {MODEL_SOURCES}")
 
 
@@ -124,6 +141,7 @@ class Runtime:
   tokenizer: Tokenizer
   drafter: Any
   draft_params: Any
+  shardings: Any = None   # sharding.GenerationShardings when config.mesh applies
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
@@ -139,6 +157,8 @@ class Runtime:
         typical_epsilon=c.typical_epsilon, typical_alpha=c.typical_alpha)
     kwargs.update(overrides)
     drafter = None if kwargs["k_max"] == 0 else self.drafter
+    if self.shardings is not None:
+      kwargs.setdefault("shardings", self.shardings)
     return Generator(self.target, drafter, **kwargs)
 
   def run_kwargs(self, baseline: bool = False) -> dict:
@@ -164,18 +184,18 @@ class Runtime:
     return self.tokenizer.encode(text, add_bos=self.tokenizer.bos_id is not None)
 
 
-def build_drafter(config, target: Transformer) -> tuple[Any, Any]:
+def build_drafter(config, target: Transformer, sharding_fn=None) -> tuple[Any, Any]:
   """(drafter or None, draft params) for ``config.drafter``."""
   if config.drafter == "ngram":
     return NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n), {}
   if config.drafter != "model":
     return None, {}
   if config.draft_checkpoint:
-    from specdec_jax.models import checkpoint
-    draft_cfg, draft_params = checkpoint.restore_latest_draft(config.draft_checkpoint)
+    from specdec_jax.distill import checkpoints as distill_checkpoints
+    draft_cfg, draft_params = distill_checkpoints.restore_latest_draft(config.draft_checkpoint)
     draft_model = Transformer(draft_cfg)
   else:
-    draft_model, draft_params, _ = load_model(config.draft, config)
+    draft_model, draft_params, _ = load_model(config.draft, config, sharding_fn)
   if draft_model.cfg.vocab_size != target.cfg.vocab_size:
     raise ValueError(
         f"draft vocab size {draft_model.cfg.vocab_size} differs from target vocab size "
@@ -186,7 +206,10 @@ def build_drafter(config, target: Transformer) -> tuple[Any, Any]:
 def build(config: ml_collections.ConfigDict, with_drafter: bool = True) -> Runtime:
   """Validates the config, loads the target, tokenizer and drafter."""
   validate_config(config)
-  target, target_params, tokenizer = load_model(config.model, config)
+  from specdec_jax import sharding  # pylint: disable=g-import-not-at-top
+  setup = sharding.RuntimeSharding.from_config(config)  # None: single device
+  target, target_params, tokenizer = load_model(
+      config.model, config, setup and setup.param_fn("target"))
   if config.tokenizer == "byte" or tokenizer is None:
     if config.tokenizer != "byte":
       raise ValueError(f"config.tokenizer={config.tokenizer!r} but the model source "
@@ -195,9 +218,12 @@ def build(config: ml_collections.ConfigDict, with_drafter: bool = True) -> Runti
   if tokenizer.vocab_size > target.cfg.vocab_size:
     raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} exceeds the model's "
                      f"vocab_size {target.cfg.vocab_size}")
-  drafter, draft_params = build_drafter(config, target) if with_drafter else (None, {})
+  drafter, draft_params = (build_drafter(config, target, setup and setup.param_fn("draft"))
+                           if with_drafter else (None, {}))
+  shardings = setup and setup.generation(target, drafter)
   return Runtime(config=config, target=target, target_params=target_params,
-                 tokenizer=tokenizer, drafter=drafter, draft_params=draft_params)
+                 tokenizer=tokenizer, drafter=drafter, draft_params=draft_params,
+                 shardings=shardings)
 
 
 def load_prompt_list(config) -> list:

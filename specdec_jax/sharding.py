@@ -13,8 +13,9 @@ one per dimension, and one rule table maps logical names to mesh axes:
     norms [layers, embed] / final_norm [embed]
   decode state (from the dimension letters that suffix every field name):
     B batch, L layers, S slots, G kv_heads, H head_dim, N heads, V vocab,
-    D embed, F mlp, K draft, T tokens; e.g. the cache ``k_LBSGH`` is
-    [layers, batch, slots, kv_heads, head_dim], ``tokens_BS`` [batch, slots].
+    D embed, F mlp, K draft, T tokens, a digit a fixed size (``keys_B2``);
+    e.g. the cache ``k_LBSGH`` is [layers, batch, slots, kv_heads, head_dim]
+    and ``tokens_BS`` is [batch, slots].
 
 Query heads are fused into the kernels as N*H columns; sharding them over
 ``model`` needs N % model == 0, so that every shard holds whole heads. KV
@@ -23,6 +24,7 @@ mapped dimension that does not divide raises ValueError naming the axis.
 """
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Callable, Mapping, Sequence
 
@@ -89,9 +91,9 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
   total = sizes["data"] * sizes["model"]
   if total != num_devices:
     raise ValueError(
-        f"config.mesh={spec!r}: mesh axes data={sizes['data']} x model={sizes['model']} "
-        f"= {total} devices, but {num_devices} are available; the axes' product "
-        "must equal the device count")
+        f"config.mesh={spec!r}: mesh axes 'data'={sizes['data']} x "
+        f"'model'={sizes['model']} use {total} devices, but {num_devices} are available; "
+        "the axes' product must equal the device count")
   return sizes
 
 
@@ -163,30 +165,10 @@ class Plan:
     """Checks the model's dims against the rules; ValueError naming the axis.
 
     ``replicated``: params replicated, only ``batch`` sharded (draft default).
+    A KV-head fallback to replication is logged (once per mesh and model).
     """
-    table = dict(parse_rules(rules) if not isinstance(rules, dict) else rules)
-    if replicated:
-      table = {"batch": table.get("batch")}
-    units = _unit_counts(cfg)
-    for logical, axis in sorted(table.items()):
-      if axis is None or logical not in units:
-        continue
-      size = mesh.shape[axis]
-      if units[logical] % size == 0:
-        continue
-      if logical == "kv_heads":
-        logging.warning("%s: num_kv_heads=%d is not divisible by mesh axis %r of size %d: "
-                        "KV heads and the KV cache are replicated over %r", name,
-                        units[logical], axis, size, axis)
-        table[logical] = None
-        continue
-      field = {"heads": "num_heads", "mlp": "ffn_dim", "vocab": "vocab_size",
-               "embed": "d_model", "layers": "num_layers", "head_dim": "head_dim"}[logical]
-      raise ValueError(
-          f"{name}: {field}={units[logical]} ({logical}) is not divisible by mesh axis "
-          f"{axis!r} of size {size}; change config.mesh or set {logical}=none in "
-          "config.sharding_rules")
-    return cls(mesh=mesh, rules=table, name=name)
+    items = tuple(sorted(parse_rules(rules).items()))
+    return cls(mesh=mesh, rules=dict(_resolve(mesh, items, cfg, name, replicated)), name=name)
 
   def spec(self, logical: Sequence[str | None], where: str = "") -> P:
     """PartitionSpec for one array's logical axes; a mesh axis used once."""
@@ -210,6 +192,34 @@ class Plan:
       raise ValueError(f"batch_size={batch_size} is not divisible by mesh axis {axis!r} "
                        f"of size {self.mesh.shape[axis]}; use a multiple of "
                        f"{self.mesh.shape[axis]} or change config.mesh")
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve(mesh: Mesh, items: tuple, cfg: ModelConfig | None, name: str,
+             replicated: bool) -> tuple:
+  table = dict(items)
+  if replicated:
+    table = {"batch": table.get("batch")}
+  units = _unit_counts(cfg)
+  for logical, axis in sorted(table.items()):
+    if axis is None or logical not in units or units[logical] % mesh.shape[axis] == 0:
+      continue
+    size = mesh.shape[axis]
+    if logical == "kv_heads":
+      logging.warning("sharding: %s: num_kv_heads=%d is not divisible by mesh axis %r of "
+                      "size %d: KV heads and the KV cache are replicated over %r", name,
+                      units[logical], axis, size, axis)
+      table[logical] = None
+      continue
+    field = {"heads": "num_heads", "mlp": "ffn_dim", "vocab": "vocab_size",
+             "embed": "d_model", "layers": "num_layers", "head_dim": "head_dim"}[logical]
+    raise ValueError(
+        f"{name}: {field}={units[logical]} ({logical}) is not divisible by mesh axis "
+        f"{axis!r} of size {size}; change config.mesh or set {logical}=none in "
+        "config.sharding_rules")
+  if cfg is not None:
+    logging.info("sharding: %s on mesh %s: %s", name, dict(mesh.shape), table)
+  return tuple(sorted(table.items()))
 
 
 # ----- logical axes of params and state ---------------------------------------
@@ -238,9 +248,10 @@ def param_logical_axes(params) -> Any:
 def suffix_logical_axes(name: str, ndim: int) -> tuple[str | None, ...]:
   """Logical axes from a field name's dimension suffix (``k_LBSGH``)."""
   _, sep, suffix = name.rpartition("_")
-  if not sep or len(suffix) != ndim or any(c not in LETTERS for c in suffix):
+  if not sep or len(suffix) != ndim or any(c not in LETTERS and not c.isdigit()
+                                           for c in suffix):
     return (None,) * ndim
-  return tuple(LETTERS[c] for c in suffix)
+  return tuple(LETTERS.get(c) for c in suffix)  # digits (keys_B2): fixed, unsharded
 
 
 def param_shardings(params_or_cfg, plan: Plan) -> Any:
@@ -332,6 +343,24 @@ class GenerationShardings:
       return self.state(value)
     return jax.tree.map(lambda _: self.replicated, value)
 
+  def cache(self, which: str = "target") -> NamedSharding:
+    """[layers, batch, slots, kv_heads, head_dim] KV caches."""
+    plan = self.draft if which == "draft" else self.target
+    return plan.sharding(("layers", "batch", "slots", "kv_heads", "head_dim"), which + " cache")
+
+  def constrain(self, target: Transformer, drafter):
+    """(target, drafter) whose KV caches are pinned to their shardings in jit.
+
+    Without the pin GSPMD may pick another layout for a cache inside the loop
+    (e.g. split replicated KV heads along with the query heads), so that the
+    loop carry is resharded on every step.
+    """
+    target = ConstrainedModel(target, self.cache("target"))
+    model = getattr(drafter, "model", None)
+    if isinstance(model, Transformer) and dataclasses.is_dataclass(drafter):
+      drafter = dataclasses.replace(drafter, model=ConstrainedModel(model, self.cache("draft")))
+    return target, drafter
+
   def jit(self, fn: Callable, kinds: Sequence[str]) -> "ShardedJit":
     return ShardedJit(fn, kinds, self)
 
@@ -345,8 +374,40 @@ class GenerationShardings:
     if hasattr(state, "target_cache"):
       small = state.replace(target_cache=None, drafter_state=())
     if jax.process_count() > 1:
-      small = jax.jit(lambda s: s, out_shardings=self.replicated)(small)
+      small = self._gather(small)
     return jax.device_get(small)
+
+  @functools.cached_property
+  def _gather(self):
+    return jax.jit(lambda tree: tree, out_shardings=self.replicated)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstrainedModel:
+  """A Transformer whose cache is constrained to ``cache_sharding`` on the way
+  in and out of every call (``jax.lax.with_sharding_constraint``)."""
+
+  model: Transformer
+  cache_sharding: NamedSharding
+
+  @property
+  def cfg(self) -> ModelConfig:
+    return self.model.cfg
+
+  def init_params(self, *args, **kwargs):
+    return self.model.init_params(*args, **kwargs)
+
+  def _pin(self, cache):
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.cache_sharding),
+                        cache)
+
+  def init_cache(self, batch_size: int, num_slots: int):
+    return self._pin(self.model.init_cache(batch_size, num_slots))
+
+  def apply(self, params, tokens_BT, positions_BT, cache):
+    """Same contract as ``Transformer.apply``."""
+    logits_BTV, cache = self.model.apply(params, tokens_BT, positions_BT, self._pin(cache))
+    return logits_BTV, self._pin(cache)
 
 
 class ShardedJit:
@@ -384,3 +445,40 @@ class ShardedJit:
   def lower(self, *args):
     placed = self.place(args)
     return self.jitted.lower(*placed)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeSharding:
+  """``config.mesh`` / ``sharding_rules`` / ``draft_sharding``, checked before
+  any weight loads (mesh vs devices, rule names, batch vs the data axis)."""
+
+  mesh: Mesh
+  rules: str
+  draft_sharding: str
+
+  @classmethod
+  def from_config(cls, config) -> "RuntimeSharding | None":
+    """None when there is nothing to shard ("" mesh on one device)."""
+    mesh = mesh_from_config(config)
+    if mesh is None:
+      return None
+    rules = config.get("sharding_rules", DEFAULT_RULES)
+    draft_sharding = config.get("draft_sharding", "replicated")
+    if draft_sharding not in DRAFT_SHARDING:
+      raise ValueError(f"config.draft_sharding={draft_sharding!r}; expected one of "
+                       f"{DRAFT_SHARDING}")
+    Plan.create(mesh, rules, None, "batch").check_batch(config.batch_size)
+    return cls(mesh=mesh, rules=rules, draft_sharding=draft_sharding)
+
+  def plan(self, cfg: ModelConfig | None, which: str) -> Plan:
+    replicated = which == "draft" and self.draft_sharding == "replicated"
+    return Plan.create(self.mesh, self.rules, cfg, which, replicated)
+
+  def param_fn(self, which: str) -> Callable[[ModelConfig], Any]:
+    """``ModelConfig -> params sharding pytree`` for the loaders."""
+    return lambda cfg: param_shardings(cfg, self.plan(cfg, which))
+
+  def generation(self, target: Transformer, drafter) -> GenerationShardings:
+    model = getattr(drafter, "model", None)
+    return GenerationShardings.create(self.mesh, target.cfg, getattr(model, "cfg", None),
+                                      self.rules, self.draft_sharding)

@@ -178,6 +178,24 @@ def test_per_row_max_new_tokens(params, eos_setup, temperature):
   assert [len(r.output_ids) for r in rows] == [5, 5, 5]
 
 
+def test_more_prompts_than_batch_size(params, eos_setup):
+  """Prompts beyond batch_size run in further compiled calls, in order, with
+  the same result as in any other batch (no recompile)."""
+  tp, _ = params
+  gen, _, prompts, full, _ = eos_setup
+  rng = np.random.default_rng(3)
+  extra = random_prompts(rng, [4, 16, 9, 1])
+  before = loop_compiles()
+  rows = gen.generate(tp, None, prompts + extra, max_new_tokens=6).rows
+  assert loop_compiles() == before
+  assert len(rows) == 7
+  assert [r.prompt_ids for r in rows] == prompts + extra
+  assert [r.output_ids for r in rows[:3]] == [f.output_ids[:6] for f in full]
+  for prompt, row in zip(extra, rows[3:]):
+    alone = gen.generate(tp, None, [prompt], max_new_tokens=6).rows[0]
+    assert row.output_ids == alone.output_ids
+
+
 # ----------------------------------------------------------------------------
 # Bad input: ValueError naming the problem, before anything compiles.
 
@@ -190,6 +208,12 @@ def fresh_gen():
 
 GOOD = dict(prompts=[[1, 2, 3], [4, 5]], max_new_tokens=4, temperature=1.0, top_k=0,
             top_p=1.0, k=2, seeds=[0, 1], tau=0.0, budget=1)
+
+
+def _case_id(value):
+  if isinstance(value, dict):
+    return ",".join(f"{k}={str(v)[:12]}" for k, v in value.items())
+  return None
 
 
 @pytest.mark.parametrize("change,match", [
@@ -208,9 +232,11 @@ GOOD = dict(prompts=[[1, 2, 3], [4, 5]], max_new_tokens=4, temperature=1.0, top_
     (dict(k=0), "k="),
     (dict(k=5), "k="),
     (dict(seeds=[1]), "seeds"),
+    (dict(seeds=[-1, 0]), "seed"),
+    (dict(seeds=[0, 2**32]), "seed"),
     (dict(tau=1.5), "tau"),
     (dict(tau=-0.1), "tau"),
-])
+], ids=_case_id)
 def test_bad_generate_input_raises_before_compile(params, fresh_gen, change, match):
   tp, dp = params
   args = dict(GOOD, **change)

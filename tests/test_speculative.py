@@ -466,6 +466,3 @@ def test_acceptance_summary_hand_made():
   assert s["acceptance_by_position"] == [pytest.approx((0.5 + 0) / 2), 1.0]
   assert s["effective_k_histogram"] == {"2": 6}
   assert s["wasted_drafts_per_token"] == pytest.approx(((4 - 2) / 4 + 8 / 4) / 2)
-  assert metrics.tokens_per_call(1.0, 4) == 5
-  assert metrics.tokens_per_call(0.5, 2) == pytest.approx(1.75)
-  assert metrics.predicted_speedup(0.5, 2, 0.25) == pytest.approx(1.75 / 1.5)

@@ -14,6 +14,7 @@ so a run killed mid-save leaves the previous checkpoint as the latest one.
 """
 
 import dataclasses
+import logging
 import os
 
 import jax
@@ -33,14 +34,31 @@ def checkpoint_dir(workdir: str) -> str:
   return workdir
 
 
+def _quiet_orbax() -> None:
+  """Drops orbax's INFO lines (dozens per save) from the absl log."""
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxInfoFilter) for f in logger.filters):
+    logger.addFilter(_OrbaxInfoFilter())
+
+
+class _OrbaxInfoFilter(logging.Filter):
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
 def manager(workdir: str, keep: int = 3, read_only: bool = False):
   """An orbax CheckpointManager over WORKDIR/checkpoints."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  _quiet_orbax()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=not read_only, read_only=read_only,
       cleanup_tmp_directories=not read_only)
+  handlers = {"params": ocp.StandardCheckpointHandler(),
+              "opt_state": ocp.StandardCheckpointHandler(),
+              "meta": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=("params", "opt_state", "meta"))
+                               item_handlers=handlers)
 
 
 def save(mngr, step: int, params, opt_state, meta: dict) -> None:

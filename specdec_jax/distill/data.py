@@ -4,9 +4,10 @@ On-policy: the target itself completes the training prompts (prompt-suite
 prompts and templated instructions, chat-formatted like at inference) with
 the compiled ``Generator`` at a temperature > 0, so the draft learns the text
 it will have to predict. A jitted target forward then stores, for every
-completion token, the target's top-k next-token log-probabilities (the
-teacher). An optional plain-text file adds off-policy windows, trained on
-every position.
+token after the first, the target's top-k next-token log-probabilities (the
+teacher): completion positions are the on-policy signal; prompt positions
+come for free and are weighted by ``distill.prompt_loss_weight``. An optional
+plain-text file adds off-policy windows, trained on every position.
 
 Layout in WORKDIR/data (NumPy ``.npz``, loaded with ``allow_pickle=False``)::
 
@@ -25,6 +26,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -55,24 +57,31 @@ class Examples:
   """Variable-length training sequences with teacher distributions.
 
   tokens[e]: int32 [L_e], the full sequence (prompt + completion).
-  loss_start[e]: first position whose token is a training target.
-  teacher_ids[e], teacher_logp[e]: [L_e - loss_start[e], k]: the target's
-    top-k next-token ids / log-probs for the tokens at positions
-    loss_start .. L_e - 1 (i.e. the logits at positions one earlier).
+  loss_start[e]: the first completion position (the prompt length); 1 for
+    plain text, which counts as completion everywhere.
+  teacher_ids[e], teacher_logp[e]: [L_e - 1, k]: row r holds the target's
+    top-k ids / log-probs for the token at position r + 1 (the logits at r).
   """
 
   tokens: list
   loss_start: np.ndarray
   teacher_ids: list
   teacher_logp: list
+  fingerprint: str = ""     # of the settings that made the data (see ``fingerprint``)
 
   @property
   def num_examples(self) -> int:
     return len(self.tokens)
 
   @property
-  def num_target_tokens(self) -> int:
-    return int(sum(len(t) for t in self.teacher_ids))
+  def num_completion_tokens(self) -> int:
+    """Completion (on-policy) tokens."""
+    return int(sum(len(t) - s for t, s in zip(self.tokens, self.loss_start)))
+
+  @property
+  def num_prompt_tokens(self) -> int:
+    """Prompt tokens after the first (trained at ``prompt_loss_weight``)."""
+    return int(sum(s - 1 for s in self.loss_start))
 
 
 # ----- requests ---------------------------------------------------------------
@@ -80,6 +89,8 @@ class Examples:
 
 def build_requests(config, encode) -> list[Request]:
   """The generation requests: suite prompts x samples_per_prompt + templated.
+
+  Prompts longer than ``config.max_prompt_len`` tokens are left out.
 
   Args:
     config: the experiment config (reads ``config.distill``).
@@ -104,7 +115,7 @@ def build_requests(config, encode) -> list[Request]:
   for text in instructions.templated_instructions(d.num_templated, d.seed):
     requests.append(Request(tuple(encode(text)), d.seed * 1_000_003 + len(requests),
                             "templated"))
-  return requests
+  return [r for r in requests if len(r.prompt_ids) <= config.max_prompt_len]
 
 
 def fingerprint(config, target_cfg, requests: list[Request]) -> str:
@@ -117,7 +128,9 @@ def fingerprint(config, target_cfg, requests: list[Request]) -> str:
   blob = json.dumps({
       "target": dataclasses.asdict(target_cfg), "model": config.model.to_dict(),
       "gen": [d.gen_temperature, d.gen_top_k, d.gen_top_p, d.gen_max_new_tokens],
-      "teacher_top_k": d.teacher_top_k, "seq_len": d.seq_len, "text": text_hash,
+      "teacher_top_k": d.teacher_top_k, "text": text_hash,
+      "text_seq_len": d.seq_len if d.text_file else 0,   # text windows only
+      "format": 2,
       "requests": [[list(r.prompt_ids), r.seed] for r in requests],
   }, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -147,9 +160,9 @@ def _length_bucket(n: int) -> int:
   return max(step, -(-n // step) * step)
 
 
-def teacher_targets(teacher_fn, target_params, sequences: list, loss_start: list,
+def teacher_targets(teacher_fn, target_params, sequences: list,
                     batch_size: int) -> tuple[list, list]:
-  """Teacher (ids, logp) per sequence for the tokens at loss_start .. L-1."""
+  """Teacher (ids [L-1, k], logp [L-1, k]) per sequence, for tokens 1 .. L-1."""
   order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
   ids_out, logp_out = [None] * len(sequences), [None] * len(sequences)
   for start in range(0, len(order), batch_size):
@@ -160,9 +173,8 @@ def teacher_targets(teacher_fn, target_params, sequences: list, loss_start: list
       tokens_BT[row, :len(sequences[i])] = sequences[i]
     logp_BTk, ids_BTk = jax.device_get(teacher_fn(target_params, jnp.asarray(tokens_BT)))
     for row, i in enumerate(chunk):
-      # logits at position t describe the token at t + 1
-      span = slice(loss_start[i] - 1, len(sequences[i]) - 1)
-      ids_out[i], logp_out[i] = ids_BTk[row, span], logp_BTk[row, span]
+      n = len(sequences[i]) - 1   # logits at position t describe the token at t + 1
+      ids_out[i], logp_out[i] = ids_BTk[row, :n], logp_BTk[row, :n]
   return ids_out, logp_out
 
 
@@ -201,7 +213,7 @@ def _unpack(path: str) -> Examples:
         teacher_ids=[arrays["teacher_ids"][toff[i]:toff[i + 1]] for i in range(len(toff) - 1)],
         teacher_logp=[arrays["teacher_logp"][toff[i]:toff[i + 1]]
                       for i in range(len(toff) - 1)])
-  except (OSError, KeyError, ValueError) as e:
+  except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
     raise ValueError(f"distillation data file {path} is damaged ({e}); delete it "
                      "to have it regenerated") from None
 
@@ -273,25 +285,23 @@ def prepare(config, rt, workdir: str, log=print) -> Examples:
   """Builds (or reuses) WORKDIR/data and returns every training example.
 
   Raises:
-    ValueError: no prompts and no text (an empty dataset), a prompt longer
-      than ``config.max_prompt_len``, or data in the workdir made with other
-      settings.
+    ValueError: no prompts (that fit ``config.max_prompt_len``) and no text:
+      an empty dataset; or data in the workdir made with other settings.
   """
   d = config.distill
   requests = build_requests(config, rt.encode_prompt)
-  too_long = [len(r.prompt_ids) for r in requests if len(r.prompt_ids) > config.max_prompt_len]
-  if too_long:
-    raise ValueError(f"{len(too_long)} distillation prompts are longer than "
-                     f"config.max_prompt_len={config.max_prompt_len} (longest "
-                     f"{max(too_long)} tokens); raise it or choose other prompts")
   if d.text_file and not os.path.isfile(d.text_file):
     raise ValueError(f"config.distill.text_file={d.text_file!r} is not a file")
   if not requests and not d.text_file:
-    raise ValueError("the distillation dataset is empty: config.distill.prompts is "
-                     "empty, num_templated is 0 and there is no text_file")
+    raise ValueError("the distillation dataset is empty: no prompt of "
+                     "config.distill.prompts (or templated) fits config.max_prompt_len="
+                     f"{config.max_prompt_len}, and there is no text_file")
+  log(f"data: {len(requests)} generation requests (prompts longer than "
+      f"max_prompt_len={config.max_prompt_len} left out)")
   folder = os.path.join(workdir, DATA_DIR)
   os.makedirs(folder, exist_ok=True)
-  _check_meta(folder, fingerprint(config, rt.target.cfg, requests), len(requests))
+  fp = fingerprint(config, rt.target.cfg, requests)
+  _check_meta(folder, fp, len(requests))
 
   teacher_fn = make_teacher_fn(rt.target, d.teacher_top_k)
   sampler = _Sampler(rt, d, config.max_prompt_len)
@@ -304,22 +314,22 @@ def prepare(config, rt, workdir: str, log=print) -> Examples:
     if not os.path.exists(path):
       sequences = sampler(shard)
       loss_start = [len(r.prompt_ids) for r in shard]
-      ids, logp = teacher_targets(teacher_fn, rt.target_params, sequences, loss_start,
+      ids, logp = teacher_targets(teacher_fn, rt.target_params, sequences,
                                   d.teacher_batch_size)
       _save_npz(path, **_pack(sequences, loss_start, ids, logp))
-      made_tokens += sum(len(t) for t in ids)
+      made_tokens += sum(len(seq) - p for seq, p in zip(sequences, loss_start))
       made_shards += 1
       elapsed = time.perf_counter() - start
       remaining = sum(not os.path.exists(os.path.join(folder, f"shard-{m:05d}.npz"))
                       for m in range(n + 1, len(shards)))
-      log(f"data: shard {n + 1}/{len(shards)} made, {made_tokens} new tokens in "
+      log(f"data: shard {n + 1}/{len(shards)} made, {made_tokens} sampled tokens in "
           f"{elapsed:.0f}s ({made_tokens / elapsed:.1f} tok/s incl. teacher), "
           f"ETA {elapsed / made_shards * remaining:.0f}s")
     parts.append(_unpack(path))
   if d.text_file:
     parts.append(_text_examples(config, rt, teacher_fn, folder, log))
-  examples = _merge(parts)
-  if examples.num_target_tokens == 0:
+  examples = dataclasses.replace(_merge(parts), fingerprint=fp)
+  if examples.num_completion_tokens == 0:
     raise ValueError("the distillation dataset is empty: no training tokens")
   return examples
 
@@ -336,7 +346,7 @@ def _text_examples(config, rt, teacher_fn, folder: str, log) -> Examples:
     if not windows:
       return _merge([])
     start = [1] * len(windows)
-    t_ids, t_logp = teacher_targets(teacher_fn, rt.target_params, windows, start,
+    t_ids, t_logp = teacher_targets(teacher_fn, rt.target_params, windows,
                                     config.distill.teacher_batch_size)
     _save_npz(path, **_pack(windows, start, t_ids, t_logp))
     log(f"data: text file {config.distill.text_file}: {len(windows)} windows, "
@@ -379,26 +389,26 @@ class TrainData:
   """Examples as fixed-shape arrays [E, T] for static-shape training.
 
   Each example keeps its last ``seq_len`` tokens (the completion and the end
-  of the prompt) at their absolute positions. Position t is trained on the
-  token at t + 1 where mask_ET is 1.
+  of the prompt). Window index j is trained on the next token with weight
+  mask_ET[e, j]: 1 for completion tokens, ``prompt_weight`` for prompt tokens,
+  0 for padding.
 
-  tokens_ET, positions_ET: int32.
+  tokens_ET: int32.
   mask_ET: float32.
   teacher_head_ETk: int32 head index of each teacher token (-1: not in head).
   teacher_logp_ETk: float32 teacher log-probs.
   """
 
   tokens_ET: np.ndarray
-  positions_ET: np.ndarray
   mask_ET: np.ndarray
   teacher_head_ETk: np.ndarray
   teacher_logp_ETk: np.ndarray
 
   @classmethod
-  def build(cls, examples: Examples, seq_len: int, vocab_to_head_V: np.ndarray) -> "TrainData":
+  def build(cls, examples: Examples, seq_len: int, vocab_to_head_V: np.ndarray,
+            prompt_weight: float = 0.0) -> "TrainData":
     num, k = examples.num_examples, examples.teacher_ids[0].shape[-1]
     tokens = np.zeros((num, seq_len), np.int32)
-    positions = np.zeros((num, seq_len), np.int32)
     mask = np.zeros((num, seq_len), np.float32)
     head = np.full((num, seq_len, k), -1, np.int32)
     logp = np.full((num, seq_len, k), -np.inf, np.float32)
@@ -407,15 +417,13 @@ class TrainData:
       w = max(0, len(seq) - seq_len)
       n = len(seq) - w
       tokens[e, :n] = seq[w:]
-      positions[e] = w + np.arange(seq_len)
-      # window index j predicts the token at absolute position w + j + 1
-      first = max(start, w + 1)
-      j0, j1 = first - 1 - w, len(seq) - 1 - w
-      mask[e, j0:j1] = 1.0
-      rows = slice(first - start, len(seq) - start)
-      head[e, j0:j1] = vocab_to_head_V[examples.teacher_ids[e][rows]]
-      logp[e, j0:j1] = examples.teacher_logp[e][rows]
-    return cls(tokens, positions, mask, head, logp)
+      # window index j predicts the token at absolute position w + j + 1,
+      # whose teacher row is w + j
+      predicted = w + 1 + np.arange(n - 1)
+      mask[e, :n - 1] = np.where(predicted >= start, 1.0, prompt_weight)
+      head[e, :n - 1] = vocab_to_head_V[examples.teacher_ids[e][w:]]
+      logp[e, :n - 1] = examples.teacher_logp[e][w:]
+    return cls(tokens, mask, head, logp)
 
   @property
   def num_examples(self) -> int:
@@ -423,6 +431,6 @@ class TrainData:
 
   def batch(self, seed: int, step: int, batch_size: int) -> dict:
     idx = batch_indices(seed, step, self.num_examples, batch_size)
-    return {"tokens_BT": self.tokens_ET[idx], "positions_BT": self.positions_ET[idx],
-            "mask_BT": self.mask_ET[idx], "teacher_head_BTk": self.teacher_head_ETk[idx],
+    return {"tokens_BT": self.tokens_ET[idx], "mask_BT": self.mask_ET[idx],
+            "teacher_head_BTk": self.teacher_head_ETk[idx],
             "teacher_logp_BTk": self.teacher_logp_ETk[idx]}

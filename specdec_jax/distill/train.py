@@ -8,6 +8,7 @@ state to lose.
 
 import copy
 import dataclasses
+import json
 import time
 from typing import Callable
 
@@ -24,14 +25,16 @@ from specdec_jax.models.transformer import Transformer
 
 
 def frozen_paths(draft_cfg: ModelConfig, d) -> list[tuple[str, ...]]:
-  """Params not trained: head token ids, and the embedding unless trained.
+  """Params not trained: head token ids, and the target's embeddings.
 
-  A tied embedding is the head too, so it is always trained.
+  The embedding is frozen only when it came from the target
+  (``init_from_target``) and ``train_embedding`` is off; a tied embedding is
+  the head too, so it is always trained.
   """
   paths = []
   if draft_cfg.head_size:
     paths.append(("lm_head", "token_ids"))
-  if not d.train_embedding and not draft_cfg.tie_embeddings:
+  if d.init_from_target and not d.train_embedding and not draft_cfg.tie_embeddings:
     paths.append(("embed",))
   return paths
 
@@ -56,16 +59,23 @@ def merge(a: dict, b: dict) -> dict:
   return out
 
 
-def make_optimizer(d, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warm-up then cosine decay, after global-norm clipping."""
+def _schedule(d, total_steps: int):
   warmup = min(int(d.warmup_steps), max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
+  return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=d.learning_rate, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1), end_value=d.learning_rate * d.min_lr_ratio)
+
+
+def make_optimizer(d, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warm-up then cosine decay, after global-norm clipping.
+
+  Norm scales are not weight-decayed.
+  """
   decay_mask = lambda tree: jax.tree_util.tree_map_with_path(
       lambda path, _: "scale" not in jax.tree_util.keystr(path), tree)
   return optax.chain(optax.clip_by_global_norm(d.clip_norm),
-                     optax.adamw(schedule, weight_decay=d.weight_decay, mask=decay_mask))
+                     optax.adamw(_schedule(d, total_steps), weight_decay=d.weight_decay,
+                                 mask=decay_mask))
 
 
 def make_train_step(model: Transformer, optimizer, loss_kind: str):
@@ -112,7 +122,8 @@ def _fmt_time(seconds: float) -> str:
 def run_training(config, draft_cfg: ModelConfig, init_fn: Callable[[], dict],
                  data: TrainData, workdir: str, data_fingerprint: str, log=print,
                  evaluate: Callable[[dict], dict] | None = None,
-                 on_checkpoint: Callable[[int], None] | None = None) -> TrainResult:
+                 on_checkpoint: Callable[[int], None] | None = None,
+                 history_file: str | None = None) -> TrainResult:
   """Trains ``config.train_steps`` steps, resuming from WORKDIR/checkpoints.
 
   Args:
@@ -121,6 +132,8 @@ def run_training(config, draft_cfg: ModelConfig, init_fn: Callable[[], dict],
       the start of a fresh run, every ``distill.eval_every`` steps and at the end.
     on_checkpoint: called with the step after each checkpoint is on disk
       (tests use it to simulate a kill).
+    history_file: JSONL file that each progress row and evaluation is
+      appended to (the loss curve survives a kill).
 
   Raises:
     ValueError: the checkpoints were made for another draft config, data or
@@ -135,17 +148,17 @@ def run_training(config, draft_cfg: ModelConfig, init_fn: Callable[[], dict],
   meta_base = {"model_config": checkpoints.config_dict(draft_cfg), "data_seed": int(d.seed),
                "data_fingerprint": data_fingerprint, "train_steps": total}
 
+  schedule = _schedule(d, total)
   mngr = checkpoints.manager(workdir, keep=d.keep_checkpoints)
   try:
     start = mngr.latest_step() or 0
     if start:
-      meta, stored_cfg = checkpoints.read_meta(mngr, start)
+      meta, _ = checkpoints.read_meta(mngr, start)
       for key in ("model_config", "data_seed", "data_fingerprint"):
         if meta.get(key) != meta_base[key]:
           raise ValueError(
               f"{checkpoints.checkpoint_dir(workdir)} holds checkpoints of another run "
               f"({key}: stored {meta.get(key)!r}, now {meta_base[key]!r}); use a new workdir")
-      del stored_cfg
       abstract = checkpoints.model_checkpoint.expected_params_shapes(draft_cfg)
       abstract_opt = jax.eval_shape(optimizer.init, partition(abstract, paths)[0])
       params, opt_state = checkpoints.restore(mngr, start, abstract, abstract_opt)
@@ -157,43 +170,45 @@ def run_training(config, draft_cfg: ModelConfig, init_fn: Callable[[], dict],
     history, evals = [], []
     if evaluate is not None and start == 0 and d.eval_at_start:
       evals.append(dict(evaluate(params), step=0))
+      _append(history_file, {"eval": evals[-1]})
       log(_eval_line(evals[-1]))
 
-    window, t_window, tokens_window = [], time.perf_counter(), 0.0
-    t_run, run_tokens, timed_steps = None, 0.0, 0
+    window, window_s, run_s, timed_steps = [], 0.0, 0.0, 0
     for step in range(start, total):
+      t0 = time.perf_counter()
       batch = data.batch(d.seed, step, d.batch_size)
       trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, batch)
       metrics = jax.device_get(metrics)
-      window.append(metrics)
-      tokens_window += float(metrics["tokens"])
-      if t_run is None:  # the first step compiles: time the rest
-        t_run, t_window, tokens_window, window = time.perf_counter(), time.perf_counter(), 0.0, []
+      elapsed = time.perf_counter() - t0
+      if step == start:  # includes compilation: kept out of the rates
+        log(f"first step (with compilation) took {elapsed:.1f}s")
       else:
+        window.append(metrics)
+        window_s += elapsed
+        run_s += elapsed
         timed_steps += 1
-        run_tokens += float(metrics["tokens"])
       done = step + 1
       if window and (done % d.log_every == 0 or done == total):
-        now = time.perf_counter()
-        rate = tokens_window / max(now - t_window, 1e-9)
-        per_step = (now - t_run) / max(timed_steps, 1)
         row = {"step": done, **{k: float(np.mean([m[k] for m in window]))
                                 for k in ("loss", "kl", "tv", "top1", "grad_norm")},
-               "lr": float(optimizer_lr(d, total, done)), "tokens_per_s": rate}
+               "lr": float(schedule(done)),
+               "tokens_per_s": sum(float(m["tokens"]) for m in window) / window_s}
         history.append(row)
+        _append(history_file, row)
         log(f"step {done}/{total} loss {row['loss']:.4f} kl {row['kl']:.4f} "
             f"tv {row['tv']:.4f} top1 {row['top1']:.3f} lr {row['lr']:.2e} | "
-            f"{rate:.0f} tok/s | ETA {_fmt_time(per_step * (total - done))}")
-        window, t_window, tokens_window = [], now, 0.0
+            f"{row['tokens_per_s']:.0f} tok/s | ETA "
+            f"{_fmt_time(run_s / timed_steps * (total - done))}")
+        window, window_s = [], 0.0
       if done % d.checkpoint_every == 0 or done == total:
-        params = merge(trainable, frozen)
-        checkpoints.save(mngr, done, params, opt_state,
+        checkpoints.save(mngr, done, merge(trainable, frozen), opt_state,
                          dict(meta_base, step=done, metrics=history[-1] if history else {}))
         if on_checkpoint is not None:
           mngr.wait_until_finished()
           on_checkpoint(done)
       if evaluate is not None and ((d.eval_every and done % d.eval_every == 0) or done == total):
         evals.append(dict(evaluate(merge(trainable, frozen)), step=done))
+        _append(history_file, {"eval": evals[-1]})
         log(_eval_line(evals[-1]))
     mngr.wait_until_finished()
   finally:
@@ -202,12 +217,10 @@ def run_training(config, draft_cfg: ModelConfig, init_fn: Callable[[], dict],
                      resumed_from=start, history=history, evals=evals)
 
 
-def optimizer_lr(d, total: int, step: int) -> float:
-  """The learning rate the schedule gives at ``step`` (for the logs)."""
-  warmup = min(int(d.warmup_steps), max(total - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, d.learning_rate, warmup, max(total, warmup + 1), d.learning_rate * d.min_lr_ratio)
-  return float(schedule(step))
+def _append(path: str | None, row: dict) -> None:
+  if path:
+    with open(path, "a") as f:
+      f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
 def _eval_line(ev: dict) -> str:

@@ -56,7 +56,7 @@ def run_fidelity(config, log=print) -> dict:
   samples = []
   for start in range(0, f.num_samples, c.batch_size):
     count = min(c.batch_size, f.num_samples - start)
-    seeds = [config.seed * 1_000_003 + start + i for i in range(count)]
+    seeds = [(config.seed * f.num_samples + start + i) % 2**32 for i in range(count)]
     result = generator.generate(target_params, rt.draft_params, [PROMPT] * count,
                                 seeds=seeds, **rt.run_kwargs())
     samples.extend(tuple(r.output_ids) for r in result.rows)

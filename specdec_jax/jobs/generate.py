@@ -4,6 +4,7 @@ Writes ``results.jsonl`` (one object per prompt, appended as each batch
 finishes) and ``summary.json``.
 """
 
+import logging
 import os
 import time
 
@@ -18,6 +19,17 @@ def prompt_record(prompt) -> tuple[str, str]:
   if isinstance(prompt, str):
     return prompt, "builtin"
   return prompt.text(), prompt.category
+
+
+def _log_process_split(generator, num_prompts: int, batch_size: int) -> None:
+  """Multi-host: which prompts this process feeds (see multihost.py)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if generator.shardings is None or jax.process_count() == 1:
+    return
+  from specdec_jax import multihost  # pylint: disable=g-import-not-at-top
+  mine = multihost.process_prompts(num_prompts, batch_size, generator.shardings.batch(1))
+  logging.info("process %d/%d feeds prompts %s", jax.process_index(),
+               jax.process_count(), mine)
 
 
 def run(config, workdir: str, log=print) -> dict:
@@ -35,8 +47,9 @@ def run(config, workdir: str, log=print) -> dict:
                      seeds, config.tau, config.budget)
 
   results_path = os.path.join(workdir, "results.jsonl")
-  if os.path.exists(results_path):
+  if os.path.exists(results_path) and io.is_writer():
     os.remove(results_path)
+  _log_process_split(generator, len(prompts), config.batch_size)
   compiles_before = compile_count.count("generate_loop")
   rows = []
   t_start = time.perf_counter()

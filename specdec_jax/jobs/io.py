@@ -1,7 +1,17 @@
-"""Workdir output: JSON files written atomically, JSONL appended durably."""
+"""Workdir output: JSON files written atomically, JSONL appended durably.
+
+On several hosts only process 0 writes (``is_writer``); the helpers are
+no-ops elsewhere, so every host can run the same job code.
+"""
 
 import json
 import os
+
+
+def is_writer() -> bool:
+  """True on process 0 (always, in a single-process run)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -11,6 +21,8 @@ def prepare_workdir(workdir: str) -> str:
   workdir = os.path.abspath(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
+    if not is_writer():
+      return workdir
     probe = os.path.join(workdir, ".write_probe")
     with open(probe, "w") as f:
       f.write("ok")
@@ -22,6 +34,8 @@ def prepare_workdir(workdir: str) -> str:
 
 def write_json(path: str, obj) -> None:
   """Writes via a temporary file and rename: never a half-written file."""
+  if not is_writer():
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=_default)
@@ -33,6 +47,8 @@ def write_json(path: str, obj) -> None:
 
 def append_jsonl(path: str, obj) -> None:
   """Appends one line and flushes it to disk before returning."""
+  if not is_writer():
+    return
   with open(path, "a") as f:
     f.write(json.dumps(obj, sort_keys=True, default=_default) + "\n")
     f.flush()

@@ -139,8 +139,11 @@ def read_config(path: str) -> ModelConfig:
     raise ValueError(f"checkpoint {path!r}: bad {CONFIG_FILE}: {e}") from e
 
 
-def restore_params(path: str, model_cfg: ModelConfig) -> dict:
+def restore_params(path: str, model_cfg: ModelConfig, shardings=None) -> dict:
   """Restores params saved by ``save_params``, checked against ``model_cfg``.
+
+  ``shardings``: optional params sharding pytree; orbax then restores every
+  array directly into its shards (default: all on the first device).
 
   Raises:
     ValueError for a missing/incomplete/damaged folder, a stored config that
@@ -156,9 +159,11 @@ def restore_params(path: str, model_cfg: ModelConfig) -> dict:
                      f"(stored, requested): {diff}")
   expected = expected_params_shapes(model_cfg)
   params_dir = os.path.join(path, PARAMS_DIR)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, expected)
   target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), expected)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), expected, shardings)
   try:
     with ocp.StandardCheckpointer() as ckptr:
       meta = ckptr.metadata(params_dir).item_metadata.tree
@@ -175,12 +180,13 @@ def restore_params(path: str, model_cfg: ModelConfig) -> dict:
                      f"{type(e).__name__}: {e}") from e
 
 
-def load_smollm2(cache_dir: str, dtype: str = "float32"):
+def load_smollm2(cache_dir: str, dtype: str = "float32", sharding_fn=None):
   """SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) with an orbax cache.
 
   The first call converts the GGUF and saves params + tokenizer under
   ``cache_dir``; later calls restore from there. A damaged cache entry is
-  rebuilt.
+  rebuilt. ``sharding_fn`` (``ModelConfig -> params sharding pytree``) loads
+  the params straight into their shards.
 
   Returns:
     (ModelConfig, params, HFTokenizer).
@@ -191,14 +197,16 @@ def load_smollm2(cache_dir: str, dtype: str = "float32"):
     try:
       start = time.perf_counter()
       cfg = read_config(entry)
-      params = restore_params(entry, cfg)
+      params = restore_params(entry, cfg,
+                              sharding_fn(cfg) if sharding_fn is not None else None)
       tokenizer = tokenizers_lib.HFTokenizer.load(tok_dir)
       logging.info("SmolLM2 restored from %s in %.1fs", entry, time.perf_counter() - start)
       return cfg, params, tokenizer
     except (ValueError, OSError) as e:
       logging.warning("rebuilding the SmolLM2 cache at %s: %s", entry, e)
   start = time.perf_counter()
-  cfg, params, info = gguf_import.load_gguf(gguf_import.smollm2_gguf_path(), dtype)
+  cfg, params, info = gguf_import.load_gguf(gguf_import.smollm2_gguf_path(), dtype,
+                                            sharding_fn)
   tokenizer = tokenizers_lib.load_tokenizer_from_gguf(info)
   save_params(entry, params, cfg, force=True,
               write_extra=lambda folder: tokenizer.save(os.path.join(folder, "tokenizer")))

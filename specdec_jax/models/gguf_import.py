@@ -18,6 +18,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
+from specdec_jax.models import placement
 from specdec_jax.models.config import ModelConfig
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -177,12 +178,14 @@ def permute_qk(w_OI: np.ndarray, n_heads: int) -> np.ndarray:
           .swapaxes(1, 2).reshape(w_OI.shape))
 
 
-def load_gguf(path: str, dtype: str = "float32"):
+def load_gguf(path: str, dtype: str = "float32", sharding_fn=None):
   """Loads a Llama-architecture GGUF file.
 
   Args:
     path: the .gguf file.
     dtype: params dtype ("float32", "bfloat16", "float16").
+    sharding_fn: optional ``ModelConfig -> params sharding pytree``; params
+      then go from host memory straight into their shards (placement.py).
 
   Returns:
     (ModelConfig, params pytree in the layout of transformer.py, GGUFInfo).
@@ -199,6 +202,7 @@ def load_gguf(path: str, dtype: str = "float32"):
     raise ValueError(f"GGUF file {path!r}: architecture {info.architecture!r} is not "
                      f"supported (expected one of {_SUPPORTED_ARCHS})")
   cfg = _read_config(reader, info, dtype)
+  shardings = sharding_fn(cfg) if sharding_fn is not None else None
   tensors = {t.name: t for t in reader.tensors}
   d, f, hd = cfg.d_model, cfg.ffn_dim, cfg.head_dim
   n, g = cfg.num_heads, cfg.num_kv_heads
@@ -232,6 +236,8 @@ def load_gguf(path: str, dtype: str = "float32"):
       stacks[key].append(arr if arr.ndim == 1 else arr.T)
 
   to_jnp = lambda x: jnp.asarray(x, dtype=cfg.jnp_dtype)
+  if shardings is not None:
+    to_jnp = lambda x: x  # numpy until placed shard by shard below
   stacked = {key: to_jnp(np.stack(arrs)) for key, arrs in stacks.items()}
   params = {
       "embed": {"embedding": to_jnp(fetch("token_embd.weight", (cfg.vocab_size, d)))},
@@ -248,4 +254,6 @@ def load_gguf(path: str, dtype: str = "float32"):
   if tensors:
     raise ValueError(f"GGUF file {path!r}: unexpected tensors not supported by this "
                      f"model: {sorted(tensors)[:8]}")
+  if shardings is not None:
+    params = placement.tree_to_device(params, cfg.jnp_dtype, shardings)
   return cfg, params, info

@@ -15,6 +15,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
+from specdec_jax.models import placement
 from specdec_jax.models import tokenizers as tokenizers_lib
 from specdec_jax.models.config import ModelConfig
 
@@ -156,7 +157,7 @@ class _Reader:
     return np.asarray(arr, dtype=np.float32)
 
 
-def load_hf_dir(path: str, dtype: str = "float32"):
+def load_hf_dir(path: str, dtype: str = "float32", sharding_fn=None):
   """Loads a Hugging Face causal-LM folder.
 
   Args:
@@ -164,6 +165,8 @@ def load_hf_dir(path: str, dtype: str = "float32"):
       model.safetensors.index.json) and optionally tokenizer.json /
       tokenizer.model.
     dtype: params dtype ("float32", "bfloat16", "float16").
+    sharding_fn: optional ``ModelConfig -> params sharding pytree``; params
+      then go from host memory straight into their shards (placement.py).
 
   Returns:
     (ModelConfig, params in the layout of transformer.py, Tokenizer or None).
@@ -181,6 +184,9 @@ def load_hf_dir(path: str, dtype: str = "float32"):
   d, f, hd, n, g = (cfg.d_model, cfg.ffn_dim, cfg.head_dim, cfg.num_heads,
                     cfg.num_kv_heads)
   to_jnp = lambda x: jnp.asarray(x, dtype=cfg.jnp_dtype)
+  shardings = sharding_fn(cfg) if sharding_fn is not None else None
+  if shardings is not None:
+    to_jnp = lambda x: x  # numpy until placed shard by shard below
 
   per_layer = {  # our path -> (HF suffix, HF [out, in] shape)
       ("attn_norm", "scale"): ("input_layernorm.weight", (d,)),
@@ -225,4 +231,6 @@ def load_hf_dir(path: str, dtype: str = "float32"):
   if unused:
     raise ValueError(f"{folder!r}: tensors not used by this model (unsupported "
                      f"features or more layers than config.json says): {unused[:8]}")
+  if shardings is not None:
+    params = placement.tree_to_device(params, cfg.jnp_dtype, shardings)
   return cfg, params, tokenizers_lib.load_tokenizer_from_hf_dir(folder)

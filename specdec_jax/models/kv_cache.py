@@ -27,8 +27,8 @@ class KVCache:
 def init_cache(cfg, batch_size: int, num_slots: int) -> KVCache:
   """Zero cache of shape [L, B, S, G, H] in the model dtype."""
   shape = (cfg.num_layers, batch_size, num_slots, cfg.num_kv_heads, cfg.head_dim)
-  zeros = jnp.zeros(shape, cfg.jnp_dtype)
-  return KVCache(k_LBSGH=zeros, v_LBSGH=zeros)
+  # Two distinct buffers, so the cache can be donated.
+  return KVCache(k_LBSGH=jnp.zeros(shape, cfg.jnp_dtype), v_LBSGH=jnp.zeros(shape, cfg.jnp_dtype))
 
 
 def write_layer(kv_LBSGH: jax.Array, layer: jax.Array, kv_BTGH: jax.Array,
@@ -42,5 +42,8 @@ def write_layer(kv_LBSGH: jax.Array, layer: jax.Array, kv_BTGH: jax.Array,
   batch = kv_BTGH.shape[0]
   safe_pos_BT = jnp.where(positions_BT < 0, num_slots, positions_BT)
   rows_B1 = jnp.arange(batch)[:, None]
+  # One scatter into the loop-carried buffer, updated in place. (A per-row
+  # vmap of the scatter made XLA copy the whole cache every layer: ~10x slower
+  # decode at B=8, S=640 on CPU.)
   return kv_LBSGH.at[layer, rows_B1, safe_pos_BT].set(
       kv_BTGH.astype(kv_LBSGH.dtype), mode="drop")

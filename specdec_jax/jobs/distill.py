@@ -1,0 +1,147 @@
+"""job=distill: trains a draft model on the target's own outputs.
+
+1. Data (WORKDIR/data, reused on rerun): the target completes the training
+   prompts (``distill.prompts`` x ``samples_per_prompt`` plus
+   ``num_templated`` templated instructions) at ``gen_temperature``; its
+   top-k next-token distributions over the completions are stored too.
+2. Draft: ``config.draft`` shapes, the target's vocabulary, optionally a
+   restricted head over the ``distill.head_size`` tokens the target emits
+   most; initialised from the target (``distill.init_from_target``).
+3. Training: ``config.train_steps`` AdamW steps on ``distill.loss``
+   (kl | tv | kl+tv), checkpoints in WORKDIR/checkpoints; a killed run
+   resumes where its last checkpoint left off, with the same batches.
+4. Evaluation: greedy acceptance at K=``distill.eval_k`` on the held-out
+   prompts, at the start, every ``eval_every`` steps and at the end.
+
+Outputs: WORKDIR/summary.json, WORKDIR/train_log.jsonl (loss curve, evals).
+Use the draft with ``--config.drafter=model --config.draft_checkpoint=WORKDIR``.
+"""
+
+import os
+import time
+
+import jax
+import numpy as np
+
+from specdec_jax import prompts as prompts_lib
+from specdec_jax import runtime
+from specdec_jax.distill import data as data_lib
+from specdec_jax.distill import evaluate as evaluate_lib
+from specdec_jax.distill import losses
+from specdec_jax.distill import model as model_lib
+from specdec_jax.distill import train as train_lib
+from specdec_jax.jobs import io
+from specdec_jax.models.transformer import Transformer
+
+
+def validate(config) -> None:
+  """Checks the fields job=distill reads; ValueError naming the field."""
+  d = config.distill
+  if d.loss not in losses.LOSSES:
+    raise ValueError(f"config.distill.loss={d.loss!r}; expected one of {losses.LOSSES}")
+  positive = {"train_steps": config.train_steps, "distill.batch_size": d.batch_size,
+              "distill.gen_batch_size": d.gen_batch_size,
+              "distill.gen_max_new_tokens": d.gen_max_new_tokens,
+              "distill.teacher_top_k": d.teacher_top_k,
+              "distill.teacher_batch_size": d.teacher_batch_size,
+              "distill.checkpoint_every": d.checkpoint_every,
+              "distill.keep_checkpoints": d.keep_checkpoints, "distill.log_every": d.log_every,
+              "distill.eval_k": d.eval_k, "distill.eval_max_new_tokens": d.eval_max_new_tokens}
+  for name, value in positive.items():
+    if int(value) != value or value < 1:
+      raise ValueError(f"config.{name}={value} must be an int >= 1")
+  for name in ("samples_per_prompt", "num_templated", "head_size", "eval_every",
+               "eval_max_prompts", "warmup_steps"):
+    if int(d[name]) != d[name] or d[name] < 0:
+      raise ValueError(f"config.distill.{name}={d[name]} must be an int >= 0")
+  if d.seq_len < 2:
+    raise ValueError(f"config.distill.seq_len={d.seq_len} must be >= 2")
+  if not d.learning_rate > 0:
+    raise ValueError(f"config.distill.learning_rate={d.learning_rate} must be > 0")
+  if not 0 <= d.prompt_loss_weight <= 1:
+    raise ValueError(f"config.distill.prompt_loss_weight={d.prompt_loss_weight} must be "
+                     "in [0, 1]")
+  if not d.gen_temperature >= 0:
+    raise ValueError(f"config.distill.gen_temperature={d.gen_temperature} must be >= 0")
+
+
+def _held_out_ids(config, rt, log) -> list:
+  prompts = prompts_lib.load_prompts(config.distill.eval_prompts)
+  if config.distill.eval_max_prompts:
+    prompts = prompts[:config.distill.eval_max_prompts]
+  ids = [rt.encode_prompt(p) for p in prompts]
+  kept = [x for x in ids if len(x) <= config.max_prompt_len]
+  if len(kept) < len(ids):
+    log(f"eval: {len(ids) - len(kept)} held-out prompts longer than max_prompt_len skipped")
+  return kept
+
+
+def run_distill(config, workdir: str, log=print, on_checkpoint=None) -> dict:
+  """The whole job; returns the summary (also written to summary.json)."""
+  validate(config)
+  workdir = io.prepare_workdir(workdir)
+  d = config.distill
+  rt = runtime.build(config, with_drafter=False)
+  target_cfg = rt.target.cfg
+  draft_cfg = model_lib.draft_config(config, target_cfg)   # vocab check first
+  if d.teacher_top_k > target_cfg.vocab_size:
+    raise ValueError(f"config.distill.teacher_top_k={d.teacher_top_k} exceeds the "
+                     f"vocabulary ({target_cfg.vocab_size})")
+
+  t0 = time.perf_counter()
+  examples = data_lib.prepare(config, rt, workdir, log=log)
+  data_s = time.perf_counter() - t0
+  log(f"data: {examples.num_examples} sequences, {examples.num_completion_tokens} "
+      f"completion + {examples.num_prompt_tokens} prompt tokens ({data_s:.0f}s)")
+
+  scores_V = data_lib.token_scores(examples, target_cfg.vocab_size)
+  head_ids, coverage = None, 1.0
+  if draft_cfg.head_size:
+    head_ids = model_lib.select_head_ids(scores_V, draft_cfg.head_size, rt.eos_ids)
+    coverage = float(scores_V[head_ids].sum() / max(scores_V.sum(), 1e-12))
+    log(f"head: {draft_cfg.head_size} tokens cover {coverage:.1%} of the target's "
+        "top-k probability mass on the training data")
+  train_data = data_lib.TrainData.build(
+      examples, d.seq_len, model_lib.vocab_to_head(head_ids, target_cfg.vocab_size),
+      prompt_weight=d.prompt_loss_weight)
+  draft_model = Transformer(draft_cfg)
+  log(f"draft: {draft_cfg.num_layers} layers, d_model {draft_cfg.d_model}, head "
+      f"{draft_cfg.head_size or draft_cfg.vocab_size}, {draft_cfg.num_params / 1e6:.1f}M "
+      f"params (target {target_cfg.num_params / 1e6:.1f}M)")
+
+  init_fn = lambda: model_lib.init_params(draft_cfg, target_cfg, rt.target_params, head_ids,
+                                          d, jax.random.PRNGKey(d.seed))
+  evaluator = evaluate_lib.HeldOutEval(rt, draft_model, _held_out_ids(config, rt, log),
+                                       d.eval_k, d.eval_max_new_tokens, d.eval_batch_size)
+  result = train_lib.run_training(
+      config, draft_cfg, init_fn, train_data, workdir, examples.fingerprint, log=log,
+      evaluate=evaluator, on_checkpoint=on_checkpoint,
+      history_file=os.path.join(workdir, "train_log.jsonl"))
+  final_eval = result.evals[-1] if result.evals else dict(evaluator(result.params),
+                                                          step=result.step)
+  summary = {
+      "job": "distill", "train_steps": result.step, "resumed_from": result.resumed_from,
+      "loss": d.loss, "data_seconds": data_s, "num_sequences": examples.num_examples,
+      "num_completion_tokens": examples.num_completion_tokens,
+      "num_prompt_tokens": examples.num_prompt_tokens,
+      "draft_config": train_lib.checkpoints.config_dict(draft_cfg),
+      "draft_params_millions": draft_cfg.num_params / 1e6,
+      "head_coverage": coverage,
+      "final_train_metrics": result.history[-1] if result.history else None,
+      "tokens_per_s": (float(np.mean([h["tokens_per_s"] for h in result.history]))
+                       if result.history else None),
+      "evals": result.evals, "acceptance_rate": final_eval["acceptance_rate"],
+      "mean_accepted_length": final_eval["mean_accepted_length"],
+      "checkpoint_dir": train_lib.checkpoints.checkpoint_dir(workdir),
+  }
+  io.write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
+def run(config, workdir: str, log=print) -> dict:
+  summary = run_distill(config, workdir, log=log)
+  log(f"distill done: {summary['train_steps']} steps, held-out acceptance "
+      f"{summary['acceptance_rate']:.3f}, mean accepted length "
+      f"{summary['mean_accepted_length']:.2f}; use it with --config.drafter=model "
+      f"--config.draft_checkpoint={os.path.abspath(workdir)}")
+  return summary

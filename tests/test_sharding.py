@@ -1,0 +1,301 @@
+"""Sharded and multi-host generation on 8 simulated CPU devices.
+
+JAX fixes the device count when it initialises, and pytest imports other test
+modules (which initialise JAX with one device) first, so every check runs in
+a subprocess with ``--xla_force_host_platform_device_count=8`` and reports
+JSON back.
+
+The test model divides over every mesh: 8 query heads, 4 KV heads (sharded on
+model=4, replicated with a log line on model=8), ffn 128, vocab 264.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESHES = ("data=8,model=1", "data=2,model=4", "data=1,model=8")
+CASES = ("plain", "ngram", "model", "model_sampled")
+
+PRELUDE = textwrap.dedent("""
+    import json, logging, os, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from specdec_jax import compile_count, sharding
+    from specdec_jax.drafters import ModelDrafter, NgramDrafter
+    from specdec_jax.generation import Generator
+    from specdec_jax.models.config import ModelConfig
+    from specdec_jax.models.transformer import Transformer
+    compile_count.install()
+    TCFG = ModelConfig(vocab_size=264, num_layers=2, d_model=64, num_heads=8,
+                       num_kv_heads=4, head_dim=8, ffn_dim=128)
+    DCFG = ModelConfig(vocab_size=264, num_layers=1, d_model=32, num_heads=2,
+                       num_kv_heads=1, head_dim=16, ffn_dim=64)
+    def report(obj):
+      print("REPORT " + json.dumps(obj))
+""")
+
+
+def run_python(body: str, devices: int = 8, timeout: int = 900) -> dict:
+  """Runs PRELUDE + body with ``devices`` CPU devices; returns its REPORT."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("REPORT ")]
+  assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
+  return json.loads(lines[-1][len("REPORT "):])
+
+
+EQUIVALENCE = """
+    # Records the shardings GSPMD gives arrays *inside* the compiled loop.
+    seen = {}
+    def record(name, mesh_holder):
+      def callback(s):
+        seen.setdefault(name, []).append(s)
+      return callback
+
+    class Inspecting(Transformer):
+      def apply(self, params, tokens_BT, positions_BT, cache):
+        tag = "target" if self.cfg == TCFG else "draft"
+        jax.debug.inspect_array_sharding(cache.k_LBSGH, callback=record(tag + "_cache", None))
+        jax.debug.inspect_array_sharding(tokens_BT, callback=record(tag + "_tokens", None))
+        if tag == "target":
+          q = params["layers"]["attn"]["q"]["kernel"]
+          jax.debug.inspect_array_sharding(q, callback=record("target_q", None))
+        return super().apply(params, tokens_BT, positions_BT, cache)
+
+    target, draft = Inspecting(TCFG), Inspecting(DCFG)
+    tp = target.init_params(jax.random.PRNGKey(0))
+    dp = draft.init_params(jax.random.PRNGKey(1))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 264, size=int(rng.integers(3, 30))).tolist() for _ in range(8)]
+    # Repetitive prompts so that the n-gram drafter proposes and gets accepted.
+    prompts[1] = [5, 6, 7, 8] * 6
+    prompts[2] = [9, 10, 11] * 9
+    CASES = {"plain": (None, 0, 0.0), "ngram": (NgramDrafter(), 4, 0.0),
+             "model": (ModelDrafter(draft), 4, 0.0),
+             "model_sampled": (ModelDrafter(draft), 4, 1.0)}
+
+    def generator(case, shardings):
+      drafter, k, _ = CASES[case]
+      return Generator(target, drafter, k_max=k, rule="rejection", max_prompt_len=32,
+                       max_new_tokens=12, batch_size=8, shardings=shardings)
+
+    def outputs(gen, case, seeds):
+      _, _, temperature = CASES[case]
+      result = gen.generate(tp, dp, prompts, temperature=temperature, seeds=seeds)
+      return [r.output_ids for r in result.rows], sum(sum(r.accepted_per_step) for r in result.rows)
+
+    reference = {}
+    for case in CASES:
+      gen = generator(case, None)
+      reference[case] = outputs(gen, case, 100), outputs(gen, case, 200)
+
+    out = {"meshes": {}}
+    for mesh_spec in MESHES:
+      mesh = sharding.make_mesh(mesh_spec)
+      model_size = mesh.shape["model"]
+      shardings = sharding.GenerationShardings.create(mesh, TCFG, DCFG)
+      kv_axis = "model" if TCFG.num_kv_heads % model_size == 0 else None
+      res = {"same": {}, "accepted": {}, "compiles": {}}
+      for case in CASES:
+        seen.clear()
+        gen = generator(case, shardings)
+        before = compile_count.count("generate_loop")
+        first, second = outputs(gen, case, 100), outputs(gen, case, 200)
+        res["compiles"][case] = compile_count.count("generate_loop") - before
+        res["same"][case] = [first == reference[case][0], second == reference[case][1]]
+        res["accepted"][case] = first[1]
+        want = {"target_cache": P(None, "data", None, kv_axis, None),
+                "draft_cache": P(None, "data", None, None, None),
+                "target_tokens": P("data", None), "draft_tokens": P("data", None),
+                "target_q": P(None, None, "model")}
+        inside = {}
+        for name, specs in seen.items():
+          ndim = len(want[name])
+          inside[name] = all(s.is_equivalent_to(NamedSharding(mesh, want[name]), ndim)
+                             for s in specs)
+        res.setdefault("inside", {})[case] = inside
+
+      # Outside the loop: placed params, the prefill state's caches, the output.
+      gen = generator("model", shardings)
+      fn = gen._fn("generate_loop", True)
+      packed = gen._pack(prompts, [12] * 8, list(range(8)))
+      run = gen._run_params(4, 0.0, 0, 1.0, 0.0, 1)
+      out_state = fn(tp, dp, *packed, run)
+      placed_tp = fn.place((tp, dp) + packed + (run,))[0]
+      state = gen._fn("prefill", True)(tp, dp, *packed, run)
+      spec = lambda a: [str(x) for x in a.sharding.spec]
+      shard_shape = lambda a: list(a.addressable_shards[0].data.shape)
+      layers = placed_tp["layers"]
+      res["params"] = {
+          "embed": spec(placed_tp["embed"]["embedding"]),
+          "q": spec(layers["attn"]["q"]["kernel"]), "k": spec(layers["attn"]["k"]["kernel"]),
+          "o": spec(layers["attn"]["o"]["kernel"]), "gate": spec(layers["mlp"]["gate"]["kernel"]),
+          "down": spec(layers["mlp"]["down"]["kernel"]),
+          "norm": spec(layers["attn_norm"]["scale"]),
+          "final_norm": spec(placed_tp["final_norm"]["scale"]),
+          "q_shard": shard_shape(layers["attn"]["q"]["kernel"]),
+          "prompt": spec(fn.place((tp, dp) + packed + (run,))[2]),
+      }
+      compiled_out = fn.jitted.lower(*fn.place((tp, dp) + packed + (run,))).compile()
+      res["state"] = {
+          "target_cache": spec(state.target_cache.k_LBSGH),
+          "target_cache_shard": shard_shape(state.target_cache.k_LBSGH),
+          "draft_cache": spec(state.drafter_state.k_LBSGH),
+          "tokens": spec(out_state.tokens_BS), "length": spec(out_state.length_B),
+          "keys": spec(state.keys_B2), "accepted_TB": spec(out_state.stats.accepted_TB),
+          "compiled_tokens": [str(x) for x in compiled_out.output_shardings.tokens_BS.spec],
+      }
+      out["meshes"][mesh_spec] = res
+    report(out)
+"""
+
+
+@pytest.fixture(scope="module")
+def equivalence():
+  return run_python(f"MESHES = {MESHES!r}\n" + textwrap.dedent(EQUIVALENCE))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_outputs_equal_single_device(equivalence, mesh, case):
+  res = equivalence["meshes"][mesh]
+  assert res["same"][case] == [True, True]
+  if case != "plain":
+    assert res["accepted"][case] > 0  # the speculative path really ran
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", MESHES)
+def test_generate_compiles_once_per_mesh(equivalence, mesh):
+  assert equivalence["meshes"][mesh]["compiles"] == {case: 1 for case in CASES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", MESHES)
+def test_arrays_sharded_as_the_rules_say(equivalence, mesh):
+  res = equivalence["meshes"][mesh]
+  model = int(mesh.split("model=")[1])
+  kv = "model" if 4 % model == 0 else "None"
+  assert res["params"] == {
+      "embed": ["model", "None"], "q": ["None", "None", "model"],
+      "k": ["None", "None", kv], "o": ["None", "model", "None"],
+      "gate": ["None", "None", "model"], "down": ["None", "model", "None"],
+      "norm": ["None", "None"], "final_norm": ["None"],
+      "q_shard": [2, 64, 64 // model], "prompt": ["data", "None"]}
+  data = int(mesh.split(",")[0].split("=")[1])
+  assert res["state"] == {
+      "target_cache": ["None", "data", "None", kv, "None"],
+      "target_cache_shard": [2, 8 // data, 32 + 12 + 4 + 1, 4 // model if kv != "None" else 4, 8],
+      "draft_cache": ["None", "data", "None", "None", "None"],
+      "tokens": ["data", "None"], "length": ["data"], "keys": ["data", "None"],
+      "accepted_TB": ["None", "data"], "compiled_tokens": ["data", "None"]}
+  for case, inside in res["inside"].items():
+    assert inside and all(inside.values()), (case, inside)
+
+
+ERRORS = """
+    import io
+    out = {}
+    def error(fn):
+      try:
+        fn()
+      except ValueError as e:
+        return str(e)
+      return None
+    out["mesh_3"] = error(lambda: sharding.make_mesh("data=3"))
+    out["fill"] = error(lambda: sharding.make_mesh("data=-1,model=3"))
+    out["unknown_axis"] = error(lambda: sharding.make_mesh("tensor=2"))
+    out["rule_axis"] = error(lambda: sharding.parse_rules("heads=tensor"))
+    out["rule_name"] = error(lambda: sharding.parse_rules("columns=model"))
+    mesh = sharding.make_mesh("data=2,model=4")
+    sh = sharding.GenerationShardings.create(mesh, TCFG, DCFG)
+    out["batch"] = error(lambda: Generator(Transformer(TCFG), batch_size=3, shardings=sh))
+    bad = lambda **kw: ModelConfig(**{**TCFG.__dict__, **kw})
+    out["heads"] = error(lambda: sharding.GenerationShardings.create(
+        mesh, bad(num_heads=6, num_kv_heads=2)))
+    out["mlp"] = error(lambda: sharding.GenerationShardings.create(mesh, bad(ffn_dim=102)))
+    out["vocab"] = error(lambda: sharding.GenerationShardings.create(mesh, bad(vocab_size=259)))
+    out["draft_rules"] = error(lambda: sharding.GenerationShardings.create(
+        mesh, TCFG, DCFG, draft_sharding="rules"))
+    stream = io.StringIO()
+    logging.getLogger().addHandler(logging.StreamHandler(stream))
+    sharding.GenerationShardings.create(sharding.make_mesh("data=1,model=8"), TCFG)
+    out["kv_log"] = stream.getvalue()
+    out["default_mesh"] = dict(sharding.make_mesh("").shape)
+    out["model_only"] = dict(sharding.make_mesh("model=4").shape)
+    report(out)
+"""
+
+
+def test_bad_meshes_and_shapes_raise_naming_the_axis():
+  out = run_python(ERRORS)
+  assert "'data'" in out["mesh_3"] and "8" in out["mesh_3"]
+  assert "'model'" in out["fill"] and "does not divide" in out["fill"]
+  assert "unknown mesh axis 'tensor'" in out["unknown_axis"]
+  assert "'tensor'" in out["rule_axis"]
+  assert "unknown logical axis 'columns'" in out["rule_name"]
+  assert "batch_size=3" in out["batch"] and "'data'" in out["batch"]
+  assert "num_heads=6" in out["heads"] and "'model'" in out["heads"]
+  assert "ffn_dim=102" in out["mlp"] and "'model'" in out["mlp"]
+  assert "vocab_size=259" in out["vocab"] and "'model'" in out["vocab"]
+  assert out["draft_rules"].startswith("draft: num_heads=2")
+  assert "num_kv_heads=4" in out["kv_log"] and "replicated" in out["kv_log"]
+  assert out["default_mesh"] == {"data": 8, "model": 1}
+  assert out["model_only"] == {"data": 2, "model": 4}
+
+
+def _main(workdir, *flags, devices=8, env=None, timeout=300):
+  cmd = [sys.executable, "-m", "specdec_jax.main", "--config=configs/tiny.py",
+         f"--workdir={workdir}", "--config.batch_size=4", "--config.drafter=model",
+         "--config.sharding_rules=batch=data,heads=model,kv_heads=model,mlp=model", *flags]
+  full_env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+                  XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+  return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _outputs(workdir):
+  with open(os.path.join(workdir, "results.jsonl")) as f:
+    return [json.loads(line)["output_ids"] for line in f]
+
+
+def test_cli_bad_mesh_is_one_line_error(tmp_path):
+  proc = _main(tmp_path, "--config.mesh=data=3")
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2
+  assert err.strip().splitlines()[-1].startswith("error: config.mesh='data=3'")
+
+
+@pytest.mark.slow
+def test_generate_job_sharded_and_multihost_match_single_device(tmp_path):
+  """job=generate via main: one device, a (4, 2) mesh in one process, and the
+  same mesh over two processes (jax.distributed, 4 devices each)."""
+  single = _main(tmp_path / "single", devices=1)
+  single.communicate(timeout=300)
+  assert single.returncode == 0
+  sharded = _main(tmp_path / "sharded", "--config.mesh=data=4,model=2")
+  err = sharded.communicate(timeout=300)[1]
+  assert sharded.returncode == 0, err[-3000:]
+  env = {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:%d" % (20000 + os.getpid() % 20000),
+         "SPECDEC_NUM_PROCESSES": "2"}
+  procs = [_main(tmp_path / "multi", "--config.mesh=data=4,model=2",
+                 "--config.distributed=True", devices=4,
+                 env={**env, "SPECDEC_PROCESS_ID": str(i)}) for i in range(2)]
+  results = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, results):
+    assert p.returncode == 0, err[-3000:]
+  assert "--- prompt" in results[0][0] and "--- prompt" not in results[1][0]
+  assert "process 1/2 feeds prompts [2, 3]" in results[1][1]
+  reference = _outputs(tmp_path / "single")
+  assert len(reference) == 4
+  assert _outputs(tmp_path / "sharded") == reference
+  assert _outputs(tmp_path / "multi") == reference
