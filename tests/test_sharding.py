@@ -55,7 +55,7 @@ def run_python(body: str, devices: int = 8, timeout: int = 900) -> dict:
 EQUIVALENCE = """
     # Records the shardings GSPMD gives arrays *inside* the compiled loop.
     seen = {}
-    def record(name, mesh_holder):
+    def record(name):
       def callback(s):
         seen.setdefault(name, []).append(s)
       return callback
@@ -63,11 +63,11 @@ EQUIVALENCE = """
     class Inspecting(Transformer):
       def apply(self, params, tokens_BT, positions_BT, cache):
         tag = "target" if self.cfg == TCFG else "draft"
-        jax.debug.inspect_array_sharding(cache.k_LBSGH, callback=record(tag + "_cache", None))
-        jax.debug.inspect_array_sharding(tokens_BT, callback=record(tag + "_tokens", None))
+        jax.debug.inspect_array_sharding(cache.k_LBSGH, callback=record(tag + "_cache"))
+        jax.debug.inspect_array_sharding(tokens_BT, callback=record(tag + "_tokens"))
         if tag == "target":
           q = params["layers"]["attn"]["q"]["kernel"]
-          jax.debug.inspect_array_sharding(q, callback=record("target_q", None))
+          jax.debug.inspect_array_sharding(q, callback=record("target_q"))
         return super().apply(params, tokens_BT, positions_BT, cache)
 
     target, draft = Inspecting(TCFG), Inspecting(DCFG)
@@ -251,6 +251,75 @@ def test_bad_meshes_and_shapes_raise_naming_the_axis():
   assert "num_kv_heads=4" in out["kv_log"] and "replicated" in out["kv_log"]
   assert out["default_mesh"] == {"data": 8, "model": 1}
   assert out["model_only"] == {"data": 2, "model": 4}
+
+
+LOADERS = """
+    import sys
+    sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+    from safetensors.numpy import save_file
+    from test_gguf_import import write_gguf
+    from specdec_jax.models import checkpoint, gguf_import, hf_import
+    folder = sys.argv[1]
+    cfg = ModelConfig(**{**TCFG.__dict__, "tie_embeddings": False})
+    params = jax.device_get(Transformer(cfg).init_params(jax.random.PRNGKey(0)))
+    plan = sharding.Plan.create(sharding.make_mesh("data=2,model=4"), sharding.DEFAULT_RULES,
+                                cfg, "target")
+    fn = lambda c: sharding.param_shardings(c, plan)
+    want = fn(cfg)
+
+    write_gguf(os.path.join(folder, "m.gguf"), cfg, params)
+    hf_dir = os.path.join(folder, "hf")
+    os.makedirs(hf_dir)
+    names = {("attn_norm", "scale"): "input_layernorm.weight",
+             ("mlp_norm", "scale"): "post_attention_layernorm.weight",
+             ("attn", "q"): "self_attn.q_proj.weight", ("attn", "k"): "self_attn.k_proj.weight",
+             ("attn", "v"): "self_attn.v_proj.weight", ("attn", "o"): "self_attn.o_proj.weight",
+             ("mlp", "gate"): "mlp.gate_proj.weight", ("mlp", "up"): "mlp.up_proj.weight",
+             ("mlp", "down"): "mlp.down_proj.weight"}
+    tensors = {"model.embed_tokens.weight": params["embed"]["embedding"],
+               "model.norm.weight": params["final_norm"]["scale"],
+               "lm_head.weight": params["lm_head"]["kernel"].T}
+    for (group, sub), hf_name in names.items():
+      stack = params["layers"][group][sub]
+      stack = stack["kernel"] if isinstance(stack, dict) else stack
+      for i in range(cfg.num_layers):
+        w = stack[i] if stack.ndim == 2 else stack[i].T
+        tensors[f"model.layers.{i}.{hf_name}"] = np.ascontiguousarray(w)
+    save_file(tensors, os.path.join(hf_dir, "model.safetensors"))
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+      json.dump(dict(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128,
+                     num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                     head_dim=8, vocab_size=264, rms_norm_eps=1e-5, rope_theta=10000.0,
+                     tie_word_embeddings=False), f)
+    checkpoint.save_params(os.path.join(folder, "ckpt"), params, cfg)
+
+    loads = {
+        "gguf": lambda f: gguf_import.load_gguf(os.path.join(folder, "m.gguf"), sharding_fn=f)[1],
+        "hf": lambda f: hf_import.load_hf_dir(hf_dir, sharding_fn=f)[1],
+        "orbax": lambda f: checkpoint.restore_params(os.path.join(folder, "ckpt"), cfg,
+                                                     f and f(cfg)),
+    }
+    out = {}
+    for name, load in loads.items():
+      plain, sharded = load(None), load(fn)
+      same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                          plain, sharded)
+      placed = jax.tree.map(
+          lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) and all(
+              sh.data.shape == s.shard_shape(a.shape) for sh in a.addressable_shards),
+          sharded, want)
+      out[name] = {"same": all(jax.tree.leaves(same)), "placed": all(jax.tree.leaves(placed)),
+                   "single": len(jax.tree.leaves(plain)[0].sharding.device_set)}
+    report(out)
+"""
+
+
+def test_loaders_put_params_straight_into_their_shards(tmp_path):
+  """GGUF, safetensors and orbax loads with a sharding_fn: same values as the
+  single-device load, each device holding only its own slice."""
+  out = run_python(LOADERS.replace("sys.argv[1]", repr(str(tmp_path))))
+  for name in ("gguf", "hf", "orbax"):
+    assert out[name] == {"same": True, "placed": True, "single": 1}, name
 
 
 def _main(workdir, *flags, devices=8, env=None, timeout=300):
