@@ -251,7 +251,6 @@ def _update_stats(stats: Stats, step, proposal: Proposal, n_B, p_BK1V, active_B,
 def verify_phase(spec: DecodeSpec, target: Transformer, target_params,
                  state: DecodeState, proposal: Proposal, run: RunParams) -> DecodeState:
   """Steps 2-4: one target call over [last, d_0 .. d_{K-1}], accept, commit."""
-  batch = spec.batch_size
   k = proposal.draft_BK.shape[1]
   last_B1 = jnp.take_along_axis(state.tokens_BS, state.length_B[:, None] - 1, axis=1)
   block_BK1 = jnp.concatenate([last_B1, proposal.draft_BK], axis=1)
@@ -275,7 +274,6 @@ def verify_phase(spec: DecodeSpec, target: Transformer, target_params,
                                  proposal.num_proposed_B, active_B, run.k)
   state = state.replace(target_cache=target_cache, policy_state=policy_state, stats=stats)
   state, _ = _commit(spec, state, proposal.draft_BK, n_B, x_B)
-  del batch
   return state.replace(step=state.step + 1)
 
 
