@@ -255,6 +255,12 @@ def diagnose(m: dict) -> Diagnosis:
       outputs_identical: greedy speculative == greedy target (bool or None);
       fidelity_passed: sampling fidelity test result (bool or None);
       measured_speedup (or speedup): measured over plain decoding;
+      tokens_per_call (and baseline_tokens_per_call, default 1): measured
+        committed tokens per target call, pooled like the timings; when
+        given with k and c, the prediction is tokens_per_call /
+        baseline_tokens_per_call / (K c + verify_cost), which holds for
+        drafters that often propose fewer than K tokens (n-gram, threshold)
+        where the i.i.d. formula from a overestimates;
       predicted_speedup: used only when a, k or c is missing; otherwise it
         is recomputed including the measured verify cost, so that a slow
         verify pass is not mistaken for host overhead.
@@ -306,9 +312,14 @@ def _measured_a_k_c(m: dict) -> tuple:
 
 def _prediction(m: dict, a, k, c, verify_fn) -> float | None:
   """Predicted speedup at the run's K, with the measured verify cost if any."""
+  verify_cost = 1.0 if verify_fn is None or k is None else verify_fn(k)
+  tokens = _get_float(m, "tokens_per_call")
+  if tokens is not None and k is not None and c is not None:
+    baseline_tokens = _get_float(m, "baseline_tokens_per_call", 1.0)
+    return tokens / baseline_tokens / (k * c + verify_cost)
   if a is None or k is None or c is None:
     return _get_float(m, "predicted_speedup")
-  return predicted_speedup(a, k, c, 1.0 if verify_fn is None else verify_fn(k))
+  return predicted_speedup(a, k, c, verify_cost)
 
 
 def _exactness_findings(m: dict) -> list:

@@ -189,3 +189,19 @@ def test_format_diagnosis():
   assert "low_acceptance" in text and "plain decoding" in text
   assert "measured=?x" in text
   assert dg.format_diagnosis(dg.diagnose({})).startswith("Bottleneck: ok")
+
+
+def test_prediction_uses_measured_tokens_per_call():
+  # An n-gram run: drafts are accepted at a = 0.5 when proposed, but many
+  # steps propose nothing, so pooled tokens per call is 1.27, far below the
+  # i.i.d. 1 + a + ... + a^4 = 1.94. Measured 1.0x is then what the model
+  # time predicts (1.27 / (4 * 0.01 + 1.29) = 0.955x), not host overhead.
+  m = {"acceptance_rate": 0.5, "k": 4, "cost_ratio_c": 0.01,
+       "verify_cost_by_k": {"4": 1.29}, "measured_speedup": 0.9}
+  assert "host_overhead" in _codes(dg.diagnose(m))
+  d = dg.diagnose({**m, "tokens_per_call": 1.27, "baseline_tokens_per_call": 1.0})
+  assert "host_overhead" not in _codes(d)
+  assert d.predicted_speedup == pytest.approx(1.27 / (0.04 + 1.29))
+  # baseline_tokens_per_call scales the prediction (e.g. prefill counted).
+  d = dg.diagnose({**m, "tokens_per_call": 1.27, "baseline_tokens_per_call": 1.27 / 2})
+  assert d.predicted_speedup == pytest.approx(2 / 1.33)

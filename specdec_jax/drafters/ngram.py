@@ -9,13 +9,17 @@ from specdec_jax.drafters.base import DraftContext, Proposal
 
 @dataclasses.dataclass(frozen=True)
 class NgramDrafter:
-  """Finds the most recent earlier occurrence of the row's last n tokens in
-  its own committed tokens and proposes the tokens that followed.
+  """Finds an earlier occurrence of the row's last n tokens in its own
+  committed tokens and proposes the tokens that followed.
 
-  Tries n = max_n down to min_n and uses the longest n that matches. Fully on
-  device with static shapes (O(S * max_n^2) compares per row). Proposals
-  never run past the committed text, so a short continuation proposes fewer
-  than K drafts; no match proposes none. Deterministic: q is one-hot.
+  Tries n = max_n down to min_n and uses the longest n that matches. Among
+  the matches of that n it takes the one whose continuation is longest, up
+  to the row's draft length, and the most recent among those: the most
+  recent match alone often sits just before the end of the text and can
+  offer only a token or two. Fully on device with static shapes
+  (O(S * max_n^2) compares per row). Proposals never run past the committed
+  text, so a short continuation proposes fewer than K drafts; no match
+  proposes none. Deterministic: q is one-hot.
   """
 
   max_n: int = 3
@@ -44,6 +48,7 @@ class NgramDrafter:
     padded_BS = jnp.concatenate(
         [tokens_BS, jnp.full((batch, self.max_n), -1, tokens_BS.dtype)], axis=1)
 
+    wanted_B = jnp.minimum(ctx.max_k_B, k)
     continuation_B = jnp.full((batch,), -1, jnp.int32)
     for n in range(self.max_n, self.min_n - 1, -1):
       match_BS = jnp.ones((batch, num_slots), bool)
@@ -54,9 +59,13 @@ class NgramDrafter:
       # The match must end before the last committed token, so that at least
       # one token follows it; this also excludes the suffix itself.
       valid_BS = (starts_S[None, :] + n <= length_B[:, None] - 1) & (length_B[:, None] > n)
-      start_B = jnp.max(jnp.where(match_BS & valid_BS, starts_S[None, :], -1), axis=1)
-      found_B = (start_B >= 0) & (continuation_B < 0)
-      continuation_B = jnp.where(found_B, start_B + n, continuation_B)
+      # Score: tokens available after the match (capped at the wanted
+      # length) first, recency second.
+      available_BS = jnp.minimum(length_B[:, None] - (starts_S[None, :] + n), wanted_B[:, None])
+      score_BS = jnp.where(match_BS & valid_BS, available_BS * num_slots + starts_S[None, :], -1)
+      best_start_B = jnp.argmax(score_BS, axis=1)
+      found_B = (jnp.max(score_BS, axis=1) >= 0) & (continuation_B < 0)
+      continuation_B = jnp.where(found_B, best_start_B + n, continuation_B).astype(jnp.int32)
 
     draft_pos_BK = continuation_B[:, None] + jnp.arange(k)[None, :]
     draft_BK = jnp.take_along_axis(tokens_BS, jnp.clip(draft_pos_BK, 0, num_slots - 1), axis=1)
