@@ -261,6 +261,8 @@ def diagnose(m: dict) -> Diagnosis:
         baseline_tokens_per_call / (K c + verify_cost), which holds for
         drafters that often propose fewer than K tokens (n-gram, threshold)
         where the i.i.d. formula from a overestimates;
+      prefill_fraction: share of plain decoding's model time spent in
+        prefill, which speculation does not shorten (default 0);
       predicted_speedup: used only when a, k or c is missing; otherwise it
         is recomputed including the measured verify cost, so that a slow
         verify pass is not mistaken for host overhead.
@@ -316,10 +318,15 @@ def _prediction(m: dict, a, k, c, verify_fn) -> float | None:
   tokens = _get_float(m, "tokens_per_call")
   if tokens is not None and k is not None and c is not None:
     baseline_tokens = _get_float(m, "baseline_tokens_per_call", 1.0)
-    return tokens / baseline_tokens / (k * c + verify_cost)
-  if a is None or k is None or c is None:
+    decode_speedup = tokens / baseline_tokens / (k * c + verify_cost)
+  elif a is None or k is None or c is None:
     return _get_float(m, "predicted_speedup")
-  return predicted_speedup(a, k, c, verify_cost)
+  else:
+    decode_speedup = predicted_speedup(a, k, c, verify_cost)
+  prefill = _get_float(m, "prefill_fraction", 0.0)
+  if not 0.0 <= prefill < 1.0:
+    raise ValueError(f"prefill_fraction must be in [0, 1), got {prefill}")
+  return 1.0 / (prefill + (1.0 - prefill) / decode_speedup)
 
 
 def _exactness_findings(m: dict) -> list:

@@ -285,17 +285,22 @@ class Generator:
   def phase_costs(self, target_params, draft_params, prompts, *, iters=10,
                   k=None, temperature=0.0, top_k=0, top_p=1.0, tau=0.0,
                   budget=1) -> dict:
-    """Median seconds of one draft phase and one verify phase (warm).
+    """Median seconds of one prefill, one draft phase and one verify phase
+    (warm): keys prefill_s, draft_s, verify_s.
 
-    Both run repeatedly on the same freshly prefilled state, so each call does
-    the work of a real step at the start of generation.
+    Draft and verify run repeatedly on the same freshly prefilled state, so
+    each call does the work of a real step at the start of generation.
     """
     prompts, max_new, seeds, k = self._normalise(prompts[:self.batch_size], None, None, k)
     self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget)
     run = self._run_params(k, temperature, top_k, top_p, tau, budget)
     greedy = temperature == 0
     packed = self._pack(prompts, max_new, seeds)
-    state = self._fn("prefill", greedy)(target_params, draft_params, *packed, run)
+    prefill_fn = self._fn("prefill", greedy)
+    call = lambda: jax.block_until_ready(prefill_fn(target_params, draft_params, *packed, run))
+    call()
+    prefill_s = median_time(call, max(1, iters // 4))
+    state = prefill_fn(target_params, draft_params, *packed, run)
     if self.drafter is None:
       proposal = decode.empty_proposal(self.batch_size)
       draft_s = 0.0
@@ -308,7 +313,7 @@ class Generator:
     verify_fn = self._fn("verify_phase", greedy)
     call = lambda: jax.block_until_ready(verify_fn(target_params, state, proposal, run))
     call()
-    return {"draft_s": draft_s, "verify_s": median_time(call, iters)}
+    return {"prefill_s": prefill_s, "draft_s": draft_s, "verify_s": median_time(call, iters)}
 
   def iterate(self, target_params, draft_params, prompts, *, max_new_tokens=None,
               seeds=None, k=None, temperature=0.0, top_k=0, top_p=1.0, tau=0.0,

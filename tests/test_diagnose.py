@@ -205,3 +205,14 @@ def test_prediction_uses_measured_tokens_per_call():
   # baseline_tokens_per_call scales the prediction (e.g. prefill counted).
   d = dg.diagnose({**m, "tokens_per_call": 1.27, "baseline_tokens_per_call": 1.27 / 2})
   assert d.predicted_speedup == pytest.approx(2 / 1.33)
+
+
+def test_prefill_share_limits_the_prediction():
+  m = {"acceptance_rate": 0.8, "k": 4, "cost_ratio_c": 0.05}
+  decode_only = dg.diagnose(m).predicted_speedup
+  assert decode_only == pytest.approx(dg.tokens_per_call(0.8, 4) / 1.2)
+  # Amdahl: a quarter of plain decoding's time is prefill, which stays.
+  d = dg.diagnose({**m, "prefill_fraction": 0.25})
+  assert d.predicted_speedup == pytest.approx(1 / (0.25 + 0.75 / decode_only))
+  with pytest.raises(ValueError, match="prefill_fraction"):
+    dg.diagnose({**m, "prefill_fraction": 1.0})

@@ -114,11 +114,21 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   # per-row means in ``acc`` weight a short row as much as a long one).
   tokens_per_call = tokens(ordered_spec) / max(spec_calls, 1)
   baseline_tokens_per_call = tokens(ordered_base) / max(base_calls, 1)
-  # Model-time prediction: target calls saved, times the cost of one
-  # speculative step (draft phase + verify of K+1) in plain decode steps.
-  step_cost = config.k * cost_ratio_c + verify_cost
-  predicted = (tokens_per_call / baseline_tokens_per_call) / step_cost
-  model_time = spec_calls * (spec_costs["draft_s"] + spec_costs["verify_s"])
+  # Prefill is the same work in both runs and speculation does not speed it
+  # up; its share of plain decoding's model time enters the prediction.
+  base_steps = _loop_steps(groups, ordered_base, config.batch_size)
+  spec_steps = _loop_steps(groups, ordered_spec, config.batch_size)
+  num_batches = sum(-(-len(idx) // config.batch_size) for idx in groups.values())
+  prefill_time = num_batches * base_costs["prefill_s"]
+  prefill_fraction = prefill_time / (prefill_time + base_steps * target_step_s)
+  diagnosis_inputs = {
+      "k": config.k, "cost_ratio_c": cost_ratio_c, "acceptance_rate": a,
+      "verify_cost_by_k": {str(config.k): verify_cost}, "tokens_per_call": tokens_per_call,
+      "baseline_tokens_per_call": baseline_tokens_per_call,
+      "prefill_fraction": prefill_fraction}
+  predicted = diagnose.diagnose(diagnosis_inputs).predicted_speedup
+  model_time = (num_batches * spec_costs["prefill_s"]
+                + spec_steps * (spec_costs["draft_s"] + spec_costs["verify_s"]))
   summary = {
       "job": "benchmark", "drafter": config.drafter, "rule": config.rule,
       "policy": config.policy, "k": config.k, "k_max": k_slots,
@@ -132,7 +142,9 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
       "target_calls_baseline": base_calls, "target_calls_speculative": spec_calls,
       "cost_ratio_c": cost_ratio_c, "verify_cost_ratio": verify_cost,
       "target_step_s": target_step_s, "draft_phase_s": spec_costs["draft_s"],
-      "verify_phase_s": spec_costs["verify_s"],
+      "verify_phase_s": spec_costs["verify_s"], "prefill_s": base_costs["prefill_s"],
+      "prefill_fraction": prefill_fraction,
+      "loop_steps_baseline": base_steps, "loop_steps_speculative": spec_steps,
       "tokens_per_call": tokens_per_call,
       "baseline_tokens_per_call": baseline_tokens_per_call,
       # From the measured tokens per call, c and verify cost: the gap to the
@@ -149,7 +161,7 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
       "per_category": per_category,
       **acc,
   }
-  summary["verify_cost_by_k"] = {str(config.k): verify_cost}
+  summary["verify_cost_by_k"] = diagnosis_inputs["verify_cost_by_k"]
   diagnosis = diagnose.diagnose(summary)
   summary["diagnosis"] = {
       "bottleneck": diagnosis.bottleneck, "best_k": diagnosis.best_k,
@@ -170,6 +182,16 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   return summary, records
 
 
+def _loop_steps(groups, rows, batch_size: int) -> int:
+  """Compiled loop iterations: per batch (consecutive prompts of a category,
+  as ``Generator.generate`` chunks them), its longest row's target calls."""
+  steps = 0
+  for idx in groups.values():
+    for start in range(0, len(idx), batch_size):
+      steps += max(rows[i].target_calls for i in idx[start:start + batch_size])
+  return steps
+
+
 def format_table(summary: dict) -> str:
   """A readable stdout table."""
   lines = [f"{'category':<16}{'n':>3}{'base tok/s':>12}{'spec tok/s':>12}"
@@ -186,7 +208,8 @@ def format_table(summary: dict) -> str:
         f"{(row['acceptance_rate'] or 0):>8.2f}{(row['mean_accepted_length'] or 0):>9.2f}")
   lines.append(
       f"K={summary['k']} drafter={summary['drafter']} c={summary['cost_ratio_c']:.3f} "
-      f"verify_cost={summary['verify_cost_ratio']:.2f} predicted={summary['predicted_speedup']:.2f}x "
+      f"verify_cost={summary['verify_cost_ratio']:.2f} tokens/call={summary['tokens_per_call']:.2f} "
+      f"prefill={100 * summary['prefill_fraction']:.0f}% predicted={summary['predicted_speedup']:.2f}x "
       f"measured={summary['speedup']:.2f}x outputs_identical={summary['outputs_identical']} "
       f"compiles_after_warmup={summary['compiles_after_warmup']}")
   return "\n".join(lines)
