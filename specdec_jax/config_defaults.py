@@ -60,7 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.prompt_texts = ("Hello, world!",)
   c.max_prompts = 0             # 0 = all selected prompts
 
-  c.benchmark = ml_collections.ConfigDict(dict(repeats=3, warmup=1, timing_iters=10))
+  c.benchmark = ml_collections.ConfigDict(dict(repeats=3, warmup=1, timing_iters=10,
+                                                timing_rounds=5))
   c.fidelity = ml_collections.ConfigDict(dict(
       num_samples=20000, num_tokens=3, vocab_size=6, batch_size=2000, alpha=0.01,
       logit_scale=1.5))

@@ -27,12 +27,12 @@ BAD_CONFIGS = {
     "unknown_nested_field": (["--config.model.bogus_field=1"], "bogus_field"),
 }
 
+BENCH_QUICK = ("--config.benchmark.repeats=1", "--config.benchmark.timing_iters=3",
+               "--config.benchmark.timing_rounds=2")
 JOBS = {
     "generate": [],
-    "bench_ngram": ["--config.job=benchmark", "--config.drafter=ngram",
-                    "--config.benchmark.repeats=1", "--config.benchmark.timing_iters=3"],
-    "bench_model": ["--config.job=benchmark", "--config.drafter=model",
-                    "--config.benchmark.repeats=1", "--config.benchmark.timing_iters=3"],
+    "bench_ngram": ["--config.job=benchmark", "--config.drafter=ngram", *BENCH_QUICK],
+    "bench_model": ["--config.job=benchmark", "--config.drafter=model", *BENCH_QUICK],
     **{f"bad_{name}": args for name, (args, _) in BAD_CONFIGS.items()},
 }
 
