@@ -26,6 +26,10 @@ from specdec_jax.models.transformer import Transformer
 MIN_BUCKET = 16
 # What each jitted phase's arguments are, for sharded jitting (sharding.py).
 _BATCH5 = ("batch",) * 5
+# The phases used one at a time (trace mode, phase timing) take the decode
+# state by donation: the caches inside are updated in place instead of being
+# copied on every call, as inside the fused loop.
+_DONATE = {"draft_phase": (1,), "verify_phase": (1,)}
 _ARG_KINDS = {
     "generate_loop": ("target_params", "draft_params", *_BATCH5, "replicated"),
     "prefill": ("target_params", "draft_params", *_BATCH5, "replicated"),
@@ -169,10 +173,11 @@ class Generator:
 
       fns = {"generate_loop": generate_loop, "prefill": prefill,
              "draft_phase": draft_phase, "verify_phase": verify_phase}
+      donate = _DONATE.get(name, ())
       if self.shardings is None:
-        self._jitted[key] = jax.jit(fns[name])
+        self._jitted[key] = jax.jit(fns[name], donate_argnums=donate)
       else:
-        self._jitted[key] = self.shardings.jit(fns[name], _ARG_KINDS[name])
+        self._jitted[key] = self.shardings.jit(fns[name], _ARG_KINDS[name], donate)
     return self._jitted[key]
 
   # ----- validation and batching --------------------------------------------
@@ -288,8 +293,10 @@ class Generator:
     """Median seconds of one prefill, one draft phase and one verify phase
     (warm): keys prefill_s, draft_s, verify_s.
 
-    Draft and verify run repeatedly on the same freshly prefilled state, so
-    each call does the work of a real step at the start of generation.
+    Draft and verify run repeatedly from a freshly prefilled state, which
+    each call takes by donation and passes on (as the fused loop updates its
+    caches in place, a copy of them would be timed otherwise); the verify
+    calls re-check the same proposal, the same work as a real step.
     """
     prompts, max_new, seeds, k = self._normalise(prompts[:self.batch_size], None, None, k)
     self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget)
@@ -300,20 +307,27 @@ class Generator:
     call = lambda: jax.block_until_ready(prefill_fn(target_params, draft_params, *packed, run))
     call()
     prefill_s = median_time(call, max(1, iters // 4))
-    state = prefill_fn(target_params, draft_params, *packed, run)
+    box = {"state": prefill_fn(target_params, draft_params, *packed, run)}
     if self.drafter is None:
-      proposal = decode.empty_proposal(self.batch_size)
+      box["proposal"] = decode.empty_proposal(self.batch_size)
       draft_s = 0.0
     else:
       draft_fn = self._fn("draft_phase", greedy)
-      call = lambda: jax.block_until_ready(draft_fn(draft_params, state, run))
-      call()
-      draft_s = median_time(call, iters)
-      proposal, _ = draft_fn(draft_params, state, run)
+
+      def draft_call():
+        box["proposal"], box["state"] = jax.block_until_ready(
+            draft_fn(draft_params, box["state"], run))
+
+      draft_call()
+      draft_s = median_time(draft_call, iters)
     verify_fn = self._fn("verify_phase", greedy)
-    call = lambda: jax.block_until_ready(verify_fn(target_params, state, proposal, run))
-    call()
-    return {"prefill_s": prefill_s, "draft_s": draft_s, "verify_s": median_time(call, iters)}
+
+    def verify_call():
+      box["state"] = jax.block_until_ready(
+          verify_fn(target_params, box["state"], box["proposal"], run))
+
+    verify_call()
+    return {"prefill_s": prefill_s, "draft_s": draft_s, "verify_s": median_time(verify_call, iters)}
 
   def iterate(self, target_params, draft_params, prompts, *, max_new_tokens=None,
               seeds=None, k=None, temperature=0.0, top_k=0, top_p=1.0, tau=0.0,

@@ -361,8 +361,8 @@ class GenerationShardings:
       drafter = dataclasses.replace(drafter, model=ConstrainedModel(model, self.cache("draft")))
     return target, drafter
 
-  def jit(self, fn: Callable, kinds: Sequence[str]) -> "ShardedJit":
-    return ShardedJit(fn, kinds, self)
+  def jit(self, fn: Callable, kinds: Sequence[str], donate: Sequence[int] = ()) -> "ShardedJit":
+    return ShardedJit(fn, kinds, self, donate)
 
   def fetch(self, state) -> Any:
     """Host copy of a DecodeOutput / DecodeState (caches dropped).
@@ -420,8 +420,10 @@ class ShardedJit:
   placed into their shardings before the call; already placed ones are kept.
   """
 
-  def __init__(self, fn: Callable, kinds: Sequence[str], shardings: GenerationShardings):
+  def __init__(self, fn: Callable, kinds: Sequence[str], shardings: GenerationShardings,
+               donate: Sequence[int] = ()):
     self.fn, self.kinds, self.shardings = fn, tuple(kinds), shardings
+    self.donate = tuple(donate)
     self.jitted = None
     self.in_shardings = self.out_shardings = None
 
@@ -431,7 +433,7 @@ class ShardedJit:
     out = jax.eval_shape(self.fn, *args)
     self.out_shardings = self.shardings.state(out)
     self.jitted = jax.jit(self.fn, in_shardings=self.in_shardings,
-                          out_shardings=self.out_shardings)
+                          out_shardings=self.out_shardings, donate_argnums=self.donate)
 
   def place(self, args) -> tuple:
     if self.jitted is None:
