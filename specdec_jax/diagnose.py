@@ -261,6 +261,9 @@ def diagnose(m: dict) -> Diagnosis:
         baseline_tokens_per_call / (K c + verify_cost), which holds for
         drafters that often propose fewer than K tokens (n-gram, threshold)
         where the i.i.d. formula from a overestimates;
+      call_reduction: plain decoding's target calls per speculative target
+        call, as loop steps (a batch runs until its slowest row is done);
+        preferred over tokens_per_call when given;
       prefill_fraction: share of plain decoding's model time spent in
         prefill, which speculation does not shorten (default 0);
       predicted_speedup: used only when a, k or c is missing; otherwise it
@@ -315,10 +318,12 @@ def _measured_a_k_c(m: dict) -> tuple:
 def _prediction(m: dict, a, k, c, verify_fn) -> float | None:
   """Predicted speedup at the run's K, with the measured verify cost if any."""
   verify_cost = 1.0 if verify_fn is None or k is None else verify_fn(k)
+  reduction = _get_float(m, "call_reduction")
   tokens = _get_float(m, "tokens_per_call")
-  if tokens is not None and k is not None and c is not None:
-    baseline_tokens = _get_float(m, "baseline_tokens_per_call", 1.0)
-    decode_speedup = tokens / baseline_tokens / (k * c + verify_cost)
+  if reduction is None and tokens is not None:
+    reduction = tokens / _get_float(m, "baseline_tokens_per_call", 1.0)
+  if reduction is not None and k is not None and c is not None:
+    decode_speedup = reduction / (k * c + verify_cost)
   elif a is None or k is None or c is None:
     return _get_float(m, "predicted_speedup")
   else:

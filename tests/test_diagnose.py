@@ -216,3 +216,13 @@ def test_prefill_share_limits_the_prediction():
   assert d.predicted_speedup == pytest.approx(1 / (0.25 + 0.75 / decode_only))
   with pytest.raises(ValueError, match="prefill_fraction"):
     dg.diagnose({**m, "prefill_fraction": 1.0})
+
+
+def test_call_reduction_outranks_pooled_tokens_per_call():
+  # Batch 8: rows average 2.5 tokens per call, but each batch runs until its
+  # slowest row is done, so loop steps fall only 1.6x.
+  m = {"k": 4, "cost_ratio_c": 0.0, "verify_cost_by_k": {"4": 1.6},
+       "tokens_per_call": 2.5, "call_reduction": 1.6}
+  assert dg.diagnose(m).predicted_speedup == pytest.approx(1.0)
+  del m["call_reduction"]
+  assert dg.diagnose(m).predicted_speedup == pytest.approx(2.5 / 1.6)

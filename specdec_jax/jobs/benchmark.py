@@ -139,7 +139,7 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
       "k": config.k, "cost_ratio_c": cost_ratio_c, "acceptance_rate": a,
       "verify_cost_by_k": {str(config.k): verify_cost}, "tokens_per_call": tokens_per_call,
       "baseline_tokens_per_call": baseline_tokens_per_call,
-      "prefill_fraction": prefill_fraction}
+      "call_reduction": base_steps / max(spec_steps, 1), "prefill_fraction": prefill_fraction}
   predicted = diagnose.diagnose(diagnosis_inputs).predicted_speedup
   model_time = (num_batches * spec_costs["prefill_s"]
                 + spec_steps * (spec_costs["draft_s"] + spec_costs["verify_s"]))
@@ -159,6 +159,7 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
       "verify_phase_s": spec_costs["verify_s"], "prefill_s": base_costs["prefill_s"],
       "prefill_fraction": prefill_fraction,
       "loop_steps_baseline": base_steps, "loop_steps_speculative": spec_steps,
+      "call_reduction": diagnosis_inputs["call_reduction"],
       "tokens_per_call": tokens_per_call,
       "baseline_tokens_per_call": baseline_tokens_per_call,
       # From the measured tokens per call, c and verify cost: the gap to the
