@@ -8,7 +8,7 @@ sampled completions of the prompt suite and of templated instructions, with
 the target's distributions over the prompts at half weight.
 
   python -m specdec_jax.main --config=configs/distill_smollm2.py \
-      --workdir=/tmp/distill_smollm2 --config.train_steps=600
+      --workdir=/tmp/distill_smollm2
   python -m specdec_jax.main --config=configs/smollm2.py --workdir=/tmp/bench \
       --config.job=benchmark --config.drafter=model \
       --config.draft_checkpoint=/tmp/distill_smollm2
@@ -16,10 +16,13 @@ the target's distributions over the prompts at half weight.
 A killed run resumes from its last checkpoint when rerun with the same flags;
 the generated data in WORKDIR/data is reused (only missing shards are made).
 
-On a shared 2-core CPU the data is the bottleneck (sampling runs at ~5-25
-tokens/s): with ~4k sampled tokens the draft overfits after ~20 epochs
-(train top-1 0.9, held-out greedy acceptance ~0.13), so spend the time on
-samples (num_templated) and keep train_steps near 20-25 epochs of the data.
+On a 2-core CPU the data is the bottleneck: these defaults sample 484
+completions (51k tokens) at ~57 tokens/s in ~17 min, then train 800 steps
+(~13 epochs) in ~6 min. Measured (quiet machine): held-out greedy K=4
+acceptance 0.004 untrained, 0.21 after training (0.13 with 4k sampled tokens;
+a 576-wide draft copying target layers 0-1 reached 0.23 at c ~0.09). More
+samples (num_templated) help more than more steps: the draft overfits (train
+top-1 0.68 vs held-out ~0.2).
 """
 
 import os
@@ -35,14 +38,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.job = "distill"
   config.drafter = "model"
   config.k = 4
-  config.train_steps = 600
+  config.train_steps = 800
   config.draft = config_defaults.random_model(
       vocab_size=49152, num_layers=2, d_model=256, num_heads=4, num_kv_heads=1,
       head_dim=64, ffn_dim=768, rope_theta=100000.0, tie_embeddings=False, init_seed=1)
   d = config.distill
   d.prompts = "all"
   d.samples_per_prompt = 1
-  d.num_templated = 240
+  d.num_templated = 440
   d.gen_temperature = 0.8
   d.gen_max_new_tokens = 128
   d.gen_batch_size = 8
