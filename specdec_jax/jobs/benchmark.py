@@ -135,12 +135,6 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   num_batches = sum(-(-len(idx) // config.batch_size) for idx in groups.values())
   prefill_time = num_batches * base_costs["prefill_s"]
   prefill_fraction = prefill_time / (prefill_time + base_steps * target_step_s)
-  diagnosis_inputs = {
-      "k": config.k, "cost_ratio_c": cost_ratio_c, "acceptance_rate": a,
-      "verify_cost_by_k": {str(config.k): verify_cost}, "tokens_per_call": tokens_per_call,
-      "baseline_tokens_per_call": baseline_tokens_per_call,
-      "call_reduction": base_steps / max(spec_steps, 1), "prefill_fraction": prefill_fraction}
-  predicted = diagnose.diagnose(diagnosis_inputs).predicted_speedup
   model_time = (num_batches * spec_costs["prefill_s"]
                 + spec_steps * (spec_costs["draft_s"] + spec_costs["verify_s"]))
   summary = {
@@ -159,12 +153,10 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
       "verify_phase_s": spec_costs["verify_s"], "prefill_s": base_costs["prefill_s"],
       "prefill_fraction": prefill_fraction,
       "loop_steps_baseline": base_steps, "loop_steps_speculative": spec_steps,
-      "call_reduction": diagnosis_inputs["call_reduction"],
+      "call_reduction": base_steps / max(spec_steps, 1),
       "tokens_per_call": tokens_per_call,
       "baseline_tokens_per_call": baseline_tokens_per_call,
-      # From the measured tokens per call, c and verify cost: the gap to the
-      # measured speedup is time outside the models.
-      "predicted_speedup": predicted,
+      "verify_cost_by_k": {str(config.k): verify_cost},
       # Leviathan et al.'s i.i.d. model from the per-token acceptance rate;
       # it overestimates drafters that often propose fewer than K tokens.
       "predicted_speedup_iid": diagnose.predicted_speedup(a, config.k, cost_ratio_c, verify_cost),
@@ -176,8 +168,10 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
       "per_category": per_category,
       **acc,
   }
-  summary["verify_cost_by_k"] = diagnosis_inputs["verify_cost_by_k"]
   diagnosis = diagnose.diagnose(summary)
+  # From the measured call reduction, c, verify cost and prefill share: the
+  # gap to the measured speedup is time outside the models.
+  summary["predicted_speedup"] = diagnosis.predicted_speedup
   summary["diagnosis"] = {
       "bottleneck": diagnosis.bottleneck, "best_k": diagnosis.best_k,
       "best_k_predicted_speedup": diagnosis.best_k_speedup,
