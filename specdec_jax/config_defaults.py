@@ -89,6 +89,8 @@ def distill_defaults() -> ml_collections.ConfigDict:
       teacher_batch_size=4,
       seed=0,                   # sampling seeds, draft init and batch order
       # draft
+      draft_kind="model",       # model (a small Transformer) | feature (EAGLE-style:
+                                # reads the target's hidden states; d_model = target's)
       head_size=0,              # > 0: restricted head over the N most frequent tokens
       init_from_target=False,   # start from the target's embeddings (projected), head
                                 # rows and, for same-shape blocks, layers
@@ -96,6 +98,9 @@ def distill_defaults() -> ml_collections.ConfigDict:
       train_embedding=False,    # an untied draft keeps the target's embeddings frozen
       # optimisation
       loss="kl+tv",             # kl | tv | kl+tv
+      feature_loss_weight=1.0,  # feature draft: weight of smooth-L1(g, target feature)
+      unroll=1,                 # feature draft: passes, each reading the last one's g
+      feature_train_head=False, # feature draft: train its head rows (else the target's, frozen)
       batch_size=8,
       seq_len=128,              # training window: the last seq_len tokens of a sample
       prompt_loss_weight=0.0,   # weight of prompt positions (completions weigh 1)

@@ -132,10 +132,12 @@ def prefill(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
   batch, prompt_slots = prompt_BT.shape
   positions_BT = jnp.broadcast_to(jnp.arange(prompt_slots, dtype=jnp.int32), prompt_BT.shape)
   cache = target.init_cache(batch, spec.num_slots)
-  _, cache = target.apply(target_params, prompt_BT, positions_BT, cache)
+  _, hidden_BTD, cache = target.apply_with_hidden(target_params, prompt_BT, positions_BT, cache)
   drafter_state = ()
   if drafter is not None and spec.k_max > 0:
     drafter_state = drafter.init_state(batch, spec.num_slots)
+    if reads_target_features(drafter):
+      drafter_state = drafter.record_features(drafter_state, hidden_BTD, positions_BT)
     drafter_state = drafter.prefill(draft_params, drafter_state, prompt_BT, positions_BT)
   tokens_BS = jnp.zeros((batch, spec.num_slots), jnp.int32)
   tokens_BS = tokens_BS.at[:, :prompt_slots].set(prompt_BT)
@@ -146,6 +148,12 @@ def prefill(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
       target_cache=cache, drafter_state=drafter_state,
       policy_state=policies.init_state(batch, run.k), step=jnp.int32(0),
       stats=_init_stats(spec))
+
+
+def reads_target_features(drafter: Drafter | None) -> bool:
+  """Whether the drafter conditions on the target's hidden states (EAGLE-style):
+  the loop then hands it every target pass's ``hidden_BTD``."""
+  return bool(getattr(drafter, "reads_target_features", False))
 
 
 def _draft_purpose(spec: DecodeSpec) -> int:
@@ -248,15 +256,23 @@ def _update_stats(stats: Stats, step, proposal: Proposal, n_B, p_BK1V, active_B,
       target_calls_B=stats.target_calls_B + active_B)
 
 
-def verify_phase(spec: DecodeSpec, target: Transformer, target_params,
-                 state: DecodeState, proposal: Proposal, run: RunParams) -> DecodeState:
-  """Steps 2-4: one target call over [last, d_0 .. d_{K-1}], accept, commit."""
+def verify_phase(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
+                 target_params, state: DecodeState, proposal: Proposal,
+                 run: RunParams) -> DecodeState:
+  """Steps 2-4: one target call over [last, d_0 .. d_{K-1}], accept, commit.
+
+  A drafter that reads the target's features gets this pass's hidden states
+  (valid for the committed positions, stale beyond: the cache invariant).
+  """
   k = proposal.draft_BK.shape[1]
   last_B1 = jnp.take_along_axis(state.tokens_BS, state.length_B[:, None] - 1, axis=1)
   block_BK1 = jnp.concatenate([last_B1, proposal.draft_BK], axis=1)
   positions_BK1 = state.length_B[:, None] - 1 + jnp.arange(k + 1)[None, :]
-  logits_BK1V, target_cache = target.apply(target_params, block_BK1, positions_BK1,
-                                           state.target_cache)
+  logits_BK1V, hidden_BK1D, target_cache = target.apply_with_hidden(
+      target_params, block_BK1, positions_BK1, state.target_cache)
+  if k > 0 and reads_target_features(drafter):
+    state = state.replace(drafter_state=drafter.record_features(
+        state.drafter_state, hidden_BK1D, positions_BK1))
   n_B, x_B, p_BK1V = _accept(spec, proposal, logits_BK1V, state, run)
   active_B = state.finish_B == RUNNING
   greedy_p = None
@@ -280,7 +296,7 @@ def verify_phase(spec: DecodeSpec, target: Transformer, target_params,
 def step(spec, target, drafter, target_params, draft_params, state, run) -> DecodeState:
   """One speculative step for all rows (plain decoding when k_max == 0)."""
   proposal, state = draft_phase(spec, drafter, draft_params, state, run)
-  return verify_phase(spec, target, target_params, state, proposal, run)
+  return verify_phase(spec, target, drafter, target_params, state, proposal, run)
 
 
 def generate_loop(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,

@@ -169,7 +169,7 @@ class Generator:
         return decode.draft_phase(spec, drafter, dp, state, run)
 
       def verify_phase(tp, state, proposal, run):
-        return decode.verify_phase(spec, target, tp, state, proposal, run)
+        return decode.verify_phase(spec, target, drafter, tp, state, proposal, run)
 
       fns = {"generate_loop": generate_loop, "prefill": prefill,
              "draft_phase": draft_phase, "verify_phase": verify_phase}

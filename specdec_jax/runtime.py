@@ -15,9 +15,10 @@ import ml_collections
 from specdec_jax import policies
 from specdec_jax import sampling
 from specdec_jax import verify
-from specdec_jax.drafters import DRAFTERS, ModelDrafter, NgramDrafter
+from specdec_jax.drafters import DRAFTERS, NgramDrafter, for_draft_model
 from specdec_jax.generation import Generator
 from specdec_jax.models.config import ModelConfig
+from specdec_jax.models.feature_draft import FeatureDraft, check_compatible
 from specdec_jax.models.tokenizers import ByteTokenizer, Tokenizer
 from specdec_jax.models.transformer import Transformer
 
@@ -184,23 +185,54 @@ class Runtime:
     return self.tokenizer.encode(text, add_bos=self.tokenizer.bos_id is not None)
 
 
-def build_drafter(config, target: Transformer, sharding_fn=None) -> tuple[Any, Any]:
-  """(drafter or None, draft params) for ``config.drafter``."""
+def build_drafter(config, target: Transformer, sharding_fn=None,
+                  target_params=None) -> tuple[Any, Any]:
+  """(drafter or None, draft params) for ``config.drafter``.
+
+  ``model`` and ``feature`` read ``config.draft_checkpoint`` (a distill
+  workdir) when set; its draft kind must match. Without one, ``model`` loads
+  ``config.draft`` and ``feature`` builds a random feature draft of
+  ``config.draft.num_layers`` target-shaped blocks over the target's
+  embedding (tests, smoke runs), which needs ``target_params``.
+  """
   if config.drafter == "ngram":
     return NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n), {}
-  if config.drafter != "model":
+  if config.drafter not in ("model", "feature"):
     return None, {}
   if config.draft_checkpoint:
     from specdec_jax.distill import checkpoints as distill_checkpoints
-    draft_cfg, draft_params = distill_checkpoints.restore_latest_draft(config.draft_checkpoint)
-    draft_model = Transformer(draft_cfg)
+    draft_model, draft_params = distill_checkpoints.restore_latest_draft(
+        config.draft_checkpoint)
+    kind = "feature" if isinstance(draft_model, FeatureDraft) else "model"
+    if kind != config.drafter:
+      raise ValueError(f"config.draft_checkpoint={config.draft_checkpoint!r} holds a "
+                       f"{kind!r} draft; use --config.drafter={kind}")
+  elif config.drafter == "feature":
+    draft_model, draft_params = _random_feature_draft(config, target, target_params)
   else:
     draft_model, draft_params, _ = load_model(config.draft, config, sharding_fn)
   if draft_model.cfg.vocab_size != target.cfg.vocab_size:
     raise ValueError(
         f"draft vocab size {draft_model.cfg.vocab_size} differs from target vocab size "
         f"{target.cfg.vocab_size}; drafter and target must share a tokenizer")
-  return ModelDrafter(draft_model), draft_params
+  if isinstance(draft_model, FeatureDraft):
+    check_compatible(draft_model.cfg, target.cfg)
+  return for_draft_model(draft_model), draft_params
+
+
+def _random_feature_draft(config, target: Transformer, target_params):
+  """A random feature draft: ``config.draft.num_layers`` blocks of the target's
+  shapes, a full untied head, the target's embedding."""
+  if target_params is None:
+    raise ValueError("a random feature draft needs the target's params (its embedding)")
+  cfg = dataclasses.replace(target.cfg, num_layers=int(config.draft.num_layers),
+                            tie_embeddings=False, head_size=0)
+  model = FeatureDraft(cfg)
+  params = jax.jit(functools.partial(model.init_params,
+                                     init_scale=config.draft.get("init_scale", 0.2)))(
+      jax.random.PRNGKey(config.draft.init_seed))
+  params["embed"] = target_params["embed"]
+  return model, params
 
 
 def build(config: ml_collections.ConfigDict, with_drafter: bool = True) -> Runtime:
@@ -218,7 +250,8 @@ def build(config: ml_collections.ConfigDict, with_drafter: bool = True) -> Runti
   if tokenizer.vocab_size > target.cfg.vocab_size:
     raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} exceeds the model's "
                      f"vocab_size {target.cfg.vocab_size}")
-  drafter, draft_params = (build_drafter(config, target, setup and setup.param_fn("draft"))
+  drafter, draft_params = (build_drafter(config, target, setup and setup.param_fn("draft"),
+                                         target_params)
                            if with_drafter else (None, {}))
   shardings = setup and setup.generation(target, drafter)
   return Runtime(config=config, target=target, target_params=target_params,

@@ -54,6 +54,9 @@ _PARAM_AXES = {  # (module, leaf) -> logical axes without the stacked layer axis
     ("o", "kernel"): ("heads", "embed"),
     ("gate", "kernel"): ("embed", "mlp"), ("up", "kernel"): ("embed", "mlp"),
     ("down", "kernel"): ("mlp", "embed"),
+    # a feature draft's fusion of [token embedding, target feature]: [2D, D]
+    ("fc", "kernel"): (None, "embed"), ("fc", "bias"): ("embed",),
+    ("lm_head", "token_ids"): (None,),   # a restricted head's vocabulary ids
 }
 
 
@@ -408,6 +411,12 @@ class ConstrainedModel:
     """Same contract as ``Transformer.apply``."""
     logits_BTV, cache = self.model.apply(params, tokens_BT, positions_BT, self._pin(cache))
     return logits_BTV, self._pin(cache)
+
+  def apply_with_hidden(self, params, tokens_BT, positions_BT, cache):
+    """Same contract as ``Transformer.apply_with_hidden``."""
+    logits_BTV, hidden_BTD, cache = self.model.apply_with_hidden(
+        params, tokens_BT, positions_BT, self._pin(cache))
+    return logits_BTV, hidden_BTD, self._pin(cache)
 
 
 class ShardedJit:

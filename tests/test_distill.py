@@ -19,7 +19,7 @@ from specdec_jax.distill import data as data_lib
 from specdec_jax.distill import losses
 from specdec_jax.distill import model as model_lib
 from specdec_jax.distill import train as train_lib
-from specdec_jax.drafters import ModelDrafter
+from specdec_jax.drafters import FeatureDrafter, ModelDrafter
 from specdec_jax.generation import Generator
 from specdec_jax.jobs import distill as distill_job
 from specdec_jax.models.config import ModelConfig
@@ -65,14 +65,23 @@ def prepared(tmp_path_factory):
 
 def _train_setup(config, rt, examples, head_size=0):
   config.distill.head_size = head_size
+  feature = config.distill.draft_kind == "feature"
+  if feature:   # a feature draft has the target's width
+    for name in ("d_model", "num_heads", "num_kv_heads"):
+      config.draft[name] = config.model[name]
   draft_cfg = model_lib.draft_config(config, rt.target.cfg)
   scores = data_lib.token_scores(examples, rt.target.cfg.vocab_size)
   head_ids = (model_lib.select_head_ids(scores, draft_cfg.head_size, rt.eos_ids)
               if draft_cfg.head_size else None)
   train_data = data_lib.TrainData.build(
       examples, config.distill.seq_len, model_lib.vocab_to_head(head_ids, rt.target.cfg.vocab_size))
-  init_fn = lambda: model_lib.init_params(draft_cfg, rt.target.cfg, rt.target_params, head_ids,
-                                          config.distill, jax.random.PRNGKey(0))
+  if feature:
+    train_data.features_ET1D = data_lib.window_features(
+        data_lib.make_feature_fn(rt.target), rt.target_params, examples,
+        config.distill.seq_len, 4)
+  init = model_lib.init_feature_params if feature else model_lib.init_params
+  init_fn = lambda: init(draft_cfg, rt.target.cfg, rt.target_params, head_ids,
+                         config.distill, jax.random.PRNGKey(0))
   return draft_cfg, train_data, init_fn, head_ids
 
 
@@ -130,6 +139,29 @@ def test_same_model_as_draft_matches_the_teacher(prepared):
   m = jax.device_get(losses.distill_metrics(logits, batch["teacher_head_BTk"],
                                             batch["teacher_logp_BTk"], batch["mask_BT"]))
   assert m["kl"] < 1e-4 and m["tv"] < 1e-3 and m["top1"] == 1.0
+
+
+def test_window_features_are_the_targets_hidden_states_at_window_positions(prepared):
+  """Index i of an example's row is the target's feature at absolute position
+  w - 1 + i (w: the window start), zeros before the sequence and after it."""
+  _, rt, examples, _ = prepared
+  seq_len = 20                      # shorter than the examples: windows start at w > 0
+  features = data_lib.window_features(data_lib.make_feature_fn(rt.target), rt.target_params,
+                                      examples, seq_len, 4)
+  short = data_lib.window_features(data_lib.make_feature_fn(rt.target), rt.target_params,
+                                   examples, 400, 4)
+  for e in (0, 5, len(examples.tokens) - 1):
+    toks = np.asarray(examples.tokens[e])
+    n = len(toks)
+    _, hidden, _ = rt.target.apply_with_hidden(
+        rt.target_params, jnp.asarray(toks)[None], jnp.arange(n)[None],
+        rt.target.init_cache(1, n))
+    hidden = np.asarray(hidden[0])
+    w = n - seq_len
+    np.testing.assert_allclose(features[e], hidden[w - 1:n], atol=1e-4)
+    np.testing.assert_allclose(short[e, 0], 0.0)                  # position -1
+    np.testing.assert_allclose(short[e, 1:n + 1], hidden, atol=1e-4)
+    np.testing.assert_allclose(short[e, n + 1:], 0.0)
 
 
 def test_tv_and_kl_match_exact_values_with_full_top_k():
@@ -206,8 +238,9 @@ def _history(workdir):
 @pytest.mark.slow
 def test_restore_latest_draft_builds_the_trained_restricted_drafter(trained):
   config, workdir, summary = trained
-  cfg, params = checkpoints.restore_latest_draft(workdir)
-  assert cfg.head_size == 128 and params["lm_head"]["kernel"].shape == (cfg.d_model, 128)
+  model, params = checkpoints.restore_latest_draft(workdir)
+  cfg = model.cfg
+  assert isinstance(model, Transformer) and cfg.head_size == 128 and params["lm_head"]["kernel"].shape == (cfg.d_model, 128)
   ids = np.asarray(params["lm_head"]["token_ids"])
   assert len(set(ids.tolist())) == 128 and 257 in ids     # the byte tokenizer's EOS
   config.drafter = "model"
@@ -227,14 +260,72 @@ def test_restore_latest_draft_builds_the_trained_restricted_drafter(trained):
   assert got == pytest.approx(summary["acceptance_rate"])
 
 
+@pytest.mark.slow
+def test_feature_draft_job_raises_acceptance_and_drafts_exactly(tmp_path, prepared):
+  """job=distill with draft_kind='feature' on the tiny target: one block of
+  the target's width, trained 2 passes deep; then used as the drafter."""
+  _, _, _, data_dir = prepared
+  workdir = str(tmp_path / "feature")
+  shutil.copytree(os.path.join(data_dir, "data"), os.path.join(workdir, "data"))
+  config = _config(draft_kind="feature", head_size=128, learning_rate=3e-3, unroll=2,
+                   prompt_loss_weight=1.0, warmup_steps=5, log_every=10, checkpoint_every=30)
+  for name in ("d_model", "num_heads", "num_kv_heads", "ffn_dim"):
+    config.draft[name] = config.model[name]
+  config.draft.num_layers = 1
+  config.train_steps = 60
+  summary = distill_job.run_distill(config, workdir, log=_quiet)
+  assert summary["draft_kind"] == "feature"
+  evals, history = summary["evals"], _history(workdir)
+  assert history[-1]["loss"] < 0.8 * history[0]["loss"]
+  assert history[-1]["feature_l1"] < history[0]["feature_l1"]
+  assert evals[-1]["acceptance_rate"] > evals[0]["acceptance_rate"] + 0.05
+  # the features were stored and a rerun reuses them
+  feature_file = os.path.join(workdir, "data", f"features-T{config.distill.seq_len}.npy")
+  mtime = os.path.getmtime(feature_file)
+
+  config.drafter = "feature"
+  config.draft_checkpoint = workdir
+  rt = runtime.build(config)
+  assert isinstance(rt.drafter, FeatureDrafter)
+  prompts = distill_job._held_out_ids(config, rt, _quiet)
+  gen = Generator(rt.target, rt.drafter, k_max=4, max_prompt_len=128, max_new_tokens=16,
+                  batch_size=4, eos_ids=rt.eos_ids)
+  rows = gen.generate(rt.target_params, rt.draft_params, prompts).rows
+  plain = Generator(rt.target, None, max_prompt_len=128, max_new_tokens=16, batch_size=4,
+                    eos_ids=rt.eos_ids).generate(rt.target_params, {}, prompts).rows
+  assert [r.output_ids for r in rows] == [r.output_ids for r in plain]
+  from specdec_jax import metrics
+  got = metrics.acceptance_summary(rows, 4)["acceptance_rate"]
+  assert got == pytest.approx(summary["acceptance_rate"])
+  # a feature checkpoint is not a plain model draft
+  config.drafter = "model"
+  with pytest.raises(ValueError, match="drafter=feature"):
+    runtime.build(config)
+  config.train_steps = 61
+  distill_job.run_distill(config, workdir, log=_quiet)
+  assert os.path.getmtime(feature_file) == mtime
+
+
+def test_feature_draft_must_have_the_target_width(tmp_path):
+  config = _config(draft_kind="feature")      # tiny: draft width 32, target 64
+  with pytest.raises(ValueError, match="d_model"):
+    distill_job.run_distill(config, str(tmp_path), log=_quiet)
+  with pytest.raises(ValueError, match="draft_kind"):
+    distill_job.run_distill(_config(draft_kind="eagle"), str(tmp_path), log=_quiet)
+  with pytest.raises(ValueError, match="unroll"):
+    distill_job.run_distill(_config(draft_kind="feature", unroll=0), str(tmp_path), log=_quiet)
+
+
 class _Killed(Exception):
   pass
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_to_the_same_params(tmp_path, prepared):
+@pytest.mark.parametrize("kind", ["model", "feature"])
+def test_interrupted_run_resumes_to_the_same_params(tmp_path, prepared, kind):
   config, rt, examples, _ = prepared
-  config = _config(head_size=64, checkpoint_every=3, keep_checkpoints=2)
+  config = _config(head_size=64, checkpoint_every=3, keep_checkpoints=2, draft_kind=kind,
+                   unroll=2)
   config.train_steps = 8
   draft_cfg, data, init_fn, _ = _train_setup(config, rt, examples, head_size=64)
 
@@ -253,8 +344,8 @@ def test_interrupted_run_resumes_to_the_same_params(tmp_path, prepared):
   resumed = run(tmp_path / "b")
   assert resumed.resumed_from == 6 and resumed.step == 8
   _assert_trees_close(resumed.params, straight.params)
-  cfg, params = checkpoints.restore_latest_draft(str(tmp_path / "b"))
-  assert cfg == draft_cfg
+  model, params = checkpoints.restore_latest_draft(str(tmp_path / "b"))
+  assert model.cfg == draft_cfg
   _assert_trees_close(params, straight.params)
 
   # a rerun with other data (or seed) refuses the checkpoints
@@ -388,11 +479,12 @@ def checkpointed(tmp_path_factory, prepared):
 
 def test_restore_latest_draft_round_trip(checkpointed):
   workdir, draft_cfg, params = checkpointed
-  cfg, restored = checkpoints.restore_latest_draft(workdir)
+  model, restored = checkpoints.restore_latest_draft(workdir)
+  cfg = model.cfg
   assert cfg == draft_cfg and cfg.head_size == 64
   _assert_trees_close(restored, params, atol=0)
   # the checkpoints folder itself works too
-  assert checkpoints.restore_latest_draft(os.path.join(workdir, "checkpoints"))[0] == cfg
+  assert checkpoints.restore_latest_draft(os.path.join(workdir, "checkpoints"))[0].cfg == cfg
 
 
 def test_missing_or_corrupted_checkpoint_is_refused(tmp_path, checkpointed):

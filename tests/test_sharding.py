@@ -19,14 +19,15 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ("data=8,model=1", "data=2,model=4", "data=1,model=8")
-CASES = ("plain", "ngram", "model", "model_sampled")
+CASES = ("plain", "ngram", "model", "model_sampled", "feature_sampled")
 
 PRELUDE = textwrap.dedent("""
     import json, logging, os, sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from specdec_jax import compile_count, sharding
-    from specdec_jax.drafters import ModelDrafter, NgramDrafter
+    from specdec_jax.drafters import FeatureDrafter, ModelDrafter, NgramDrafter
+    from specdec_jax.models.feature_draft import FeatureDraft
     from specdec_jax.generation import Generator
     from specdec_jax.models.config import ModelConfig
     from specdec_jax.models.transformer import Transformer
@@ -61,18 +62,21 @@ EQUIVALENCE = """
       return callback
 
     class Inspecting(Transformer):
-      def apply(self, params, tokens_BT, positions_BT, cache):
+      def apply_with_hidden(self, params, tokens_BT, positions_BT, cache, full_vocab=True):
         tag = "target" if self.cfg == TCFG else "draft"
         jax.debug.inspect_array_sharding(cache.k_LBSGH, callback=record(tag + "_cache"))
         jax.debug.inspect_array_sharding(tokens_BT, callback=record(tag + "_tokens"))
         if tag == "target":
           q = params["layers"]["attn"]["q"]["kernel"]
           jax.debug.inspect_array_sharding(q, callback=record("target_q"))
-        return super().apply(params, tokens_BT, positions_BT, cache)
+        return super().apply_with_hidden(params, tokens_BT, positions_BT, cache, full_vocab)
 
     target, draft = Inspecting(TCFG), Inspecting(DCFG)
     tp = target.init_params(jax.random.PRNGKey(0))
     dp = draft.init_params(jax.random.PRNGKey(1))
+    feature_draft = FeatureDraft(TCFG.__class__(**{**TCFG.__dict__, "num_layers": 1,
+                                                   "tie_embeddings": False}))
+    fp = dict(feature_draft.init_params(jax.random.PRNGKey(2), init_scale=0.2), embed=tp["embed"])
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 264, size=int(rng.integers(3, 30))).tolist() for _ in range(8)]
     # Repetitive prompts so that the n-gram drafter proposes and gets accepted.
@@ -80,7 +84,8 @@ EQUIVALENCE = """
     prompts[2] = [9, 10, 11] * 9
     CASES = {"plain": (None, 0, 0.0), "ngram": (NgramDrafter(), 4, 0.0),
              "model": (ModelDrafter(draft), 4, 0.0),
-             "model_sampled": (ModelDrafter(draft), 4, 1.0)}
+             "model_sampled": (ModelDrafter(draft), 4, 1.0),
+             "feature_sampled": (FeatureDrafter(feature_draft), 4, 1.0)}
 
     def generator(case, shardings):
       drafter, k, _ = CASES[case]
@@ -89,7 +94,8 @@ EQUIVALENCE = """
 
     def outputs(gen, case, seeds):
       _, _, temperature = CASES[case]
-      result = gen.generate(tp, dp, prompts, temperature=temperature, seeds=seeds)
+      result = gen.generate(tp, fp if case.startswith("feature") else dp, prompts,
+                            temperature=temperature, seeds=seeds)
       return [r.output_ids for r in result.rows], sum(sum(r.accepted_per_step) for r in result.rows)
 
     reference = {}

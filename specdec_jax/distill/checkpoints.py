@@ -3,14 +3,15 @@
 Layout: ``WORKDIR/checkpoints/<step>/`` with three items:
   params     the full draft params (restricted-head token ids included)
   opt_state  the optax state
-  meta       JSON: the draft ModelConfig, the step, the data-order state
+  meta       JSON: the draft ModelConfig and kind (``model``: a Transformer;
+             ``feature``: a FeatureDraft), the step, the data-order state
              (seed; the batch of step s is a pure function of (seed, s)),
              the data fingerprint and the last training metrics
 
 Orbax writes each step into a temporary folder and renames it when complete,
 so a run killed mid-save leaves the previous checkpoint as the latest one.
-``restore_latest_draft`` is what ``--config.drafter=model
---config.draft_checkpoint=WORKDIR`` uses.
+``restore_latest_draft`` is what ``--config.drafter=model`` (or ``feature``)
+``--config.draft_checkpoint=WORKDIR`` uses.
 """
 
 import dataclasses
@@ -19,10 +20,27 @@ import os
 
 import jax
 
-from specdec_jax.models import checkpoint as model_checkpoint
 from specdec_jax.models.config import ModelConfig
+from specdec_jax.models.feature_draft import FeatureDraft
+from specdec_jax.models.transformer import Transformer
 
 CHECKPOINT_DIR = "checkpoints"
+MODEL, FEATURE = "model", "feature"
+DRAFT_KINDS = (MODEL, FEATURE)
+
+
+def draft_model(kind: str, cfg: ModelConfig):
+  """The draft of a kind: a Transformer (``model``) or a FeatureDraft (``feature``)."""
+  if kind == MODEL:
+    return Transformer(cfg)
+  if kind == FEATURE:
+    return FeatureDraft(cfg)
+  raise ValueError(f"draft kind {kind!r}; expected one of {DRAFT_KINDS}")
+
+
+def meta_field(meta: dict, key: str):
+  """A checkpoint meta field; checkpoints from before draft kinds are ``model``."""
+  return meta.get(key, MODEL if key == "draft_kind" else None)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -119,12 +137,13 @@ def restore(mngr, step: int, abstract_params, abstract_opt_state=None) -> tuple:
   return out["params"], out.get("opt_state") if abstract_opt_state is not None else None
 
 
-def restore_latest_draft(workdir: str) -> tuple[ModelConfig, dict]:
-  """(ModelConfig, params) of the latest checkpoint of a distill workdir.
+def restore_latest_draft(workdir: str) -> tuple:
+  """(draft model, params) of the latest checkpoint of a distill workdir.
 
-  A restricted head's token ids come with the params (``lm_head/token_ids``),
-  and ``Transformer(cfg).apply`` uses them, so the drafter built from the
-  result drafts over exactly the head it was trained with.
+  The model is a Transformer or a FeatureDraft (the checkpoint's kind). A
+  restricted head's token ids come with the params (``lm_head/token_ids``)
+  and the model uses them, so the drafter built from the result drafts over
+  exactly the head it was trained with.
 
   Raises:
     ValueError: no checkpoint there, or a damaged one.
@@ -138,9 +157,10 @@ def restore_latest_draft(workdir: str) -> tuple[ModelConfig, dict]:
     step = mngr.latest_step()
     if step is None:
       raise ValueError(f"no complete draft checkpoint in {folder!r}")
-    _, cfg = read_meta(mngr, step)
-    params, _ = restore(mngr, step, model_checkpoint.expected_params_shapes(cfg))
-    return cfg, params
+    meta, cfg = read_meta(mngr, step)
+    model = draft_model(meta_field(meta, "draft_kind"), cfg)
+    params, _ = restore(mngr, step, model.expected_params_shapes())
+    return model, params
   finally:
     mngr.close()
 

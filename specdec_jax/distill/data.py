@@ -178,6 +178,84 @@ def teacher_targets(teacher_fn, target_params, sequences: list,
   return ids_out, logp_out
 
 
+def make_feature_fn(target):
+  """Jitted (params, tokens_BT) -> hidden_BTD, the target's features."""
+
+  @jax.jit
+  def features(params, tokens_BT):
+    batch, seq = tokens_BT.shape
+    positions_BT = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    _, hidden_BTD, _ = target.apply_with_hidden(params, tokens_BT, positions_BT,
+                                                target.init_cache(batch, seq))
+    return hidden_BTD
+
+  return features
+
+
+def window_features(feature_fn, target_params, examples: "Examples", seq_len: int,
+                    batch_size: int) -> np.ndarray:
+  """The target's features over each example's training window: [E, T+1, D].
+
+  Row e, index i holds f at absolute position w - 1 + i, where w is the
+  window's start (``TrainData.build``), zeros where that is < 0 or past the
+  sequence: index j is the feature a feature draft reads at window index j,
+  index j + 1 the feature it must predict there.
+  """
+  sequences = examples.tokens
+  order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+  out = None
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    seq = _length_bucket(max(len(sequences[i]) for i in chunk))
+    tokens_BT = np.zeros((batch_size, seq), np.int32)
+    for row, i in enumerate(chunk):
+      tokens_BT[row, :len(sequences[i])] = sequences[i]
+    hidden_BTD = np.asarray(jax.device_get(feature_fn(target_params, jnp.asarray(tokens_BT))))
+    if out is None:
+      out = np.zeros((len(sequences), seq_len + 1, hidden_BTD.shape[-1]), np.float32)
+    for row, i in enumerate(chunk):
+      n = len(sequences[i])
+      w = max(0, n - seq_len)
+      lo = max(w - 1, 0)
+      out[i, lo - (w - 1):n - (w - 1)] = hidden_BTD[row, lo:n]
+  return out
+
+
+def cached_window_features(rt, examples: "Examples", seq_len: int, batch_size: int,
+                           workdir: str) -> np.ndarray:
+  """``window_features``, stored once in WORKDIR/data/features-T<seq_len>.npy.
+
+  The file is reused only if its fingerprint (data + target + seq_len) and
+  shape match; otherwise it is remade (a resumed run does not pay the
+  target forward again).
+  """
+  folder = os.path.join(workdir, DATA_DIR)
+  path = os.path.join(folder, f"features-T{seq_len}.npy")
+  key_path = path + ".fingerprint"
+  key = f"{examples.fingerprint}:{hashlib.sha256(repr(rt.target.cfg).encode()).hexdigest()[:16]}"
+  want = (examples.num_examples, seq_len + 1, rt.target.cfg.d_model)
+  if os.path.exists(path) and os.path.exists(key_path):
+    with open(key_path) as f:
+      stored = f.read().strip()
+    try:
+      features = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+      features = None
+    if stored == key and features is not None and features.shape == want:
+      return np.asarray(features)
+  features = window_features(make_feature_fn(rt.target), rt.target_params, examples,
+                             seq_len, batch_size)
+  os.makedirs(folder, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    np.save(f, features, allow_pickle=False)
+  os.replace(tmp, path)
+  with open(key_path + ".tmp", "w") as f:
+    f.write(key)
+  os.replace(key_path + ".tmp", key_path)
+  return features
+
+
 # ----- shards ---------------------------------------------------------------------
 
 
@@ -397,12 +475,15 @@ class TrainData:
   mask_ET: float32.
   teacher_head_ETk: int32 head index of each teacher token (-1: not in head).
   teacher_logp_ETk: float32 teacher log-probs.
+  features_ET1D: float32 [E, T+1, D] target features for a feature draft
+    (``window_features``), or None.
   """
 
   tokens_ET: np.ndarray
   mask_ET: np.ndarray
   teacher_head_ETk: np.ndarray
   teacher_logp_ETk: np.ndarray
+  features_ET1D: np.ndarray | None = None
 
   @classmethod
   def build(cls, examples: Examples, seq_len: int, vocab_to_head_V: np.ndarray,
@@ -431,6 +512,9 @@ class TrainData:
 
   def batch(self, seed: int, step: int, batch_size: int) -> dict:
     idx = batch_indices(seed, step, self.num_examples, batch_size)
-    return {"tokens_BT": self.tokens_ET[idx], "mask_BT": self.mask_ET[idx],
-            "teacher_head_BTk": self.teacher_head_ETk[idx],
-            "teacher_logp_BTk": self.teacher_logp_ETk[idx]}
+    out = {"tokens_BT": self.tokens_ET[idx], "mask_BT": self.mask_ET[idx],
+           "teacher_head_BTk": self.teacher_head_ETk[idx],
+           "teacher_logp_BTk": self.teacher_logp_ETk[idx]}
+    if self.features_ET1D is not None:
+      out["features_BT1D"] = self.features_ET1D[idx]
+    return out

@@ -1,6 +1,6 @@
 """Greedy acceptance of a draft against the target on held-out prompts.
 
-The same compiled ``Generator`` (ModelDrafter, K drafts, temperature 0) is
+The same compiled ``Generator`` (the draft's drafter, K drafts, temperature 0) is
 reused for every evaluation of a run: new draft params are arguments, so
 nothing recompiles after the first call.
 """
@@ -8,9 +8,8 @@ nothing recompiles after the first call.
 import time
 
 from specdec_jax import metrics
-from specdec_jax.drafters import ModelDrafter
+from specdec_jax.drafters import Drafter
 from specdec_jax.generation import Generator
-from specdec_jax.models.transformer import Transformer
 
 MIN_PROMPT_SLOTS = 64
 
@@ -20,20 +19,20 @@ class HeldOutEval:
 
   Args:
     rt: the Runtime (target, its params, EOS ids).
-    draft_model: the draft Transformer.
+    drafter: the Drafter over the draft model (``drafters.for_draft_model``).
     prompt_ids: token id lists of the held-out prompts.
     k: draft length.
     max_new_tokens, batch_size: generation size per prompt / rows per call.
   """
 
-  def __init__(self, rt, draft_model: Transformer, prompt_ids: list, k: int,
+  def __init__(self, rt, drafter: Drafter, prompt_ids: list, k: int,
                max_new_tokens: int, batch_size: int):
     if not prompt_ids:
       raise ValueError("no held-out prompts to evaluate the draft on")
     self.rt, self.prompt_ids, self.k = rt, prompt_ids, k
     max_prompt = max(MIN_PROMPT_SLOTS, max(len(p) for p in prompt_ids))
     self.generator = Generator(
-        rt.target, ModelDrafter(draft_model), k_max=k, max_prompt_len=max_prompt,
+        rt.target, drafter, k_max=k, max_prompt_len=max_prompt,
         max_new_tokens=max_new_tokens, batch_size=min(batch_size, len(prompt_ids)),
         eos_ids=rt.eos_ids)
 

@@ -13,7 +13,9 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from specdec_jax.distill import checkpoints
 from specdec_jax.models.config import ModelConfig
+from specdec_jax.models.feature_draft import FeatureDraft
 from specdec_jax.models.transformer import Transformer
 
 # A random draft trained from scratch: GPT-2-style small weights.
@@ -25,13 +27,22 @@ def draft_config(config, target_cfg: ModelConfig) -> ModelConfig:
   """The draft's ModelConfig from ``config.draft`` and ``distill.head_size``.
 
   Raises:
-    ValueError: the draft's vocabulary differs from the target's.
+    ValueError: the draft's vocabulary differs from the target's, or a
+      feature draft's width differs from the target's.
   """
   c, d = config.draft, config.distill
+  if d.draft_kind not in checkpoints.DRAFT_KINDS:
+    raise ValueError(f"config.distill.draft_kind={d.draft_kind!r}; expected one of "
+                     f"{checkpoints.DRAFT_KINDS}")
   if c.vocab_size != target_cfg.vocab_size:
     raise ValueError(
         f"config.draft.vocab_size={c.vocab_size} differs from the target's vocab size "
         f"{target_cfg.vocab_size}; the draft must share the target's tokenizer")
+  feature = d.draft_kind == checkpoints.FEATURE
+  if feature and c.d_model != target_cfg.d_model:
+    raise ValueError(f"config.draft.d_model={c.d_model} must equal the target's "
+                     f"{target_cfg.d_model} for draft_kind='feature' (it reads the "
+                     "target's features)")
   head_size = int(d.head_size)
   if head_size >= target_cfg.vocab_size:
     head_size = 0          # a "restricted" head over everything is the full head
@@ -39,8 +50,8 @@ def draft_config(config, target_cfg: ModelConfig) -> ModelConfig:
       vocab_size=c.vocab_size, num_layers=c.num_layers, d_model=c.d_model,
       num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
       ffn_dim=c.ffn_dim, rope_theta=float(c.rope_theta), rms_eps=target_cfg.rms_eps,
-      tie_embeddings=bool(c.tie_embeddings) and head_size == 0, qkv_bias=c.qkv_bias,
-      dtype=c.dtype, head_size=head_size)
+      tie_embeddings=bool(c.tie_embeddings) and head_size == 0 and not feature,
+      qkv_bias=c.qkv_bias, dtype=c.dtype, head_size=head_size)
 
 
 def select_head_ids(scores_V: np.ndarray, head_size: int, always=()) -> np.ndarray:
@@ -135,4 +146,35 @@ def init_params(draft_cfg: ModelConfig, target_cfg: ModelConfig, target_params,
     params["layers"] = jax.tree.map(lambda x: np.asarray(x)[np.asarray(layers)],
                                     target_params["layers"])
     params["final_norm"] = jax.tree.map(np.asarray, target_params["final_norm"])
+  return jax.tree.map(jnp.asarray, params)
+
+
+def init_feature_params(draft_cfg: ModelConfig, target_cfg: ModelConfig, target_params,
+                        head_ids_N: np.ndarray | None, d, key: jax.Array) -> dict:
+  """Initial params of a feature draft.
+
+  The embedding, final-norm scale and head rows are the target's (the draft's
+  g lives in the target's feature space, which the target's head reads). The
+  fusion layer and blocks start random, or, with ``distill.init_layers``, the
+  blocks are copies of those target layers (same block shapes needed).
+  """
+  params = jax.tree.map(np.asarray, jax.jit(FeatureDraft(draft_cfg).init_params)(key))
+  t_embed_VD = np.asarray(target_params["embed"]["embedding"], np.float32)
+  params["embed"]["embedding"] = t_embed_VD.astype(params["embed"]["embedding"].dtype)
+  if target_cfg.tie_embeddings:
+    t_head_DV = t_embed_VD.T
+  else:
+    t_head_DV = np.asarray(target_params["lm_head"]["kernel"], np.float32)
+  cols = head_ids_N if draft_cfg.head_size else np.arange(draft_cfg.vocab_size)
+  params["lm_head"]["kernel"] = np.ascontiguousarray(t_head_DV[:, cols])
+  if draft_cfg.head_size:
+    params["lm_head"]["token_ids"] = np.asarray(head_ids_N, np.int32)
+  params["final_norm"] = jax.tree.map(np.asarray, target_params["final_norm"])
+  if d.init_layers:
+    if not _same_block_shapes(draft_cfg, target_cfg):
+      raise ValueError("config.distill.init_layers needs the draft's block shapes "
+                       "(config.draft) to equal the target's")
+    layers = parse_layers(d.init_layers, draft_cfg.num_layers, target_cfg.num_layers)
+    params["layers"] = jax.tree.map(lambda x: np.asarray(x)[np.asarray(layers)],
+                                    target_params["layers"])
   return jax.tree.map(jnp.asarray, params)

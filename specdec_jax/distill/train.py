@@ -21,6 +21,7 @@ from specdec_jax.distill import checkpoints
 from specdec_jax.distill import losses
 from specdec_jax.distill.data import TrainData
 from specdec_jax.models.config import ModelConfig
+from specdec_jax.models.feature_draft import FeatureDraft
 from specdec_jax.models.transformer import Transformer
 
 
@@ -28,13 +29,19 @@ def frozen_paths(draft_cfg: ModelConfig, d) -> list[tuple[str, ...]]:
   """Params not trained: head token ids, and the target's embeddings.
 
   The embedding is frozen only when it came from the target
-  (``init_from_target``) and ``train_embedding`` is off; a tied embedding is
-  the head too, so it is always trained.
+  (``init_from_target``) and ``train_embedding`` is off, and always for a
+  feature draft (it is the target's table), whose head (the target's rows)
+  is frozen too unless ``feature_train_head``; a tied embedding is the head
+  too, so it is always trained.
   """
   paths = []
   if draft_cfg.head_size:
     paths.append(("lm_head", "token_ids"))
-  if d.init_from_target and not d.train_embedding and not draft_cfg.tie_embeddings:
+  if d.draft_kind == checkpoints.FEATURE:   # it embeds with the target's table
+    paths.append(("embed",))
+    if not d.feature_train_head:   # the target's head rows: g must live in its space
+      paths.append(("lm_head", "kernel"))
+  elif d.init_from_target and not d.train_embedding and not draft_cfg.tie_embeddings:
     paths.append(("embed",))
   return paths
 
@@ -78,11 +85,19 @@ def make_optimizer(d, total_steps: int) -> optax.GradientTransformation:
                                  mask=decay_mask))
 
 
-def make_train_step(model: Transformer, optimizer, loss_kind: str):
-  """Jitted (trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)."""
+def make_train_step(model, optimizer, loss_kind: str, feature_loss_weight: float = 1.0,
+                    unroll: int = 1):
+  """Jitted (trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics).
+
+  ``model`` is a Transformer draft, or a FeatureDraft (``feature_loss_weight``
+  and ``unroll`` apply to it, see ``feature_loss``).
+  """
   losses.total_loss(loss_kind, {"kl": 0.0, "tv": 0.0})  # validates the name
 
   def loss_fn(trainable, frozen, batch):
+    if isinstance(model, FeatureDraft):
+      return feature_loss(model, merge(trainable, frozen), batch, loss_kind,
+                          feature_loss_weight, unroll)
     tokens_BT = batch["tokens_BT"]
     batch_size, seq = tokens_BT.shape
     # RoPE depends on relative offsets only, so a window may start at 0.
@@ -103,6 +118,42 @@ def make_train_step(model: Transformer, optimizer, loss_kind: str):
     return trainable, opt_state, metrics
 
   return train_step
+
+
+def feature_loss(model: FeatureDraft, params, batch, loss_kind: str,
+                 feature_loss_weight: float, unroll: int):
+  """Loss of a feature draft: distillation on its next-token distribution plus
+  ``feature_loss_weight`` x smooth-L1 between its g and the target's feature.
+
+  Pass 1 reads the target's true features (what the first draft of a step
+  sees). Each further pass (``unroll`` in all) reads the previous pass's own
+  estimates instead, as drafts 2..K do, so the draft learns to correct its
+  own errors; the passes' losses are averaged. Metrics are pass 1's, plus
+  ``top1_last``: greedy agreement of the last pass.
+  """
+  tokens_BT, mask_BT = batch["tokens_BT"], batch["mask_BT"]
+  features_BT1D = batch["features_BT1D"]
+  batch_size, seq = tokens_BT.shape
+  positions_BT = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch_size, seq))
+  prev_BTD, target_BTD = features_BT1D[:, :-1], features_BT1D[:, 1:]
+  count = jnp.maximum(jnp.sum(mask_BT), 1.0)
+  total, first = 0.0, None
+  for _ in range(unroll):
+    g_BTD, _ = model.hidden(params, tokens_BT, prev_BTD, positions_BT,
+                            model.init_cache(batch_size, seq))
+    metrics = losses.distill_metrics(model.logits(params, g_BTD, full_vocab=False),
+                                     batch["teacher_head_BTk"], batch["teacher_logp_BTk"],
+                                     mask_BT)
+    err_BTD = jnp.abs(g_BTD - target_BTD)
+    smooth_l1_BT = jnp.mean(jnp.where(err_BTD < 1.0, 0.5 * err_BTD ** 2, err_BTD - 0.5), axis=-1)
+    metrics["feature_l1"] = jnp.sum(smooth_l1_BT * mask_BT) / count
+    total = total + losses.total_loss(loss_kind, metrics) + (
+        feature_loss_weight * metrics["feature_l1"])
+    if first is None:
+      first = metrics
+    # the next pass reads this pass's estimate of f_{t-1} (the true one at t = 0)
+    prev_BTD = jnp.concatenate([prev_BTD[:, :1], g_BTD[:, :-1]], axis=1)
+  return total / unroll, dict(first, top1_last=metrics["top1"])
 
 
 @dataclasses.dataclass
@@ -141,11 +192,12 @@ def run_training(config, draft_cfg: ModelConfig, init_fn: Callable[[], dict],
   """
   d = config.distill
   total = int(config.train_steps)
-  model = Transformer(draft_cfg)
+  model = checkpoints.draft_model(d.draft_kind, draft_cfg)
   optimizer = make_optimizer(d, total)
-  train_step = make_train_step(model, optimizer, d.loss)
+  train_step = make_train_step(model, optimizer, d.loss, d.feature_loss_weight, d.unroll)
   paths = frozen_paths(draft_cfg, d)
-  meta_base = {"model_config": checkpoints.config_dict(draft_cfg), "data_seed": int(d.seed),
+  meta_base = {"model_config": checkpoints.config_dict(draft_cfg), "draft_kind": d.draft_kind,
+               "data_seed": int(d.seed),
                "data_fingerprint": data_fingerprint, "train_steps": total}
 
   schedule = _schedule(d, total)
@@ -154,12 +206,13 @@ def run_training(config, draft_cfg: ModelConfig, init_fn: Callable[[], dict],
     start = mngr.latest_step() or 0
     if start:
       meta, _ = checkpoints.read_meta(mngr, start)
-      for key in ("model_config", "data_seed", "data_fingerprint"):
-        if meta.get(key) != meta_base[key]:
+      for key in ("model_config", "draft_kind", "data_seed", "data_fingerprint"):
+        stored = checkpoints.meta_field(meta, key)
+        if stored != meta_base[key]:
           raise ValueError(
               f"{checkpoints.checkpoint_dir(workdir)} holds checkpoints of another run "
-              f"({key}: stored {meta.get(key)!r}, now {meta_base[key]!r}); use a new workdir")
-      abstract = checkpoints.model_checkpoint.expected_params_shapes(draft_cfg)
+              f"({key}: stored {stored!r}, now {meta_base[key]!r}); use a new workdir")
+      abstract = model.expected_params_shapes()
       abstract_opt = jax.eval_shape(optimizer.init, partition(abstract, paths)[0])
       params, opt_state = checkpoints.restore(mngr, start, abstract, abstract_opt)
       log(f"resumed from the checkpoint at step {start}")
@@ -191,12 +244,18 @@ def run_training(config, draft_cfg: ModelConfig, init_fn: Callable[[], dict],
       if window and (done % d.log_every == 0 or done == total):
         row = {"step": done, **{k: float(np.mean([m[k] for m in window]))
                                 for k in ("loss", "kl", "tv", "top1", "grad_norm")},
+               **({"top1_last": float(np.mean([m["top1_last"] for m in window])),
+                   "feature_l1": float(np.mean([m["feature_l1"] for m in window]))}
+                  if "top1_last" in window[0] else {}),
                "lr": float(schedule(done)),
                "tokens_per_s": sum(float(m["tokens"]) for m in window) / window_s}
         history.append(row)
         _append(history_file, row)
         log(f"step {done}/{total} loss {row['loss']:.4f} kl {row['kl']:.4f} "
-            f"tv {row['tv']:.4f} top1 {row['top1']:.3f} lr {row['lr']:.2e} | "
+            f"tv {row['tv']:.4f} top1 {row['top1']:.3f}"
+            + (f" (last pass {row['top1_last']:.3f}, feature l1 {row['feature_l1']:.4f})"
+               if "top1_last" in row else "")
+            + f" lr {row['lr']:.2e} | "
             f"{row['tokens_per_s']:.0f} tok/s | ETA "
             f"{_fmt_time(run_s / timed_steps * (total - done))}")
         window, window_s = [], 0.0

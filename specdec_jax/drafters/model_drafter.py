@@ -16,6 +16,33 @@ def _confidence(logits_BV, temperature):
   return jnp.max(jax.nn.softmax(logits_BV / t, axis=-1), axis=-1)
 
 
+def pick_draft(logits_BV, ctx: DraftContext, i, *, greedy: bool, purpose: int):
+  """Draft slot i (position length + i) from a model's next-token logits.
+
+  Returns (token_B, q_BV or None in greedy mode, confidence_B, proposing_B):
+  q is the warped distribution the token was sampled from; a row proposes
+  while i < its k_b and the confidence clears ``ctx.min_confidence``.
+  """
+  confidence_B = _confidence(logits_BV, ctx.sampling.temperature)
+  if greedy:
+    token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    q_BV = None
+  else:
+    q_BV = sampling.warp(logits_BV, ctx.sampling)
+    keys = sampling.position_keys(ctx.keys_B2, ctx.length_B + i, purpose)
+    token_B = sampling.sample(q_BV, keys)
+  proposing_B = (i < ctx.max_k_B) & (confidence_B >= ctx.min_confidence)
+  return token_B, q_BV, confidence_B, proposing_B
+
+
+def stack_drafts(first, rest):
+  """Slot 0's (token, q, confidence, proposing) and the scan's stacked rest
+  -> [B, K, ...] arrays (None stays None)."""
+  stack = lambda a, b: None if a is None else jnp.concatenate(
+      [a[:, None], jnp.moveaxis(b, 0, 1)], axis=1)
+  return tuple(stack(a, b) for a, b in zip(first, rest))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelDrafter:
   """Drafts with a second decoder from the same model code.
@@ -48,19 +75,7 @@ class ModelDrafter:
     tok_B2 = jnp.take_along_axis(ctx.tokens_BS, pos_B2, axis=1)
     logits_B2V, cache = self.model.apply(params, tok_B2, pos_B2, state)
 
-    def pick(logits_BV, i):
-      """Draft slot i (position length + i) from the draft logits."""
-      confidence_B = _confidence(logits_BV, ctx.sampling.temperature)
-      if greedy:
-        token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-        q_BV = None
-      else:
-        q_BV = sampling.warp(logits_BV, ctx.sampling)
-        keys = sampling.position_keys(ctx.keys_B2, length_B + i, purpose)
-        token_B = sampling.sample(q_BV, keys)
-      proposing_B = (i < ctx.max_k_B) & (confidence_B >= ctx.min_confidence)
-      return token_B, q_BV, confidence_B, proposing_B
-
+    pick = lambda logits_BV, i: pick_draft(logits_BV, ctx, i, greedy=greedy, purpose=purpose)
     first = pick(logits_B2V[:, 1], 0)
 
     def step(carry, i):
@@ -81,9 +96,6 @@ class ModelDrafter:
 
     (cache, _, _), rest = jax.lax.scan(
         step, (cache, first[0], first[3]), jnp.arange(1, k))
-    stack = lambda a, b: None if a is None else jnp.concatenate(
-        [a[:, None], jnp.moveaxis(b, 0, 1)], axis=1)
-    draft_BK, q_BKV, confidence_BK, proposing_BK = (
-        stack(a, b) for a, b in zip(first, rest))
+    draft_BK, q_BKV, confidence_BK, proposing_BK = stack_drafts(first, rest)
     num_proposed_B = jnp.sum(proposing_BK, axis=1).astype(jnp.int32)
     return Proposal(draft_BK, q_BKV, num_proposed_B, confidence_BK), cache

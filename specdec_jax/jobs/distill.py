@@ -14,7 +14,8 @@
    prompts, at the start, every ``eval_every`` steps and at the end.
 
 Outputs: WORKDIR/summary.json, WORKDIR/train_log.jsonl (loss curve, evals).
-Use the draft with ``--config.drafter=model --config.draft_checkpoint=WORKDIR``.
+Use the draft with ``--config.drafter=model --config.draft_checkpoint=WORKDIR``
+(``--config.drafter=feature`` for ``distill.draft_kind='feature'``).
 """
 
 import os
@@ -23,15 +24,16 @@ import time
 import jax
 import numpy as np
 
+from specdec_jax import drafters
 from specdec_jax import prompts as prompts_lib
 from specdec_jax import runtime
+from specdec_jax.distill import checkpoints
 from specdec_jax.distill import data as data_lib
 from specdec_jax.distill import evaluate as evaluate_lib
 from specdec_jax.distill import losses
 from specdec_jax.distill import model as model_lib
 from specdec_jax.distill import train as train_lib
 from specdec_jax.jobs import io
-from specdec_jax.models.transformer import Transformer
 
 
 def validate(config) -> None:
@@ -56,6 +58,14 @@ def validate(config) -> None:
       raise ValueError(f"config.distill.{name}={d[name]} must be an int >= 0")
   if d.seq_len < 2:
     raise ValueError(f"config.distill.seq_len={d.seq_len} must be >= 2")
+  if d.draft_kind not in checkpoints.DRAFT_KINDS:
+    raise ValueError(f"config.distill.draft_kind={d.draft_kind!r}; expected one of "
+                     f"{checkpoints.DRAFT_KINDS}")
+  if int(d.unroll) != d.unroll or d.unroll < 1:
+    raise ValueError(f"config.distill.unroll={d.unroll} must be an int >= 1")
+  if not d.feature_loss_weight >= 0:
+    raise ValueError(f"config.distill.feature_loss_weight={d.feature_loss_weight} "
+                     "must be >= 0")
   if not d.learning_rate > 0:
     raise ValueError(f"config.distill.learning_rate={d.learning_rate} must be > 0")
   if not 0 <= d.prompt_loss_weight <= 1:
@@ -104,14 +114,24 @@ def run_distill(config, workdir: str, log=print, on_checkpoint=None) -> dict:
   train_data = data_lib.TrainData.build(
       examples, d.seq_len, model_lib.vocab_to_head(head_ids, target_cfg.vocab_size),
       prompt_weight=d.prompt_loss_weight)
-  draft_model = Transformer(draft_cfg)
-  log(f"draft: {draft_cfg.num_layers} layers, d_model {draft_cfg.d_model}, head "
-      f"{draft_cfg.head_size or draft_cfg.vocab_size}, {draft_cfg.num_params / 1e6:.1f}M "
-      f"params (target {target_cfg.num_params / 1e6:.1f}M)")
+  feature = d.draft_kind == checkpoints.FEATURE
+  if feature:
+    t1 = time.perf_counter()
+    train_data.features_ET1D = data_lib.cached_window_features(
+        rt, examples, d.seq_len, d.teacher_batch_size, workdir)
+    log(f"data: target features of the training windows "
+        f"({train_data.features_ET1D.nbytes / 2**20:.0f} MiB, "
+        f"{time.perf_counter() - t1:.0f}s)")
+  draft_model = checkpoints.draft_model(d.draft_kind, draft_cfg)
+  log(f"draft ({d.draft_kind}): {draft_cfg.num_layers} layers, d_model {draft_cfg.d_model}, "
+      f"head {draft_cfg.head_size or draft_cfg.vocab_size}, "
+      f"{draft_cfg.num_params / 1e6:.1f}M params (target {target_cfg.num_params / 1e6:.1f}M)")
 
-  init_fn = lambda: model_lib.init_params(draft_cfg, target_cfg, rt.target_params, head_ids,
-                                          d, jax.random.PRNGKey(d.seed))
-  evaluator = evaluate_lib.HeldOutEval(rt, draft_model, _held_out_ids(config, rt, log),
+  init = model_lib.init_feature_params if feature else model_lib.init_params
+  init_fn = lambda: init(draft_cfg, target_cfg, rt.target_params, head_ids, d,
+                         jax.random.PRNGKey(d.seed))
+  evaluator = evaluate_lib.HeldOutEval(rt, drafters.for_draft_model(draft_model),
+                                       _held_out_ids(config, rt, log),
                                        d.eval_k, d.eval_max_new_tokens, d.eval_batch_size)
   result = train_lib.run_training(
       config, draft_cfg, init_fn, train_data, workdir, examples.fingerprint, log=log,
@@ -120,11 +140,11 @@ def run_distill(config, workdir: str, log=print, on_checkpoint=None) -> dict:
   final_eval = result.evals[-1] if result.evals else dict(evaluator(result.params),
                                                           step=result.step)
   summary = {
-      "job": "distill", "train_steps": result.step, "resumed_from": result.resumed_from,
+      "job": "distill", "draft_kind": d.draft_kind, "train_steps": result.step, "resumed_from": result.resumed_from,
       "loss": d.loss, "data_seconds": data_s, "num_sequences": examples.num_examples,
       "num_completion_tokens": examples.num_completion_tokens,
       "num_prompt_tokens": examples.num_prompt_tokens,
-      "draft_config": train_lib.checkpoints.config_dict(draft_cfg),
+      "draft_config": checkpoints.config_dict(draft_cfg),
       "draft_params_millions": draft_cfg.num_params / 1e6,
       "head_coverage": coverage,
       "final_train_metrics": result.history[-1] if result.history else None,
@@ -132,7 +152,7 @@ def run_distill(config, workdir: str, log=print, on_checkpoint=None) -> dict:
                        if result.history else None),
       "evals": result.evals, "acceptance_rate": final_eval["acceptance_rate"],
       "mean_accepted_length": final_eval["mean_accepted_length"],
-      "checkpoint_dir": train_lib.checkpoints.checkpoint_dir(workdir),
+      "checkpoint_dir": checkpoints.checkpoint_dir(workdir),
   }
   io.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
@@ -142,6 +162,7 @@ def run(config, workdir: str, log=print) -> dict:
   summary = run_distill(config, workdir, log=log)
   log(f"distill done: {summary['train_steps']} steps, held-out acceptance "
       f"{summary['acceptance_rate']:.3f}, mean accepted length "
-      f"{summary['mean_accepted_length']:.2f}; use it with --config.drafter=model "
+      f"{summary['mean_accepted_length']:.2f}; use it with "
+      f"--config.drafter={summary['draft_kind']} "
       f"--config.draft_checkpoint={os.path.abspath(workdir)}")
   return summary

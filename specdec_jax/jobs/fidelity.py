@@ -47,7 +47,7 @@ def run_fidelity(config, log=print) -> dict:
   c = fidelity_config(config)
   runtime.validate_config(c)
   target, target_params, _ = runtime.load_model(c.model, c)
-  drafter, draft_params = runtime.build_drafter(c, target)
+  drafter, draft_params = runtime.build_drafter(c, target, target_params=target_params)
   rt = runtime.Runtime(config=c, target=target, target_params=target_params,
                        tokenizer=_NoEosTokenizer(), drafter=drafter, draft_params=draft_params)
   generator = rt.generator()

@@ -174,6 +174,10 @@ class Transformer:
   def init_cache(self, batch_size: int, num_slots: int) -> kv_cache_lib.KVCache:
     return kv_cache_lib.init_cache(self.cfg, batch_size, num_slots)
 
+  def expected_params_shapes(self) -> dict:
+    """Pytree of jax.ShapeDtypeStruct that params for this config must match."""
+    return jax.eval_shape(lambda: self.init_params(jax.random.PRNGKey(0)))
+
   def apply(self, params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
             cache: kv_cache_lib.KVCache, full_vocab: bool = True):
     """Runs the decoder over a block of tokens at the given absolute positions.
@@ -189,34 +193,62 @@ class Transformer:
     Returns:
       (logits_BTV float32, updated cache).
     """
+    logits_BTV, _, cache = self.apply_with_hidden(params, tokens_BT, positions_BT, cache,
+                                                  full_vocab)
+    return logits_BTV, cache
+
+  def apply_with_hidden(self, params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
+                        cache: kv_cache_lib.KVCache, full_vocab: bool = True):
+    """``apply`` that also returns hidden_BTD: the final-normed states the head
+    reads (the features a feature drafter conditions on).
+
+    Returns:
+      (logits_BTV float32, hidden_BTD, updated cache).
+    """
     cfg = self.cfg
-    block = Block(cfg)
     embedding_VD = params["embed"]["embedding"]
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(cfg.jnp_dtype)
-
-    def layer_step(carry, layer_inputs):
-      x, k_all, v_all = carry
-      layer_params, layer = layer_inputs
-      x, k_all, v_all = block.apply({"params": layer_params}, x, positions_BT,
-                                    k_all, v_all, layer)
-      return (x, k_all, v_all), None
-
-    (x_BTD, k_LBSGH, v_LBSGH), _ = jax.lax.scan(
-        layer_step, (x_BTD, cache.k_LBSGH, cache.v_LBSGH),
-        (params["layers"], jnp.arange(cfg.num_layers)))
-    x_BTD = RMSNorm(cfg.rms_eps, cfg.jnp_dtype).apply(
+    x_BTD, cache = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache)
+    hidden_BTD = RMSNorm(cfg.rms_eps, cfg.jnp_dtype).apply(
         {"params": params["final_norm"]}, x_BTD)
+    return self.head_logits(params, hidden_BTD, full_vocab), hidden_BTD, cache
+
+  def head_logits(self, params: dict, hidden_BTD: jax.Array,
+                  full_vocab: bool = True) -> jax.Array:
+    """float32 logits_BTV (logits_BTN for a restricted head and not full_vocab)."""
+    cfg = self.cfg
     if cfg.tie_embeddings:
-      logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD,
+      logits_BTV = jnp.einsum("btd,vd->btv", hidden_BTD, params["embed"]["embedding"],
                               preferred_element_type=jnp.float32)
     else:
-      logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, params["lm_head"]["kernel"],
+      logits_BTV = jnp.einsum("btd,dv->btv", hidden_BTD, params["lm_head"]["kernel"],
                               preferred_element_type=jnp.float32)
     logits_BTV = logits_BTV.astype(jnp.float32)
     if cfg.head_size and full_vocab:
       logits_BTV = expand_head_logits(logits_BTV, params["lm_head"]["token_ids"],
                                       cfg.vocab_size)
-    return logits_BTV, kv_cache_lib.KVCache(k_LBSGH, v_LBSGH)
+    return logits_BTV
+
+
+def run_blocks(cfg: ModelConfig, layers_params: dict, x_BTD: jax.Array,
+               positions_BT: jax.Array, cache: kv_cache_lib.KVCache):
+  """The stack of decoder blocks under ``lax.scan`` (params stacked on L).
+
+  Returns (x_BTD after the last block, updated cache).
+  """
+  block = Block(cfg)
+
+  def layer_step(carry, layer_inputs):
+    x, k_all, v_all = carry
+    layer_params, layer = layer_inputs
+    x, k_all, v_all = block.apply({"params": layer_params}, x, positions_BT,
+                                  k_all, v_all, layer)
+    return (x, k_all, v_all), None
+
+  (x_BTD, k_LBSGH, v_LBSGH), _ = jax.lax.scan(
+      layer_step, (x_BTD, cache.k_LBSGH, cache.v_LBSGH),
+      (layers_params, jnp.arange(cfg.num_layers)))
+  return x_BTD, kv_cache_lib.KVCache(k_LBSGH, v_LBSGH)
 
 
 def expand_head_logits(logits_BTN: jax.Array, token_ids_N: jax.Array,

@@ -1,0 +1,112 @@
+"""Drafts with a feature-conditioned draft (EAGLE-style, models/feature_draft.py).
+
+The drafter keeps the target's features f_j (``features_BSD``, slot j holds
+the feature of position j) next to its own KV cache. The decode loop records
+them after every target pass (prefill and verify: ``record_features``); they
+follow the cache invariant: written for a whole block, valid below the
+committed length minus one (the last committed token, the target's
+correction or bonus, has not been through the target yet), stale above and
+never read there.
+
+Each propose:
+1. Resync: one block over the last K+1 committed positions
+   (length-K-1 .. length-1), with the target's true features. Since the last
+   propose at most K+1 tokens were committed, and the cache there holds
+   entries computed from the draft's own estimates; the block rewrites them
+   (and harmlessly rewrites older ones). Its last output drafts slot 0.
+2. K-1 single-token steps under ``lax.scan``, each feeding back the draft's
+   own estimate g in place of the target's unknown feature; once every row
+   has stopped proposing, the steps skip the forward pass (``lax.cond``).
+"""
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from specdec_jax.drafters.base import DraftContext, Proposal
+from specdec_jax.drafters.model_drafter import pick_draft, stack_drafts
+from specdec_jax.models.feature_draft import FeatureDraft
+from specdec_jax.models.kv_cache import KVCache
+
+
+@flax.struct.dataclass
+class FeatureDrafterState:
+  """The draft's KV cache and the target's features per position."""
+
+  cache: KVCache
+  features_BSD: jax.Array
+
+
+def _prev_features(features_BSD, positions_BT):
+  """f_{t-1} for each position t (zeros at t = 0): [B, T, D]."""
+  prev_BT = jnp.maximum(positions_BT - 1, 0)
+  feats_BTD = jnp.take_along_axis(features_BSD, prev_BT[..., None], axis=1)
+  return jnp.where((positions_BT > 0)[..., None], feats_BTD, 0.0).astype(features_BSD.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureDrafter:
+  """A Drafter over a FeatureDraft; it reads the target's hidden states."""
+
+  model: FeatureDraft
+  name: str = "feature"
+  reads_target_features: bool = True
+
+  def init_state(self, batch_size, num_slots):
+    cfg = self.model.cfg
+    return FeatureDrafterState(
+        cache=self.model.init_cache(batch_size, num_slots),
+        features_BSD=jnp.zeros((batch_size, num_slots, cfg.d_model), cfg.jnp_dtype))
+
+  def record_features(self, state: FeatureDrafterState, hidden_BTD, positions_BT):
+    """Writes the target's hidden states of a block at its positions."""
+    rows_B1 = jnp.arange(hidden_BTD.shape[0])[:, None]
+    features_BSD = state.features_BSD.at[rows_B1, positions_BT].set(
+        hidden_BTD.astype(state.features_BSD.dtype), mode="drop")
+    return state.replace(features_BSD=features_BSD)
+
+  def prefill(self, params, state, prompt_BT, positions_BT):
+    """Runs the prompts; their features must have been recorded first."""
+    prev_BTD = _prev_features(state.features_BSD, positions_BT)
+    _, cache = self.model.hidden(params, prompt_BT, prev_BTD, positions_BT, state.cache)
+    return state.replace(cache=cache)
+
+  def propose(self, params, state: FeatureDrafterState, ctx: DraftContext, k: int, *,
+              greedy: bool, purpose: int):
+    length_B = ctx.length_B
+    batch = length_B.shape[0]
+    width = self.model.cfg.d_model
+    offsets_K1 = jnp.arange(k + 1) - k           # -k .. 0
+    pos_BK1 = jnp.maximum(length_B[:, None] - 1 + offsets_K1[None, :], 0)
+    tok_BK1 = jnp.take_along_axis(ctx.tokens_BS, pos_BK1, axis=1)
+    g_BK1D, cache = self.model.hidden(params, tok_BK1, _prev_features(state.features_BSD, pos_BK1),
+                                      pos_BK1, state.cache)
+    g_B1D = g_BK1D[:, -1:]
+    pick = lambda logits_BV, i: pick_draft(logits_BV, ctx, i, greedy=greedy, purpose=purpose)
+    first = pick(self.model.logits(params, g_B1D)[:, 0], 0)
+
+    def step(carry, i):
+      cache, prev_B, g_B1D, proposing_B = carry
+
+      def run(cache):
+        g_next_B1D, cache = self.model.hidden(params, prev_B[:, None], g_B1D,
+                                              (length_B + i - 1)[:, None], cache)
+        return self.model.logits(params, g_next_B1D)[:, 0], g_next_B1D, cache
+
+      def skip(cache):
+        return (jnp.zeros((batch, self.model.cfg.vocab_size), jnp.float32),
+                jnp.zeros((batch, 1, width), g_B1D.dtype), cache)
+
+      logits_BV, g_B1D, cache = jax.lax.cond(jnp.any(proposing_B), run, skip, cache)
+      token_B, q_BV, confidence_B, now_B = pick(logits_BV, i)
+      proposing_B = proposing_B & now_B
+      return (cache, token_B, g_B1D, proposing_B), (token_B, q_BV, confidence_B, proposing_B)
+
+    (cache, _, _, _), rest = jax.lax.scan(
+        step, (cache, first[0], g_B1D, first[3]), jnp.arange(1, k))
+    draft_BK, q_BKV, confidence_BK, proposing_BK = stack_drafts(first, rest)
+    num_proposed_B = jnp.sum(proposing_BK, axis=1).astype(jnp.int32)
+    return (Proposal(draft_BK, q_BKV, num_proposed_B, confidence_BK),
+            state.replace(cache=cache))

@@ -1,0 +1,104 @@
+"""A feature-conditioned draft (EAGLE-style): a decoder block that reads the
+target's own hidden states.
+
+The draft for the token at position t+1 is computed from the token x_t and
+the target's feature f_{t-1}, the final-normed hidden state its head read at
+position t-1 (``Transformer.apply_with_hidden``). A linear layer fuses
+[embed(x_t), f_{t-1}] into one vector, the draft's own decoder block(s) (with
+their own KV cache, same invariant as the target's) turn it into g_t, an
+estimate of the target's f_t, and the head maps g_t to next-token logits.
+Drafting several tokens feeds g_t back where the target's f_t is not known
+yet. The target's features carry most of what the next token depends on, so
+one block predicts far better than a small standalone draft (Li et al. 2024,
+EAGLE).
+
+Params (kernels are [in, out]; width D is the target's):
+  embed/embedding [V, D]     the target's token embeddings (frozen in training)
+  fc/kernel [2D, D], fc/bias [D]
+  layers/...  [L, ...]       Llama blocks, laid out as in transformer.py
+  final_norm/scale [D]
+  lm_head/kernel [D, N], lm_head/token_ids [N] (restricted head, N = head_size)
+  or lm_head/kernel [D, V] (full head, head_size 0)
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from specdec_jax.models import kv_cache as kv_cache_lib
+from specdec_jax.models.config import ModelConfig
+from specdec_jax.models.transformer import RMSNorm, Transformer, expand_head_logits, run_blocks
+
+KIND = "feature"
+
+
+def check_compatible(cfg: ModelConfig, target_cfg: ModelConfig) -> None:
+  """ValueError unless a feature draft of ``cfg`` can read ``target_cfg``'s features."""
+  if cfg.vocab_size != target_cfg.vocab_size:
+    raise ValueError(f"feature draft vocab size {cfg.vocab_size} differs from the "
+                     f"target's {target_cfg.vocab_size}; they must share a tokenizer")
+  if cfg.d_model != target_cfg.d_model:
+    raise ValueError(f"feature draft width d_model={cfg.d_model} differs from the "
+                     f"target's {target_cfg.d_model}; it reads the target's features")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureDraft:
+  """The draft bound to its config (``tie_embeddings`` must be False)."""
+
+  cfg: ModelConfig
+
+  def __post_init__(self):
+    if self.cfg.tie_embeddings:
+      raise ValueError("a feature draft has its own head: tie_embeddings must be False")
+
+  @property
+  def blocks(self) -> Transformer:
+    """A Transformer of the same config: its init gives the block params."""
+    return Transformer(self.cfg)
+
+  def init_params(self, key: jax.Array, init_scale: float = 0.02) -> dict:
+    """Random params (tests; training starts from ``distill.model``'s init)."""
+    cfg = self.cfg
+    k_base, k_fc = jax.random.split(key)
+    params = self.blocks.init_params(k_base, init_scale=init_scale, logit_scale=1.0)
+    d = cfg.d_model
+    params["fc"] = {
+        "kernel": jax.random.normal(k_fc, (2 * d, d), cfg.jnp_dtype) * d ** -0.5,
+        "bias": jnp.zeros((d,), cfg.jnp_dtype)}
+    return params
+
+  def expected_params_shapes(self) -> dict:
+    return jax.eval_shape(lambda: self.init_params(jax.random.PRNGKey(0)))
+
+  def init_cache(self, batch_size: int, num_slots: int) -> kv_cache_lib.KVCache:
+    return kv_cache_lib.init_cache(self.cfg, batch_size, num_slots)
+
+  def hidden(self, params: dict, tokens_BT: jax.Array, prev_features_BTD: jax.Array,
+             positions_BT: jax.Array, cache: kv_cache_lib.KVCache):
+    """g_BTD, the draft's estimates of the target's features, and the cache.
+
+    Args:
+      tokens_BT: int32 token x_t at each position t.
+      prev_features_BTD: the target's feature f_{t-1} (or the draft's own
+        estimate of it while drafting); zeros at position 0.
+      positions_BT: int32 absolute positions (cache slots).
+    """
+    cfg = self.cfg
+    embed_BTD = jnp.take(params["embed"]["embedding"], tokens_BT, axis=0)
+    fused_BT2D = jnp.concatenate(
+        [embed_BTD.astype(cfg.jnp_dtype), prev_features_BTD.astype(cfg.jnp_dtype)], axis=-1)
+    x_BTD = fused_BT2D @ params["fc"]["kernel"] + params["fc"]["bias"]
+    x_BTD, cache = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache)
+    g_BTD = RMSNorm(cfg.rms_eps, cfg.jnp_dtype).apply({"params": params["final_norm"]}, x_BTD)
+    return g_BTD, cache
+
+  def logits(self, params: dict, g_BTD: jax.Array, full_vocab: bool = True) -> jax.Array:
+    """float32 logits_BTV from g (logits_BTN of a restricted head if not full_vocab)."""
+    logits_BTN = jnp.einsum("btd,dn->btn", g_BTD, params["lm_head"]["kernel"],
+                            preferred_element_type=jnp.float32).astype(jnp.float32)
+    if self.cfg.head_size and full_vocab:
+      return expand_head_logits(logits_BTN, params["lm_head"]["token_ids"],
+                                self.cfg.vocab_size)
+    return logits_BTN
