@@ -48,6 +48,7 @@ _PARAM_AXES = {  # (module, leaf) -> logical axes without the stacked layer axis
     ("final_norm", "scale"): ("embed",),
     ("attn_norm", "scale"): ("embed",),
     ("mlp_norm", "scale"): ("embed",),
+    ("embed_norm", "scale"): ("embed",), ("feature_norm", "scale"): ("embed",),
     ("q", "kernel"): ("embed", "heads"), ("q", "bias"): ("heads",),
     ("k", "kernel"): ("embed", "kv_heads"), ("k", "bias"): ("kv_heads",),
     ("v", "kernel"): ("embed", "kv_heads"), ("v", "bias"): ("kv_heads",),

@@ -48,7 +48,14 @@ class Proposal:
 
 
 class Drafter(Protocol):
-  """A draft source. Params and state are pytrees; every method is pure."""
+  """A draft source. Params and state are pytrees; every method is pure.
+
+  A drafter that conditions on the target's hidden states (EAGLE-style,
+  ``FeatureDrafter``) also sets ``reads_target_features = True`` and has
+  ``record_features(state, hidden_BTD, positions_BT) -> state``: the decode
+  loop calls it after every target pass (prefill, before ``prefill``; each
+  verify) with that pass's final-normed hidden states.
+  """
 
   name: str
 

@@ -3,8 +3,9 @@ target's own hidden states.
 
 The draft for the token at position t+1 is computed from the token x_t and
 the target's feature f_{t-1}, the final-normed hidden state its head read at
-position t-1 (``Transformer.apply_with_hidden``). A linear layer fuses
-[embed(x_t), f_{t-1}] into one vector, the draft's own decoder block(s) (with
+position t-1 (``Transformer.apply_with_hidden``). Both are RMS-normalised
+(a Llama's features are ~15x larger than its token embeddings, which would
+otherwise drown the token), then a linear layer fuses them into one vector, the draft's own decoder block(s) (with
 their own KV cache, same invariant as the target's) turn it into g_t, an
 estimate of the target's f_t, and the head maps g_t to next-token logits.
 Drafting several tokens feeds g_t back where the target's f_t is not known
@@ -14,6 +15,7 @@ EAGLE).
 
 Params (kernels are [in, out]; width D is the target's):
   embed/embedding [V, D]     the target's token embeddings (frozen in training)
+  embed_norm/scale [D], feature_norm/scale [D]
   fc/kernel [2D, D], fc/bias [D]
   layers/...  [L, ...]       Llama blocks, laid out as in transformer.py
   final_norm/scale [D]
@@ -65,8 +67,10 @@ class FeatureDraft:
     params = self.blocks.init_params(k_base, init_scale=init_scale, logit_scale=1.0)
     d = cfg.d_model
     params["fc"] = {
-        "kernel": jax.random.normal(k_fc, (2 * d, d), cfg.jnp_dtype) * d ** -0.5,
+        "kernel": jax.random.normal(k_fc, (2 * d, d), cfg.jnp_dtype) * (2 * d) ** -0.5,
         "bias": jnp.zeros((d,), cfg.jnp_dtype)}
+    params["embed_norm"] = {"scale": jnp.ones((d,), cfg.jnp_dtype)}
+    params["feature_norm"] = {"scale": jnp.ones((d,), cfg.jnp_dtype)}
     return params
 
   def expected_params_shapes(self) -> dict:
@@ -86,9 +90,11 @@ class FeatureDraft:
       positions_BT: int32 absolute positions (cache slots).
     """
     cfg = self.cfg
+    norm = lambda name, x: RMSNorm(cfg.rms_eps, cfg.jnp_dtype).apply(
+        {"params": params[name]}, x.astype(cfg.jnp_dtype))
     embed_BTD = jnp.take(params["embed"]["embedding"], tokens_BT, axis=0)
     fused_BT2D = jnp.concatenate(
-        [embed_BTD.astype(cfg.jnp_dtype), prev_features_BTD.astype(cfg.jnp_dtype)], axis=-1)
+        [norm("embed_norm", embed_BTD), norm("feature_norm", prev_features_BTD)], axis=-1)
     x_BTD = fused_BT2D @ params["fc"]["kernel"] + params["fc"]["bias"]
     x_BTD, cache = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache)
     g_BTD = RMSNorm(cfg.rms_eps, cfg.jnp_dtype).apply({"params": params["final_norm"]}, x_BTD)
