@@ -5,9 +5,10 @@ own hidden states (``distill.draft_kind='feature'``, see
 specdec_jax/models/feature_draft.py), with the target's embedding and a
 restricted head over the 8192 tokens the target emits most (the target's
 head rows, frozen). It trains on the same on-policy data as
-configs/distill_smollm2.py (the target's sampled completions; a workdir made
-by that config is reused as is), two passes deep (the second reads its own
-feature estimates, as drafts 2..K do), with the feature regression weighted 5.
+configs/distill_smollm2.py (the target's sampled completions: copy that
+config's WORKDIR/data folder into a new workdir to skip sampling), two passes
+deep (the second reads its own feature estimates, as drafts 2..K do), with
+the feature regression weighted 5.
 
 Measured on the 2-core CPU (quiet machine, the 51k-token data): the target's
 features of the training windows take ~3 min once (cached in WORKDIR/data),

@@ -306,6 +306,28 @@ def test_feature_draft_job_raises_acceptance_and_drafts_exactly(tmp_path, prepar
   assert os.path.getmtime(feature_file) == mtime
 
 
+def test_feature_draft_init_has_the_drafts_dtypes(prepared):
+  """The target's embedding, norm and head rows are cast to the draft's dtype:
+  restore checks the stored dtypes against the draft's config."""
+  config, rt, _, _ = prepared
+  config = _config(draft_kind="feature", head_size=32)
+  for name in ("d_model", "num_heads", "num_kv_heads"):
+    config.draft[name] = config.model[name]
+  config.draft.dtype = "bfloat16"
+  draft_cfg = model_lib.draft_config(config, rt.target.cfg)
+  params = model_lib.init_feature_params(draft_cfg, rt.target.cfg, rt.target_params,
+                                         np.arange(32), config.distill, jax.random.PRNGKey(0))
+  expected = checkpoints.draft_model("feature", draft_cfg).expected_params_shapes()
+  got = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+  assert got == jax.tree.map(lambda e: (e.shape, e.dtype), expected)
+
+
+def test_checkpoints_from_before_draft_kinds_are_model_drafts():
+  assert checkpoints.meta_field({"step": 3}, "draft_kind") == "model"
+  assert checkpoints.meta_field({"draft_kind": "feature"}, "draft_kind") == "feature"
+  assert checkpoints.meta_field({}, "frozen") is None
+
+
 def test_feature_draft_must_have_the_target_width(tmp_path):
   config = _config(draft_kind="feature")      # tiny: draft width 32, target 64
   with pytest.raises(ValueError, match="d_model"):

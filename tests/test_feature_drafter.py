@@ -159,11 +159,27 @@ def test_greedy_with_a_partly_right_draft_equals_plain():
 # ----------------------------------------------------------------------------
 # The invariants: recorded features and the resynced draft cache.
 
+def _reference_drafts(dp, tokens_T, hidden_TD, k):
+  """Greedy feature drafts computed step by step from one fresh cache."""
+  n = len(tokens_T)
+  prev_TD = np.concatenate([np.zeros_like(hidden_TD[:1]), hidden_TD[:-1]])
+  g_1TD, cache = DRAFT.hidden(dp, jnp.asarray(tokens_T)[None], jnp.asarray(prev_TD)[None],
+                              jnp.arange(n)[None], DRAFT.init_cache(1, n + k))
+  g_11D = g_1TD[:, -1:]
+  drafts = [int(jnp.argmax(DRAFT.logits(dp, g_11D)[0, 0]))]
+  for i in range(1, k):
+    g_11D, cache = DRAFT.hidden(dp, jnp.asarray([[drafts[-1]]]), g_11D,
+                                jnp.asarray([[n - 1 + i]]), cache)
+    drafts.append(int(jnp.argmax(DRAFT.logits(dp, g_11D)[0, 0])))
+  return drafts
+
+
 def test_features_and_draft_cache_match_teacher_forcing():
   """After any number of steps, the recorded features below length-1 are the
-  target's features of the committed text, and after a propose the draft's
-  cache below length holds what one teacher-forced draft pass over the
-  committed text (with the target's features) computes."""
+  target's features of the committed text; after a propose the draft's cache
+  below length holds what one teacher-forced draft pass over the committed
+  text (with the target's features) computes, and its drafts are what a
+  step-by-step reference that feeds back its own estimates drafts."""
   tp = target_params(11)
   dp = draft_params(12, tp)
   prompts = make_prompts(13)
@@ -177,7 +193,7 @@ def test_features_and_draft_cache_match_teacher_forcing():
   draft_fn = jax.jit(functools.partial(decode.draft_phase, spec, drafter))
   verify_fn = jax.jit(functools.partial(decode.verify_phase, spec, TARGET, drafter))
   for step in range(4):
-    _, state = draft_fn(dp, state, run)    # propose resyncs the draft cache
+    drafted, state = draft_fn(dp, state, run)    # propose resyncs the draft cache
     length = np.asarray(state.length_B)
     tokens = np.asarray(state.tokens_BS)
     seq = int(length.max())
@@ -196,6 +212,10 @@ def test_features_and_draft_cache_match_teacher_forcing():
                                  atol=2e-4, err_msg=f"features, step {step} row {b}")
       np.testing.assert_allclose(k_cache[:, b, :n], np.asarray(forced_cache.k_LBSGH[:, b, :n]),
                                  atol=2e-4, err_msg=f"draft cache, step {step} row {b}")
+      # the drafts: slot 0 from the last committed position, then each step
+      # feeding back the previous estimate g
+      assert np.asarray(drafted.draft_BK)[b, :3].tolist() == _reference_drafts(
+          dp, tokens[b, :n], np.asarray(hidden[b, :n]), 3), f"drafts, step {step} row {b}"
     proposal, state = draft_fn(dp, state, run)
     state = verify_fn(tp, state, proposal, run)
   assert (np.asarray(state.length_B) >= np.asarray(packed[1]) + 4).all()

@@ -177,4 +177,7 @@ def init_feature_params(draft_cfg: ModelConfig, target_cfg: ModelConfig, target_
     layers = parse_layers(d.init_layers, draft_cfg.num_layers, target_cfg.num_layers)
     params["layers"] = jax.tree.map(lambda x: np.asarray(x)[np.asarray(layers)],
                                     target_params["layers"])
-  return jax.tree.map(jnp.asarray, params)
+  # the draft's own dtypes (the target's may differ): checkpoints are checked
+  # against them on restore
+  expected = FeatureDraft(draft_cfg).expected_params_shapes()
+  return jax.tree.map(lambda x, e: jnp.asarray(x, e.dtype), params, expected)

@@ -197,7 +197,7 @@ def run_training(config, draft_cfg: ModelConfig, init_fn: Callable[[], dict],
   train_step = make_train_step(model, optimizer, d.loss, d.feature_loss_weight, d.unroll)
   paths = frozen_paths(draft_cfg, d)
   meta_base = {"model_config": checkpoints.config_dict(draft_cfg), "draft_kind": d.draft_kind,
-               "data_seed": int(d.seed),
+               "frozen": ["/".join(p) for p in paths], "data_seed": int(d.seed),
                "data_fingerprint": data_fingerprint, "train_steps": total}
 
   schedule = _schedule(d, total)
@@ -206,8 +206,10 @@ def run_training(config, draft_cfg: ModelConfig, init_fn: Callable[[], dict],
     start = mngr.latest_step() or 0
     if start:
       meta, _ = checkpoints.read_meta(mngr, start)
-      for key in ("model_config", "draft_kind", "data_seed", "data_fingerprint"):
+      for key in ("model_config", "draft_kind", "frozen", "data_seed", "data_fingerprint"):
         stored = checkpoints.meta_field(meta, key)
+        if key == "frozen" and stored is None:   # saved before the field existed
+          continue
         if stored != meta_base[key]:
           raise ValueError(
               f"{checkpoints.checkpoint_dir(workdir)} holds checkpoints of another run "
