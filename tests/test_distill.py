@@ -12,6 +12,7 @@ import pytest
 
 from specdec_jax import config_defaults
 from specdec_jax import fidelity
+from specdec_jax import metrics
 from specdec_jax import runtime
 from specdec_jax import sampling
 from specdec_jax.distill import checkpoints
@@ -235,6 +236,20 @@ def _history(workdir):
     return [r for r in map(json.loads, f) if "eval" not in r]
 
 
+def _assert_exact_with_the_jobs_acceptance(config, rt, summary):
+  """The restored drafter drafts exactly (greedy output = plain) and reaches
+  the acceptance of the job's final held-out evaluation."""
+  prompts = distill_job._held_out_ids(config, rt, _quiet)
+  gen = Generator(rt.target, rt.drafter, k_max=4, max_prompt_len=128, max_new_tokens=16,
+                  batch_size=4, eos_ids=rt.eos_ids)
+  rows = gen.generate(rt.target_params, rt.draft_params, prompts).rows
+  plain = Generator(rt.target, None, max_prompt_len=128, max_new_tokens=16, batch_size=4,
+                    eos_ids=rt.eos_ids).generate(rt.target_params, {}, prompts).rows
+  assert [r.output_ids for r in rows] == [r.output_ids for r in plain]
+  got = metrics.acceptance_summary(rows, 4)["acceptance_rate"]
+  assert got == pytest.approx(summary["acceptance_rate"])
+
+
 @pytest.mark.slow
 def test_restore_latest_draft_builds_the_trained_restricted_drafter(trained):
   config, workdir, summary = trained
@@ -248,16 +263,7 @@ def test_restore_latest_draft_builds_the_trained_restricted_drafter(trained):
   rt = runtime.build(config)
   assert isinstance(rt.drafter, ModelDrafter) and rt.drafter.model.cfg == cfg
   # the same acceptance as the job's final evaluation
-  prompts = distill_job._held_out_ids(config, rt, _quiet)
-  gen = Generator(rt.target, rt.drafter, k_max=4, max_prompt_len=128, max_new_tokens=16,
-                  batch_size=4, eos_ids=rt.eos_ids)
-  rows = gen.generate(rt.target_params, rt.draft_params, prompts).rows
-  plain = Generator(rt.target, None, max_prompt_len=128, max_new_tokens=16, batch_size=4,
-                    eos_ids=rt.eos_ids).generate(rt.target_params, {}, prompts).rows
-  assert [r.output_ids for r in rows] == [r.output_ids for r in plain]
-  from specdec_jax import metrics
-  got = metrics.acceptance_summary(rows, 4)["acceptance_rate"]
-  assert got == pytest.approx(summary["acceptance_rate"])
+  _assert_exact_with_the_jobs_acceptance(config, rt, summary)
 
 
 @pytest.mark.slow
@@ -287,16 +293,7 @@ def test_feature_draft_job_raises_acceptance_and_drafts_exactly(tmp_path, prepar
   config.draft_checkpoint = workdir
   rt = runtime.build(config)
   assert isinstance(rt.drafter, FeatureDrafter)
-  prompts = distill_job._held_out_ids(config, rt, _quiet)
-  gen = Generator(rt.target, rt.drafter, k_max=4, max_prompt_len=128, max_new_tokens=16,
-                  batch_size=4, eos_ids=rt.eos_ids)
-  rows = gen.generate(rt.target_params, rt.draft_params, prompts).rows
-  plain = Generator(rt.target, None, max_prompt_len=128, max_new_tokens=16, batch_size=4,
-                    eos_ids=rt.eos_ids).generate(rt.target_params, {}, prompts).rows
-  assert [r.output_ids for r in rows] == [r.output_ids for r in plain]
-  from specdec_jax import metrics
-  got = metrics.acceptance_summary(rows, 4)["acceptance_rate"]
-  assert got == pytest.approx(summary["acceptance_rate"])
+  _assert_exact_with_the_jobs_acceptance(config, rt, summary)
   # a feature checkpoint is not a plain model draft
   config.drafter = "model"
   with pytest.raises(ValueError, match="drafter=feature"):

@@ -160,18 +160,26 @@ def _length_bucket(n: int) -> int:
   return max(step, -(-n // step) * step)
 
 
-def teacher_targets(teacher_fn, target_params, sequences: list,
-                    batch_size: int) -> tuple[list, list]:
-  """Teacher (ids [L-1, k], logp [L-1, k]) per sequence, for tokens 1 .. L-1."""
+def _bucketed_batches(fn, target_params, sequences: list, batch_size: int):
+  """Yields (sequence indices, host outputs of ``fn(params, tokens_BT)``) for
+  batches of similar-length sequences, right-padded to a length bucket (few
+  shapes to compile; causal attention leaves the real positions unchanged)."""
   order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-  ids_out, logp_out = [None] * len(sequences), [None] * len(sequences)
   for start in range(0, len(order), batch_size):
     chunk = order[start:start + batch_size]
     seq = _length_bucket(max(len(sequences[i]) for i in chunk))
     tokens_BT = np.zeros((batch_size, seq), np.int32)
     for row, i in enumerate(chunk):
       tokens_BT[row, :len(sequences[i])] = sequences[i]
-    logp_BTk, ids_BTk = jax.device_get(teacher_fn(target_params, jnp.asarray(tokens_BT)))
+    yield chunk, jax.device_get(fn(target_params, jnp.asarray(tokens_BT)))
+
+
+def teacher_targets(teacher_fn, target_params, sequences: list,
+                    batch_size: int) -> tuple[list, list]:
+  """Teacher (ids [L-1, k], logp [L-1, k]) per sequence, for tokens 1 .. L-1."""
+  ids_out, logp_out = [None] * len(sequences), [None] * len(sequences)
+  for chunk, (logp_BTk, ids_BTk) in _bucketed_batches(teacher_fn, target_params, sequences,
+                                                      batch_size):
     for row, i in enumerate(chunk):
       n = len(sequences[i]) - 1   # logits at position t describe the token at t + 1
       ids_out[i], logp_out[i] = ids_BTk[row, :n], logp_BTk[row, :n]
@@ -202,15 +210,9 @@ def window_features(feature_fn, target_params, examples: "Examples", seq_len: in
   index j + 1 the feature it must predict there.
   """
   sequences = examples.tokens
-  order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
   out = None
-  for start in range(0, len(order), batch_size):
-    chunk = order[start:start + batch_size]
-    seq = _length_bucket(max(len(sequences[i]) for i in chunk))
-    tokens_BT = np.zeros((batch_size, seq), np.int32)
-    for row, i in enumerate(chunk):
-      tokens_BT[row, :len(sequences[i])] = sequences[i]
-    hidden_BTD = np.asarray(jax.device_get(feature_fn(target_params, jnp.asarray(tokens_BT))))
+  for chunk, hidden_BTD in _bucketed_batches(feature_fn, target_params, sequences,
+                                             batch_size):
     if out is None:
       out = np.zeros((len(sequences), seq_len + 1, hidden_BTD.shape[-1]), np.float32)
     for row, i in enumerate(chunk):
