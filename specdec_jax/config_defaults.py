@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.chat = False                # wrap prompts with the tokenizer's chat template
   c.cache_dir = ""              # converted-weights cache (default ~/.cache/specdec_jax)
 
-  c.drafter = "ngram"           # none | model | ngram
+  c.drafter = "ngram"           # none | model | feature | ngram | ngram+model | ngram+feature
   c.k = 4                       # draft length
   c.k_max = 0                   # static draft slots; 0 means k
   c.rule = "rejection"          # rejection | coupled | typical (temperature > 0)
@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.budget = 8                  # budget policy: draft tokens per step for the batch
   c.ngram_max_n = 3
   c.ngram_min_n = 1
+  c.lookup_min_match = 2        # ngram+...: lookup drafts where >= this many tokens match
 
   c.temperature = 0.0           # 0 = greedy
   c.top_k = 0
@@ -79,6 +80,8 @@ def distill_defaults() -> ml_collections.ConfigDict:
       prompts="all",            # suite selection for the data | builtin | "" (none)
       samples_per_prompt=2,     # samples (seeds) per suite prompt
       num_templated=32,         # templated instructions added (distill/instructions.py)
+      num_self_instruct=0,      # instructions the target writes itself (Magpie-style)
+      self_instruct_max_tokens=48,
       text_file="",             # optional plain text, trained on every position
       gen_temperature=0.8,
       gen_top_k=0,
@@ -120,6 +123,7 @@ def distill_defaults() -> ml_collections.ConfigDict:
       eval_batch_size=8,
       eval_every=0,             # 0 = only at the start and the end
       eval_at_start=True,
+      eval_with_lookup=True,    # also measure the draft behind n-gram lookup (ngram+...)
   ))
 
 

@@ -15,7 +15,7 @@ import ml_collections
 from specdec_jax import policies
 from specdec_jax import sampling
 from specdec_jax import verify
-from specdec_jax.drafters import DRAFTERS, NgramDrafter, for_draft_model
+from specdec_jax.drafters import DRAFTERS, HybridDrafter, NgramDrafter, for_draft_model, model_kind
 from specdec_jax.generation import Generator
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.feature_draft import FeatureDraft, check_compatible
@@ -61,10 +61,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     policies.validate(config.policy, config.tau, config.budget)
   except ValueError as e:
     raise ValueError(f"config: {e}") from None
-  if config.drafter == "ngram" and not 1 <= config.ngram_min_n <= config.ngram_max_n:
+  if config.drafter.startswith("ngram") and not 1 <= config.ngram_min_n <= config.ngram_max_n:
     raise ValueError(
         f"config.ngram_min_n={config.ngram_min_n} and ngram_max_n={config.ngram_max_n} "
         "must satisfy 1 <= ngram_min_n <= ngram_max_n")
+  if config.drafter.startswith("ngram+") and not (
+      int(config.lookup_min_match) == config.lookup_min_match
+      and config.ngram_min_n <= config.lookup_min_match <= config.ngram_max_n):
+    raise ValueError(
+        f"config.lookup_min_match={config.lookup_min_match} must be an int in "
+        f"[ngram_min_n={config.ngram_min_n}, ngram_max_n={config.ngram_max_n}]")
   for name in ("model", "draft"):
     source = config[name].source
     if source not in MODEL_SOURCES:
@@ -194,20 +200,24 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
   ``config.draft`` and ``feature`` builds a random feature draft of
   ``config.draft.num_layers`` target-shaped blocks over the target's
   embedding (tests, smoke runs), which needs ``target_params``.
+  ``ngram+model`` / ``ngram+feature`` wrap that draft in a HybridDrafter.
   """
+  lookup = NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n)
   if config.drafter == "ngram":
-    return NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n), {}
-  if config.drafter not in ("model", "feature"):
+    return lookup, {}
+  kind = model_kind(config.drafter)
+  if kind is None:
     return None, {}
   if config.draft_checkpoint:
     from specdec_jax.distill import checkpoints as distill_checkpoints
     draft_model, draft_params = distill_checkpoints.restore_latest_draft(
         config.draft_checkpoint)
-    kind = "feature" if isinstance(draft_model, FeatureDraft) else "model"
-    if kind != config.drafter:
+    stored = "feature" if isinstance(draft_model, FeatureDraft) else "model"
+    if stored != kind:
+      suggestion = config.drafter.replace(kind, stored)
       raise ValueError(f"config.draft_checkpoint={config.draft_checkpoint!r} holds a "
-                       f"{kind!r} draft; use --config.drafter={kind}")
-  elif config.drafter == "feature":
+                       f"{stored!r} draft; use --config.drafter={suggestion}")
+  elif kind == "feature":
     draft_model, draft_params = _random_feature_draft(config, target, target_params)
   else:
     draft_model, draft_params, _ = load_model(config.draft, config, sharding_fn)
@@ -217,7 +227,10 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
         f"{target.cfg.vocab_size}; drafter and target must share a tokenizer")
   if isinstance(draft_model, FeatureDraft):
     check_compatible(draft_model.cfg, target.cfg)
-  return for_draft_model(draft_model), draft_params
+  drafter = for_draft_model(draft_model)
+  if config.drafter.startswith("ngram+"):
+    drafter = HybridDrafter(lookup, drafter, min_match=int(config.lookup_min_match))
+  return drafter, draft_params
 
 
 def _random_feature_draft(config, target: Transformer, target_params):

@@ -359,6 +359,10 @@ class GenerationShardings:
     (e.g. split replicated KV heads along with the query heads), so that the
     loop carry is resharded on every step.
     """
+    inner = getattr(drafter, "draft", None)   # a HybridDrafter's draft-model drafter
+    if inner is not None:
+      target, inner = self.constrain(target, inner)
+      return target, dataclasses.replace(drafter, draft=inner)
     target = ConstrainedModel(target, self.cache("target"))
     model = getattr(drafter, "model", None)
     if isinstance(model, Transformer) and dataclasses.is_dataclass(drafter):

@@ -1,5 +1,7 @@
 """Warping logits to probabilities and sampling with per-position keys."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,6 +152,37 @@ def test_sample_frequencies_match_warped_probs(sample_fn, kwargs):
   expected = probs[support].astype(np.float64)
   _, p_value = scipy.stats.chisquare(counts[support], NUM_SAMPLES * expected / expected.sum())
   assert p_value > 1e-3, (counts, probs * NUM_SAMPLES)
+
+
+@pytest.mark.parametrize("block", [16, 7])
+def test_two_level_sample_frequencies_match_probs(block):
+  """Several blocks (the last one partial, zero-probability tokens): the
+  two-level draw still samples p exactly."""
+  rng = np.random.default_rng(block)
+  probs = rng.dirichlet(np.full(40, 0.5)).astype(np.float32)
+  probs[[3, 17, 30]] = 0.0
+  probs /= probs.sum()
+  keys_B2 = jnp.tile(jax.random.PRNGKey(3)[None], (NUM_SAMPLES, 1))
+  keys = sampling.position_keys(keys_B2, jnp.arange(NUM_SAMPLES), sampling.TARGET)
+  fn = jax.jit(functools.partial(sampling.sample, block=block))
+  samples = np.asarray(fn(jnp.tile(jnp.asarray(probs)[None], (NUM_SAMPLES, 1)), keys))
+  counts = np.bincount(samples, minlength=40)
+  assert counts[probs == 0].sum() == 0
+  big = probs * NUM_SAMPLES >= 5
+  small = ~big & (probs > 0)
+  observed, expected = counts[big], probs[big] * NUM_SAMPLES
+  if small.any():   # rare tokens pooled into one bin
+    observed = np.append(observed, counts[small].sum())
+    expected = np.append(expected, probs[small].sum() * NUM_SAMPLES)
+  assert big.sum() > 20
+  expected = expected.astype(np.float64)
+  _, p_value = scipy.stats.chisquare(observed, expected * observed.sum() / expected.sum())
+  assert p_value > 1e-3, p_value
+  # One key couples two close distributions: they mostly pick the same token.
+  nearby = probs * np.exp(rng.normal(size=40).astype(np.float32) * 0.05)
+  nearby /= nearby.sum()
+  other = np.asarray(fn(jnp.tile(jnp.asarray(nearby)[None], (NUM_SAMPLES, 1)), keys))
+  assert np.mean(other == samples) > 0.9
 
 
 def test_sample_frequencies_detect_wrong_distribution(sample_fn):

@@ -19,14 +19,14 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ("data=8,model=1", "data=2,model=4", "data=1,model=8")
-CASES = ("plain", "ngram", "model", "model_sampled", "feature_sampled")
+CASES = ("plain", "ngram", "model", "model_sampled", "feature_sampled", "ngram+model_sampled")
 
 PRELUDE = textwrap.dedent("""
     import json, logging, os, sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from specdec_jax import compile_count, sharding
-    from specdec_jax.drafters import FeatureDrafter, ModelDrafter, NgramDrafter
+    from specdec_jax.drafters import FeatureDrafter, HybridDrafter, ModelDrafter, NgramDrafter
     from specdec_jax.models.feature_draft import FeatureDraft
     from specdec_jax.generation import Generator
     from specdec_jax.models.config import ModelConfig
@@ -85,7 +85,8 @@ EQUIVALENCE = """
     CASES = {"plain": (None, 0, 0.0), "ngram": (NgramDrafter(), 4, 0.0),
              "model": (ModelDrafter(draft), 4, 0.0),
              "model_sampled": (ModelDrafter(draft), 4, 1.0),
-             "feature_sampled": (FeatureDrafter(feature_draft), 4, 1.0)}
+             "feature_sampled": (FeatureDrafter(feature_draft), 4, 1.0),
+             "ngram+model_sampled": (HybridDrafter(NgramDrafter(), ModelDrafter(draft)), 4, 1.0)}
 
     def generator(case, shardings):
       drafter, k, _ = CASES[case]

@@ -3,16 +3,18 @@
 On-policy: the target itself completes the training prompts (prompt-suite
 prompts and templated instructions, chat-formatted like at inference) with
 the compiled ``Generator`` at a temperature > 0, so the draft learns the text
-it will have to predict. A jitted target forward then stores, for every
-token after the first, the target's top-k next-token log-probabilities (the
-teacher): completion positions are the on-policy signal; prompt positions
-come for free and are weighted by ``distill.prompt_loss_weight``. An optional
-plain-text file adds off-policy windows, trained on every position.
+it will have to predict. One jitted target forward then stores, for every
+token, the target's top-k next-token log-probabilities (the teacher) and its
+hidden state (the feature a feature draft reads, float16): completion
+positions are the on-policy signal; prompt positions come for free and are
+weighted by ``distill.prompt_loss_weight``. An optional plain-text file adds
+off-policy windows, trained on every position.
 
 Layout in WORKDIR/data (NumPy ``.npz``, loaded with ``allow_pickle=False``)::
 
   meta.json          fingerprint of the settings and requests
-  shard-00000.npz    tokens, offsets, loss_start, teacher_ids, teacher_logp
+  self_instruct.json the target's own instructions (distill.num_self_instruct)
+  shard-00000.npz    tokens, offsets, loss_start, teacher_ids, teacher_logp, features
   text.npz           the same for the optional text file
 
 A shard is written atomically once its samples and teacher exist. A rerun, or
@@ -39,7 +41,8 @@ from specdec_jax.generation import Generator
 DATA_DIR = "data"
 META_FILE = "meta.json"
 TEXT_SHARD = "text.npz"
-SHARD_REQUESTS = 32          # requests per shard (a multiple of common batch sizes)
+SHARD_REQUESTS = 32          # requests per shard (rounded up to a multiple of gen_batch_size)
+SELF_INSTRUCT_FILE = "self_instruct.json"
 MIN_PROMPT_BUCKET = 64
 
 
@@ -49,7 +52,7 @@ class Request:
 
   prompt_ids: tuple[int, ...]
   seed: int
-  source: str   # "suite" | "templated"
+  source: str   # "suite" | "templated" | "self_instruct"
 
 
 @dataclasses.dataclass
@@ -61,12 +64,15 @@ class Examples:
     plain text, which counts as completion everywhere.
   teacher_ids[e], teacher_logp[e]: [L_e - 1, k]: row r holds the target's
     top-k ids / log-probs for the token at position r + 1 (the logits at r).
+  features[e]: [L_e, D] float16, the target's final-normed hidden state at
+    each position (what its head read there), or None when not loaded.
   """
 
   tokens: list
   loss_start: np.ndarray
   teacher_ids: list
   teacher_logp: list
+  features: list | None = None   # [L_e, D] float16: the target's hidden state per position
   fingerprint: str = ""     # of the settings that made the data (see ``fingerprint``)
 
   @property
@@ -87,8 +93,10 @@ class Examples:
 # ----- requests ---------------------------------------------------------------
 
 
-def build_requests(config, encode) -> list[Request]:
-  """The generation requests: suite prompts x samples_per_prompt + templated.
+def build_requests(config, encode, self_instructions=()) -> list[Request]:
+  """The generation requests: suite prompts x samples_per_prompt, templated
+  instructions, then ``self_instructions`` (the target's own, see
+  ``instructions.self_instruct``), each sampled once.
 
   Prompts longer than ``config.max_prompt_len`` tokens are left out.
 
@@ -96,6 +104,7 @@ def build_requests(config, encode) -> list[Request]:
     config: the experiment config (reads ``config.distill``).
     encode: prompt (str or prompts.Prompt) -> token ids, chat-formatted as at
       inference (``Runtime.encode_prompt``).
+    self_instructions: instruction texts.
   """
   d = config.distill
   texts = []
@@ -115,11 +124,24 @@ def build_requests(config, encode) -> list[Request]:
   for text in instructions.templated_instructions(d.num_templated, d.seed):
     requests.append(Request(tuple(encode(text)), d.seed * 1_000_003 + len(requests),
                             "templated"))
+  for text in self_instructions:
+    requests.append(Request(tuple(encode(text)), d.seed * 1_000_003 + len(requests),
+                            "self_instruct"))
   return [r for r in requests if len(r.prompt_ids) <= config.max_prompt_len]
 
 
+def shard_size(gen_batch_size: int) -> int:
+  """Requests per shard: SHARD_REQUESTS rounded up to whole generation batches."""
+  return -(-SHARD_REQUESTS // gen_batch_size) * gen_batch_size
+
+
 def fingerprint(config, target_cfg, requests: list[Request]) -> str:
-  """Hash of everything that determines the data (not the training settings)."""
+  """Hash of everything that determines the data (not the training settings).
+
+  ``requests`` are the suite and templated ones; the self-instructed ones are
+  a function of the target and the settings hashed here, so the workdir's
+  data can be checked before any is made.
+  """
   d = config.distill
   text_hash = ""
   if d.text_file:
@@ -130,7 +152,10 @@ def fingerprint(config, target_cfg, requests: list[Request]) -> str:
       "gen": [d.gen_temperature, d.gen_top_k, d.gen_top_p, d.gen_max_new_tokens],
       "teacher_top_k": d.teacher_top_k, "text": text_hash,
       "text_seq_len": d.seq_len if d.text_file else 0,   # text windows only
-      "format": 2,
+      "self_instruct": [d.num_self_instruct, d.self_instruct_max_tokens, d.seed,
+                        config.chat],
+      "shard_size": shard_size(d.gen_batch_size),
+      "format": 4,   # 4: two-level Gumbel sampling, features in the shards
       "requests": [[list(r.prompt_ids), r.seed] for r in requests],
   }, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -140,16 +165,17 @@ def fingerprint(config, target_cfg, requests: list[Request]) -> str:
 
 
 def make_teacher_fn(target, top_k: int):
-  """Jitted (params, tokens_BT) -> (logp_BTk, ids_BTk): top-k of log softmax."""
+  """Jitted (params, tokens_BT) -> (logp_BTk, ids_BTk, hidden_BTD): top-k of
+  the log softmax and the hidden states (features, float16), one forward."""
 
   @jax.jit
   def teacher(params, tokens_BT):
     batch, seq = tokens_BT.shape
     positions_BT = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    logits_BTV, _ = target.apply(params, tokens_BT, positions_BT,
-                                 target.init_cache(batch, seq))
+    logits_BTV, hidden_BTD, _ = target.apply_with_hidden(params, tokens_BT, positions_BT,
+                                                         target.init_cache(batch, seq))
     logp_BTk, ids_BTk = jax.lax.top_k(jax.nn.log_softmax(logits_BTV, axis=-1), top_k)
-    return logp_BTk, ids_BTk.astype(jnp.int32)
+    return logp_BTk, ids_BTk.astype(jnp.int32), hidden_BTD.astype(jnp.float16)
 
   return teacher
 
@@ -160,10 +186,16 @@ def _length_bucket(n: int) -> int:
   return max(step, -(-n // step) * step)
 
 
-def _bucketed_batches(fn, target_params, sequences: list, batch_size: int):
-  """Yields (sequence indices, host outputs of ``fn(params, tokens_BT)``) for
-  batches of similar-length sequences, right-padded to a length bucket (few
-  shapes to compile; causal attention leaves the real positions unchanged)."""
+def teacher_targets(teacher_fn, target_params, sequences: list,
+                    batch_size: int) -> tuple[list, list, list]:
+  """Per sequence: teacher ids and logp [L-1, k] for tokens 1 .. L-1, and the
+  features [L, D] (float16).
+
+  Batches of similar-length sequences are right-padded to a length bucket
+  (few shapes to compile; causal attention leaves the real positions as
+  they are).
+  """
+  ids_out, logp_out, feat_out = ([None] * len(sequences) for _ in range(3))
   order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
   for start in range(0, len(order), batch_size):
     chunk = order[start:start + batch_size]
@@ -171,91 +203,34 @@ def _bucketed_batches(fn, target_params, sequences: list, batch_size: int):
     tokens_BT = np.zeros((batch_size, seq), np.int32)
     for row, i in enumerate(chunk):
       tokens_BT[row, :len(sequences[i])] = sequences[i]
-    yield chunk, jax.device_get(fn(target_params, jnp.asarray(tokens_BT)))
-
-
-def teacher_targets(teacher_fn, target_params, sequences: list,
-                    batch_size: int) -> tuple[list, list]:
-  """Teacher (ids [L-1, k], logp [L-1, k]) per sequence, for tokens 1 .. L-1."""
-  ids_out, logp_out = [None] * len(sequences), [None] * len(sequences)
-  for chunk, (logp_BTk, ids_BTk) in _bucketed_batches(teacher_fn, target_params, sequences,
-                                                      batch_size):
+    logp_BTk, ids_BTk, hidden_BTD = jax.device_get(
+        teacher_fn(target_params, jnp.asarray(tokens_BT)))
     for row, i in enumerate(chunk):
-      n = len(sequences[i]) - 1   # logits at position t describe the token at t + 1
-      ids_out[i], logp_out[i] = ids_BTk[row, :n], logp_BTk[row, :n]
-  return ids_out, logp_out
+      n = len(sequences[i])   # logits at position t describe the token at t + 1
+      ids_out[i], logp_out[i] = ids_BTk[row, :n - 1], logp_BTk[row, :n - 1]
+      feat_out[i] = hidden_BTD[row, :n]
+  return ids_out, logp_out, feat_out
 
 
-def make_feature_fn(target):
-  """Jitted (params, tokens_BT) -> hidden_BTD, the target's features."""
-
-  @jax.jit
-  def features(params, tokens_BT):
-    batch, seq = tokens_BT.shape
-    positions_BT = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    _, hidden_BTD, _ = target.apply_with_hidden(params, tokens_BT, positions_BT,
-                                                target.init_cache(batch, seq))
-    return hidden_BTD
-
-  return features
-
-
-def window_features(feature_fn, target_params, examples: "Examples", seq_len: int,
-                    batch_size: int) -> np.ndarray:
-  """The target's features over each example's training window: [E, T+1, D].
+def window_features(examples: "Examples", seq_len: int) -> np.ndarray:
+  """The target's features over each example's training window: [E, T+1, D]
+  float16, from the stored per-position features.
 
   Row e, index i holds f at absolute position w - 1 + i, where w is the
   window's start (``TrainData.build``), zeros where that is < 0 or past the
   sequence: index j is the feature a feature draft reads at window index j,
   index j + 1 the feature it must predict there.
   """
-  sequences = examples.tokens
-  out = None
-  for chunk, hidden_BTD in _bucketed_batches(feature_fn, target_params, sequences,
-                                             batch_size):
-    if out is None:
-      out = np.zeros((len(sequences), seq_len + 1, hidden_BTD.shape[-1]), np.float32)
-    for row, i in enumerate(chunk):
-      n = len(sequences[i])
-      w = max(0, n - seq_len)
-      lo = max(w - 1, 0)
-      out[i, lo - (w - 1):n - (w - 1)] = hidden_BTD[row, lo:n]
+  if examples.features is None:
+    raise ValueError("these examples were loaded without their features")
+  width = examples.features[0].shape[-1]
+  out = np.zeros((examples.num_examples, seq_len + 1, width), np.float16)
+  for e, feats in enumerate(examples.features):
+    n = len(feats)
+    w = max(0, n - seq_len)
+    lo = max(w - 1, 0)
+    out[e, lo - (w - 1):n - (w - 1)] = feats[lo:n]
   return out
-
-
-def cached_window_features(rt, examples: "Examples", seq_len: int, batch_size: int,
-                           workdir: str) -> np.ndarray:
-  """``window_features``, stored once in WORKDIR/data/features-T<seq_len>.npy.
-
-  The file is reused only if its fingerprint (data + target + seq_len) and
-  shape match; otherwise it is remade (a resumed run does not pay the
-  target forward again).
-  """
-  folder = os.path.join(workdir, DATA_DIR)
-  path = os.path.join(folder, f"features-T{seq_len}.npy")
-  key_path = path + ".fingerprint"
-  key = f"{examples.fingerprint}:{hashlib.sha256(repr(rt.target.cfg).encode()).hexdigest()[:16]}"
-  want = (examples.num_examples, seq_len + 1, rt.target.cfg.d_model)
-  if os.path.exists(path) and os.path.exists(key_path):
-    with open(key_path) as f:
-      stored = f.read().strip()
-    try:
-      features = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
-      features = None
-    if stored == key and features is not None and features.shape == want:
-      return np.asarray(features)
-  features = window_features(make_feature_fn(rt.target), rt.target_params, examples,
-                             seq_len, batch_size)
-  os.makedirs(folder, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    np.save(f, features, allow_pickle=False)
-  os.replace(tmp, path)
-  with open(key_path + ".tmp", "w") as f:
-    f.write(key)
-  os.replace(key_path + ".tmp", key_path)
-  return features
 
 
 # ----- shards ---------------------------------------------------------------------
@@ -270,7 +245,7 @@ def _save_npz(path: str, **arrays) -> None:
   os.replace(tmp, path)
 
 
-def _pack(sequences, loss_start, teacher_ids, teacher_logp) -> dict:
+def _pack(sequences, loss_start, teacher_ids, teacher_logp, features) -> dict:
   lengths = [len(s) for s in sequences]
   n_targets = [len(t) for t in teacher_ids]
   return dict(
@@ -279,31 +254,34 @@ def _pack(sequences, loss_start, teacher_ids, teacher_logp) -> dict:
       loss_start=np.asarray(loss_start, np.int32),
       teacher_offsets=np.concatenate([[0], np.cumsum(n_targets)]).astype(np.int64),
       teacher_ids=np.concatenate(teacher_ids).astype(np.int32),
-      teacher_logp=np.concatenate(teacher_logp).astype(np.float32))
+      teacher_logp=np.concatenate(teacher_logp).astype(np.float32),
+      features=np.concatenate(features).astype(np.float16))
 
 
-def _unpack(path: str) -> Examples:
+def _unpack(path: str, with_features: bool) -> Examples:
   try:
     with np.load(path, allow_pickle=False) as z:
-      arrays = {k: z[k] for k in z.files}
+      arrays = {k: z[k] for k in z.files if with_features or k != "features"}
     off, toff = arrays["offsets"], arrays["teacher_offsets"]
+    split = lambda x, o: [x[o[i]:o[i + 1]] for i in range(len(o) - 1)]
     return Examples(
-        tokens=[arrays["tokens"][off[i]:off[i + 1]] for i in range(len(off) - 1)],
-        loss_start=arrays["loss_start"],
-        teacher_ids=[arrays["teacher_ids"][toff[i]:toff[i + 1]] for i in range(len(toff) - 1)],
-        teacher_logp=[arrays["teacher_logp"][toff[i]:toff[i + 1]]
-                      for i in range(len(toff) - 1)])
+        tokens=split(arrays["tokens"], off), loss_start=arrays["loss_start"],
+        teacher_ids=split(arrays["teacher_ids"], toff),
+        teacher_logp=split(arrays["teacher_logp"], toff),
+        features=split(arrays["features"], off) if with_features else None)
   except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
     raise ValueError(f"distillation data file {path} is damaged ({e}); delete it "
                      "to have it regenerated") from None
 
 
 def _merge(parts: list[Examples]) -> Examples:
+  with_features = bool(parts) and all(p.features is not None for p in parts)
   return Examples(
       tokens=[t for p in parts for t in p.tokens],
       loss_start=np.concatenate([p.loss_start for p in parts] or [np.zeros(0, np.int32)]),
       teacher_ids=[t for p in parts for t in p.teacher_ids],
-      teacher_logp=[t for p in parts for t in p.teacher_logp])
+      teacher_logp=[t for p in parts for t in p.teacher_logp],
+      features=[f for p in parts for f in p.features] if with_features else None)
 
 
 def _prompt_bucket(n: int, cap: int) -> int:
@@ -341,7 +319,36 @@ class _Sampler:
     return out
 
 
-def _check_meta(folder: str, fp: str, num_requests: int) -> None:
+def _cached_self_instructions(config, rt, folder: str, log) -> list[str]:
+  """``instructions.self_instruct`` for the config, made once and kept in
+  WORKDIR/data/self_instruct.json (the meta fingerprint covers its settings)."""
+  d = config.distill
+  path = os.path.join(folder, SELF_INSTRUCT_FILE)
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        texts = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"{path} is damaged ({e}); delete it to have it remade") from None
+    if len(texts) == d.num_self_instruct:
+      return texts
+  prefix = instructions.pre_query_prefix(rt.tokenizer, bool(config.chat))
+  generator = Generator(rt.target, None, max_prompt_len=_prompt_bucket(len(prefix), 1 << 30),
+                        max_new_tokens=d.self_instruct_max_tokens,
+                        batch_size=d.gen_batch_size, eos_ids=rt.eos_ids)
+  held_out = [p.text() for p in prompts_lib.load_prompts(prompts_lib.HELD_OUT)]
+  start = time.perf_counter()
+  texts = instructions.self_instruct(generator, rt.target_params, rt.tokenizer, prefix,
+                                     d.num_self_instruct, d.seed, exclude=held_out, log=log)
+  log(f"data: {len(texts)} self-instructed prompts in {time.perf_counter() - start:.0f}s")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(texts, f, indent=0)
+  os.replace(tmp, path)
+  return texts
+
+
+def _check_meta(folder: str, fp: str) -> None:
   path = os.path.join(folder, META_FILE)
   if os.path.exists(path):
     try:
@@ -357,12 +364,13 @@ def _check_meta(folder: str, fp: str, num_requests: int) -> None:
     return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump({"fingerprint": fp, "num_requests": num_requests}, f)
+    json.dump({"fingerprint": fp}, f)
   os.replace(tmp, path)
 
 
-def prepare(config, rt, workdir: str, log=print) -> Examples:
-  """Builds (or reuses) WORKDIR/data and returns every training example.
+def prepare(config, rt, workdir: str, log=print, with_features: bool = False) -> Examples:
+  """Builds (or reuses) WORKDIR/data and returns every training example
+  (with their features, [L_e, D] each, when ``with_features``).
 
   Raises:
     ValueError: no prompts (that fit ``config.max_prompt_len``) and no text:
@@ -372,31 +380,35 @@ def prepare(config, rt, workdir: str, log=print) -> Examples:
   requests = build_requests(config, rt.encode_prompt)
   if d.text_file and not os.path.isfile(d.text_file):
     raise ValueError(f"config.distill.text_file={d.text_file!r} is not a file")
-  if not requests and not d.text_file:
+  if not requests and not d.text_file and not d.num_self_instruct:
     raise ValueError("the distillation dataset is empty: no prompt of "
                      "config.distill.prompts (or templated) fits config.max_prompt_len="
-                     f"{config.max_prompt_len}, and there is no text_file")
-  log(f"data: {len(requests)} generation requests (prompts longer than "
-      f"max_prompt_len={config.max_prompt_len} left out)")
+                     f"{config.max_prompt_len}, and there is no text_file or self-instruct")
   folder = os.path.join(workdir, DATA_DIR)
   os.makedirs(folder, exist_ok=True)
   fp = fingerprint(config, rt.target.cfg, requests)
-  _check_meta(folder, fp, len(requests))
+  _check_meta(folder, fp)
+  if d.num_self_instruct:
+    requests = build_requests(config, rt.encode_prompt,
+                              _cached_self_instructions(config, rt, folder, log))
+  log(f"data: {len(requests)} generation requests (prompts longer than "
+      f"max_prompt_len={config.max_prompt_len} left out)")
 
   teacher_fn = make_teacher_fn(rt.target, d.teacher_top_k)
   sampler = _Sampler(rt, d, config.max_prompt_len)
   # Similar lengths share a shard, so a batch wastes little padding.
   ordered = sorted(requests, key=lambda r: (len(r.prompt_ids), r.seed))
-  shards = [ordered[i:i + SHARD_REQUESTS] for i in range(0, len(ordered), SHARD_REQUESTS)]
+  size = shard_size(d.gen_batch_size)
+  shards = [ordered[i:i + size] for i in range(0, len(ordered), size)]
   parts, made_tokens, made_shards, start = [], 0, 0, time.perf_counter()
   for n, shard in enumerate(shards):
     path = os.path.join(folder, f"shard-{n:05d}.npz")
     if not os.path.exists(path):
       sequences = sampler(shard)
       loss_start = [len(r.prompt_ids) for r in shard]
-      ids, logp = teacher_targets(teacher_fn, rt.target_params, sequences,
-                                  d.teacher_batch_size)
-      _save_npz(path, **_pack(sequences, loss_start, ids, logp))
+      ids, logp, feats = teacher_targets(teacher_fn, rt.target_params, sequences,
+                                         d.teacher_batch_size)
+      _save_npz(path, **_pack(sequences, loss_start, ids, logp, feats))
       made_tokens += sum(len(seq) - p for seq, p in zip(sequences, loss_start))
       made_shards += 1
       elapsed = time.perf_counter() - start
@@ -405,16 +417,16 @@ def prepare(config, rt, workdir: str, log=print) -> Examples:
       log(f"data: shard {n + 1}/{len(shards)} made, {made_tokens} sampled tokens in "
           f"{elapsed:.0f}s ({made_tokens / elapsed:.1f} tok/s incl. teacher), "
           f"ETA {elapsed / made_shards * remaining:.0f}s")
-    parts.append(_unpack(path))
+    parts.append(_unpack(path, with_features))
   if d.text_file:
-    parts.append(_text_examples(config, rt, teacher_fn, folder, log))
+    parts.append(_text_examples(config, rt, teacher_fn, folder, log, with_features))
   examples = dataclasses.replace(_merge(parts), fingerprint=fp)
   if examples.num_completion_tokens == 0:
     raise ValueError("the distillation dataset is empty: no training tokens")
   return examples
 
 
-def _text_examples(config, rt, teacher_fn, folder: str, log) -> Examples:
+def _text_examples(config, rt, teacher_fn, folder: str, log, with_features) -> Examples:
   """Windows of ``seq_len`` tokens of the text file, trained on every position."""
   path = os.path.join(folder, TEXT_SHARD)
   if not os.path.exists(path):
@@ -426,12 +438,12 @@ def _text_examples(config, rt, teacher_fn, folder: str, log) -> Examples:
     if not windows:
       return _merge([])
     start = [1] * len(windows)
-    t_ids, t_logp = teacher_targets(teacher_fn, rt.target_params, windows,
-                                    config.distill.teacher_batch_size)
-    _save_npz(path, **_pack(windows, start, t_ids, t_logp))
+    t_ids, t_logp, t_feats = teacher_targets(teacher_fn, rt.target_params, windows,
+                                             config.distill.teacher_batch_size)
+    _save_npz(path, **_pack(windows, start, t_ids, t_logp, t_feats))
     log(f"data: text file {config.distill.text_file}: {len(windows)} windows, "
         f"{sum(len(w) for w in windows)} tokens")
-  return _unpack(path)
+  return _unpack(path, with_features)
 
 
 # ----- batches ---------------------------------------------------------------------
@@ -477,8 +489,8 @@ class TrainData:
   mask_ET: float32.
   teacher_head_ETk: int32 head index of each teacher token (-1: not in head).
   teacher_logp_ETk: float32 teacher log-probs.
-  features_ET1D: float32 [E, T+1, D] target features for a feature draft
-    (``window_features``), or None.
+  features_ET1D: float16 [E, T+1, D] target features for a feature draft
+    (``window_features``), or None; batches get them as float32.
   """
 
   tokens_ET: np.ndarray
@@ -518,5 +530,5 @@ class TrainData:
            "teacher_head_BTk": self.teacher_head_ETk[idx],
            "teacher_logp_BTk": self.teacher_logp_ETk[idx]}
     if self.features_ET1D is not None:
-      out["features_BT1D"] = self.features_ET1D[idx]
+      out["features_BT1D"] = self.features_ET1D[idx].astype(np.float32)
     return out

@@ -2,7 +2,8 @@
 
 The same compiled ``Generator`` (the draft's drafter, K drafts, temperature 0) is
 reused for every evaluation of a run: new draft params are arguments, so
-nothing recompiles after the first call.
+nothing recompiles after the first call. The draft is measured alone and,
+optionally, behind prompt lookup (``drafter=ngram+model`` / ``ngram+feature``).
 """
 
 import time
@@ -26,24 +27,40 @@ class HeldOutEval:
   """
 
   def __init__(self, rt, drafter: Drafter, prompt_ids: list, k: int,
-               max_new_tokens: int, batch_size: int):
+               max_new_tokens: int, batch_size: int, lookup_drafter: Drafter | None = None):
     if not prompt_ids:
       raise ValueError("no held-out prompts to evaluate the draft on")
     self.rt, self.prompt_ids, self.k = rt, prompt_ids, k
     max_prompt = max(MIN_PROMPT_SLOTS, max(len(p) for p in prompt_ids))
-    self.generator = Generator(
-        rt.target, drafter, k_max=k, max_prompt_len=max_prompt,
+    make = lambda d: Generator(
+        rt.target, d, k_max=k, max_prompt_len=max_prompt,
         max_new_tokens=max_new_tokens, batch_size=min(batch_size, len(prompt_ids)),
         eos_ids=rt.eos_ids)
+    self.generator = make(drafter)
+    self.lookup_generator = make(lookup_drafter) if lookup_drafter is not None else None
+
+  def _measure(self, generator, draft_params) -> dict:
+    result = generator.generate(self.rt.target_params, draft_params, self.prompt_ids,
+                                temperature=0.0)
+    acc = metrics.acceptance_summary(result.rows, self.k)
+    tokens = sum(len(r.output_ids) for r in result.rows)
+    return {"acceptance_rate": acc["acceptance_rate"],
+            "mean_accepted_length": acc["mean_accepted_length"] or 0.0,
+            "tokens_per_call": tokens / max(sum(r.target_calls for r in result.rows), 1),
+            "acceptance_by_position": acc["acceptance_by_position"],
+            "generated_tokens": tokens}
 
   def __call__(self, draft_params) -> dict:
+    """Metrics of the draft alone; with a ``lookup_drafter`` (the draft
+    behind prompt lookup, drafters.HybridDrafter) also under ``with_lookup``.
+
+    ``mean_accepted_length`` is committed tokens per target call averaged
+    over prompts, ``tokens_per_call`` the same pooled over all tokens.
+    """
     start = time.perf_counter()
-    result = self.generator.generate(self.rt.target_params, draft_params, self.prompt_ids,
-                                     temperature=0.0)
-    acc = metrics.acceptance_summary(result.rows, self.k)
-    return {"k": self.k, "num_prompts": len(self.prompt_ids),
-            "acceptance_rate": acc["acceptance_rate"],
-            "mean_accepted_length": acc["mean_accepted_length"] or 0.0,
-            "acceptance_by_position": acc["acceptance_by_position"],
-            "generated_tokens": sum(len(r.output_ids) for r in result.rows),
-            "wall_s": time.perf_counter() - start}
+    out = {"k": self.k, "num_prompts": len(self.prompt_ids),
+           **self._measure(self.generator, draft_params)}
+    if self.lookup_generator is not None:
+      out["with_lookup"] = self._measure(self.lookup_generator, draft_params)
+    out["wall_s"] = time.perf_counter() - start
+    return out

@@ -76,3 +76,65 @@ def templated_instructions(count: int, seed: int) -> list[str]:
   pool = list(dict.fromkeys(pool))
   order = rng.permutation(len(pool))
   return [pool[i] for i in order[:count]]
+
+
+# ----- instructions the target writes itself ---------------------------------------
+
+SELF_INSTRUCT_TEMPERATURE = 1.0
+SELF_INSTRUCT_TOP_P = 0.95
+_PLACEHOLDER = "\x00INSTRUCTION\x00"
+_MIN_WORDS = 3
+
+
+def pre_query_prefix(tokenizer, chat: bool) -> list[int]:
+  """Token ids that stand before a user's words: the chat template up to the
+  user turn's content (Magpie, Xu et al. 2024), or BOS for a plain model."""
+  if chat:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}],
+                                         add_generation_prompt=False)
+    if _PLACEHOLDER not in text:
+      raise ValueError("the chat template does not show the user's message; "
+                       "config.distill.num_self_instruct needs one")
+    return tokenizer.encode(text[:text.index(_PLACEHOLDER)])
+  if tokenizer.bos_id is None:
+    raise ValueError("config.distill.num_self_instruct needs a chat template "
+                     "(config.chat=True) or a tokenizer with a BOS token")
+  return [tokenizer.bos_id]
+
+
+def self_instruct(generator, target_params, tokenizer, prefix_ids: list[int], count: int,
+                  seed: int, exclude=(), log=print) -> list[str]:
+  """``count`` distinct instructions sampled from the target itself.
+
+  The target continues the pre-query prefix (``pre_query_prefix``) at
+  temperature 1, top-p 0.95, so it writes what it takes a user's request to
+  be: requests in its own style, as varied as it is, for data that no fixed
+  template list covers. Samples that hit the token cap before ending, have
+  fewer than 3 words, repeat an earlier one or are in ``exclude`` (the
+  held-out prompts) are dropped and more are drawn, in rounds of
+  ``generator.batch_size``. Deterministic in ``seed``.
+
+  Raises:
+    ValueError: fewer than ``count`` usable instructions after 8x as many samples.
+  """
+  excluded = {e.strip() for e in exclude}
+  kept, seen, drawn = [], set(), 0
+  while len(kept) < count:
+    if drawn >= 8 * count + generator.batch_size:
+      raise ValueError(f"self-instruct: only {len(kept)} of {count} usable instructions "
+                       f"after {drawn} samples")
+    batch = generator.batch_size
+    result = generator.generate(target_params, {}, [prefix_ids] * batch,
+                                seeds=[(seed * 1_000_003 + drawn + i) % 2**32 for i in range(batch)],
+                                temperature=SELF_INSTRUCT_TEMPERATURE, top_p=SELF_INSTRUCT_TOP_P)
+    drawn += batch
+    for row in result.rows:
+      if row.finish_reason != "eos":
+        continue
+      text = tokenizer.decode(row.output_ids[:-1], skip_special=True).strip()
+      if len(text.split()) < _MIN_WORDS or text in seen or text in excluded:
+        continue
+      seen.add(text)
+      kept.append(text)
+    log(f"data: self-instruct {min(len(kept), count)}/{count} instructions ({drawn} sampled)")
+  return kept[:count]

@@ -285,6 +285,10 @@ def _append(path: str | None, row: dict) -> None:
 
 
 def _eval_line(ev: dict) -> str:
+  lookup = ev.get("with_lookup")
   return (f"eval @ step {ev['step']}: held-out greedy K={ev['k']} acceptance "
           f"{ev['acceptance_rate']:.3f}, mean accepted length "
-          f"{ev['mean_accepted_length']:.2f} ({ev['num_prompts']} prompts, {ev['wall_s']:.0f}s)")
+          f"{ev['mean_accepted_length']:.2f}"
+          + (f"; behind n-gram lookup {lookup['acceptance_rate']:.3f}, "
+             f"{lookup['mean_accepted_length']:.2f}" if lookup else "")
+          + f" ({ev['num_prompts']} prompts, {ev['wall_s']:.0f}s)")

@@ -2,11 +2,14 @@
 
 from specdec_jax.drafters.base import DraftContext, Drafter, Proposal
 from specdec_jax.drafters.feature_drafter import FeatureDrafter
+from specdec_jax.drafters.hybrid import HybridDrafter
 from specdec_jax.drafters.model_drafter import ModelDrafter
 from specdec_jax.drafters.ngram import NgramDrafter
 from specdec_jax.models.feature_draft import FeatureDraft
 
-DRAFTERS = ("none", "model", "feature", "ngram")
+# "ngram+model" / "ngram+feature": prompt lookup where the text ends in a
+# repeated n-gram, the draft model elsewhere (drafters/hybrid.py).
+DRAFTERS = ("none", "model", "feature", "ngram", "ngram+model", "ngram+feature")
 
 
 def for_draft_model(model) -> Drafter:
@@ -15,5 +18,11 @@ def for_draft_model(model) -> Drafter:
   return FeatureDrafter(model) if isinstance(model, FeatureDraft) else ModelDrafter(model)
 
 
-__all__ = ["DraftContext", "Drafter", "Proposal", "FeatureDrafter", "ModelDrafter",
-           "NgramDrafter", "DRAFTERS", "for_draft_model"]
+def model_kind(drafter_name: str) -> str | None:
+  """The draft model a ``config.drafter`` value runs: 'model', 'feature' or None."""
+  kind = drafter_name.removeprefix("ngram+")
+  return kind if kind in ("model", "feature") else None
+
+
+__all__ = ["DraftContext", "Drafter", "Proposal", "FeatureDrafter", "HybridDrafter",
+           "ModelDrafter", "NgramDrafter", "DRAFTERS", "for_draft_model", "model_kind"]

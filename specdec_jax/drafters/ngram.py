@@ -42,6 +42,14 @@ class NgramDrafter:
   def propose(self, params, state, ctx: DraftContext, k: int, *, greedy: bool,
               purpose: int):
     del params, greedy, purpose
+    draft_BK, num_proposed_B, _ = self.lookup(ctx, k)
+    confidence_BK = jnp.ones(draft_BK.shape, jnp.float32)
+    return Proposal(draft_BK, None, num_proposed_B, confidence_BK), state
+
+  def lookup(self, ctx: DraftContext, k: int):
+    """(draft_BK, num_proposed_B, match_len_B): the continuation of the best
+    match, how many of its tokens the row proposes, and the matched n-gram's
+    length n (0: no match, nothing proposed)."""
     tokens_BS, length_B = ctx.tokens_BS, ctx.length_B
     batch, num_slots = tokens_BS.shape
     starts_S = jnp.arange(num_slots)
@@ -50,6 +58,7 @@ class NgramDrafter:
 
     wanted_B = jnp.minimum(ctx.max_k_B, k)
     continuation_B = jnp.full((batch,), -1, jnp.int32)
+    match_len_B = jnp.zeros((batch,), jnp.int32)
     for n in range(self.max_n, self.min_n - 1, -1):
       match_BS = jnp.ones((batch, num_slots), bool)
       for i in range(n):
@@ -66,10 +75,10 @@ class NgramDrafter:
       best_start_B = jnp.argmax(score_BS, axis=1)
       found_B = (jnp.max(score_BS, axis=1) >= 0) & (continuation_B < 0)
       continuation_B = jnp.where(found_B, best_start_B + n, continuation_B).astype(jnp.int32)
+      match_len_B = jnp.where(found_B, n, match_len_B).astype(jnp.int32)
 
     draft_pos_BK = continuation_B[:, None] + jnp.arange(k)[None, :]
     draft_BK = jnp.take_along_axis(tokens_BS, jnp.clip(draft_pos_BK, 0, num_slots - 1), axis=1)
     available_B = jnp.where(continuation_B >= 0, length_B - continuation_B, 0)
     num_proposed_B = jnp.clip(jnp.minimum(available_B, ctx.max_k_B), 0, k).astype(jnp.int32)
-    confidence_BK = jnp.ones((batch, k), jnp.float32)
-    return Proposal(draft_BK.astype(jnp.int32), None, num_proposed_B, confidence_BK), state
+    return draft_BK.astype(jnp.int32), num_proposed_B, match_len_B

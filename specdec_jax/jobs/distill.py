@@ -48,11 +48,13 @@ def validate(config) -> None:
               "distill.teacher_batch_size": d.teacher_batch_size,
               "distill.checkpoint_every": d.checkpoint_every,
               "distill.keep_checkpoints": d.keep_checkpoints, "distill.log_every": d.log_every,
-              "distill.eval_k": d.eval_k, "distill.eval_max_new_tokens": d.eval_max_new_tokens}
+              "distill.eval_k": d.eval_k, "distill.eval_max_new_tokens": d.eval_max_new_tokens,
+              "distill.self_instruct_max_tokens": d.self_instruct_max_tokens}
   for name, value in positive.items():
     if int(value) != value or value < 1:
       raise ValueError(f"config.{name}={value} must be an int >= 1")
-  for name in ("samples_per_prompt", "num_templated", "head_size", "eval_every",
+  for name in ("samples_per_prompt", "num_templated", "num_self_instruct", "head_size",
+               "eval_every",
                "eval_max_prompts", "warmup_steps"):
     if int(d[name]) != d[name] or d[name] < 0:
       raise ValueError(f"config.distill.{name}={d[name]} must be an int >= 0")
@@ -98,8 +100,9 @@ def run_distill(config, workdir: str, log=print, on_checkpoint=None) -> dict:
     raise ValueError(f"config.distill.teacher_top_k={d.teacher_top_k} exceeds the "
                      f"vocabulary ({target_cfg.vocab_size})")
 
+  feature = d.draft_kind == checkpoints.FEATURE
   t0 = time.perf_counter()
-  examples = data_lib.prepare(config, rt, workdir, log=log)
+  examples = data_lib.prepare(config, rt, workdir, log=log, with_features=feature)
   data_s = time.perf_counter() - t0
   log(f"data: {examples.num_examples} sequences, {examples.num_completion_tokens} "
       f"completion + {examples.num_prompt_tokens} prompt tokens ({data_s:.0f}s)")
@@ -114,14 +117,11 @@ def run_distill(config, workdir: str, log=print, on_checkpoint=None) -> dict:
   train_data = data_lib.TrainData.build(
       examples, d.seq_len, model_lib.vocab_to_head(head_ids, target_cfg.vocab_size),
       prompt_weight=d.prompt_loss_weight)
-  feature = d.draft_kind == checkpoints.FEATURE
   if feature:
-    t1 = time.perf_counter()
-    train_data.features_ET1D = data_lib.cached_window_features(
-        rt, examples, d.seq_len, d.teacher_batch_size, workdir)
+    train_data.features_ET1D = data_lib.window_features(examples, d.seq_len)
+    examples.features = None   # the windows are all training needs
     log(f"data: target features of the training windows "
-        f"({train_data.features_ET1D.nbytes / 2**20:.0f} MiB, "
-        f"{time.perf_counter() - t1:.0f}s)")
+        f"({train_data.features_ET1D.nbytes / 2**20:.0f} MiB)")
   draft_model = checkpoints.draft_model(d.draft_kind, draft_cfg)
   log(f"draft ({d.draft_kind}): {draft_cfg.num_layers} layers, d_model {draft_cfg.d_model}, "
       f"head {draft_cfg.head_size or draft_cfg.vocab_size}, "
@@ -130,9 +130,15 @@ def run_distill(config, workdir: str, log=print, on_checkpoint=None) -> dict:
   init = model_lib.init_feature_params if feature else model_lib.init_params
   init_fn = lambda: init(draft_cfg, target_cfg, rt.target_params, head_ids, d,
                          jax.random.PRNGKey(d.seed))
-  evaluator = evaluate_lib.HeldOutEval(rt, drafters.for_draft_model(draft_model),
-                                       _held_out_ids(config, rt, log),
-                                       d.eval_k, d.eval_max_new_tokens, d.eval_batch_size)
+  draft_drafter = drafters.for_draft_model(draft_model)
+  lookup_drafter = None
+  if d.eval_with_lookup:
+    lookup_drafter = drafters.HybridDrafter(
+        drafters.NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n),
+        draft_drafter, min_match=int(config.lookup_min_match))
+  evaluator = evaluate_lib.HeldOutEval(rt, draft_drafter, _held_out_ids(config, rt, log),
+                                       d.eval_k, d.eval_max_new_tokens, d.eval_batch_size,
+                                       lookup_drafter=lookup_drafter)
   result = train_lib.run_training(
       config, draft_cfg, init_fn, train_data, workdir, examples.fingerprint, log=log,
       evaluate=evaluator, on_checkpoint=on_checkpoint,
@@ -152,6 +158,7 @@ def run_distill(config, workdir: str, log=print, on_checkpoint=None) -> dict:
                        if result.history else None),
       "evals": result.evals, "acceptance_rate": final_eval["acceptance_rate"],
       "mean_accepted_length": final_eval["mean_accepted_length"],
+      "with_lookup": final_eval.get("with_lookup"),
       "checkpoint_dir": checkpoints.checkpoint_dir(workdir),
   }
   io.write_json(os.path.join(workdir, "summary.json"), summary)
@@ -160,9 +167,13 @@ def run_distill(config, workdir: str, log=print, on_checkpoint=None) -> dict:
 
 def run(config, workdir: str, log=print) -> dict:
   summary = run_distill(config, workdir, log=log)
+  lookup = summary["with_lookup"]
   log(f"distill done: {summary['train_steps']} steps, held-out acceptance "
       f"{summary['acceptance_rate']:.3f}, mean accepted length "
-      f"{summary['mean_accepted_length']:.2f}; use it with "
-      f"--config.drafter={summary['draft_kind']} "
+      f"{summary['mean_accepted_length']:.2f}"
+      + (f" (behind n-gram lookup: {lookup['acceptance_rate']:.3f}, "
+         f"{lookup['mean_accepted_length']:.2f}; --config.drafter=ngram+{summary['draft_kind']})"
+         if lookup else "")
+      + f"; use it with --config.drafter={summary['draft_kind']} "
       f"--config.draft_checkpoint={os.path.abspath(workdir)}")
   return summary

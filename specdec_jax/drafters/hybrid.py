@@ -1,0 +1,86 @@
+"""Prompt lookup first, a draft model elsewhere (``drafter=ngram+model`` or
+``ngram+feature``).
+
+The two draft sources fail in different places. A small model loops and
+repeats itself, and copies from its prompt; there the n-gram lookup is
+nearly always right while a learned draft (above all a one-block feature
+draft, which cannot do induction) often is not. On new text the lookup has
+nothing to offer and the draft model does. So each row takes the lookup's
+drafts when its text ends in an n-gram of at least ``min_match`` tokens seen
+before, and the draft model's otherwise.
+
+The choice depends only on the committed tokens, never on a random draw, so
+every rule stays exact: given the text, a row's proposal distribution is the
+lookup's one-hot q or the model's q, and ``q_BKV`` carries whichever it was.
+
+The draft model keeps its own state (cache, features) up to date on every
+step, whatever was drafted: its propose always resyncs over the newest
+committed tokens. Rows that take the lookup's drafts have k_b = 0 for the
+model, so when every row does (always, at batch 1) the model's K-1 scan
+steps skip their forward pass and only the resync block runs.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from specdec_jax.drafters.base import DraftContext, Proposal
+from specdec_jax.drafters.ngram import NgramDrafter
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridDrafter:
+  """Lookup drafts where an n-gram of >= ``min_match`` tokens matches, the
+  ``draft`` drafter's (a ModelDrafter or FeatureDrafter) elsewhere."""
+
+  lookup: NgramDrafter
+  draft: Any
+  min_match: int = 2
+
+  def __post_init__(self):
+    if not self.lookup.min_n <= self.min_match <= self.lookup.max_n:
+      raise ValueError(
+          f"lookup_min_match={self.min_match} must lie in [ngram_min_n={self.lookup.min_n}, "
+          f"ngram_max_n={self.lookup.max_n}]")
+
+  @property
+  def name(self) -> str:
+    return f"ngram+{self.draft.name}"
+
+  @property
+  def model(self):
+    """The draft model (what sharding and the draft's config come from)."""
+    return self.draft.model
+
+  @property
+  def reads_target_features(self) -> bool:
+    return bool(getattr(self.draft, "reads_target_features", False))
+
+  def record_features(self, state, hidden_BTD, positions_BT):
+    return self.draft.record_features(state, hidden_BTD, positions_BT)
+
+  def init_state(self, batch_size, num_slots):
+    return self.draft.init_state(batch_size, num_slots)
+
+  def prefill(self, params, state, prompt_BT, positions_BT):
+    return self.draft.prefill(params, state, prompt_BT, positions_BT)
+
+  def propose(self, params, state, ctx: DraftContext, k: int, *, greedy: bool,
+              purpose: int):
+    lookup_BK, lookup_num_B, match_len_B = self.lookup.lookup(ctx, k)
+    use_lookup_B = match_len_B >= self.min_match
+    model_ctx = ctx.replace(max_k_B=jnp.where(use_lookup_B, 0, ctx.max_k_B))
+    model, state = self.draft.propose(params, state, model_ctx, k, greedy=greedy,
+                                      purpose=purpose)
+    pick = lambda a, b: jnp.where(use_lookup_B.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+    q_BKV = None
+    if model.q_BKV is not None:
+      q_BKV = pick(jax.nn.one_hot(lookup_BK, model.q_BKV.shape[-1], dtype=model.q_BKV.dtype),
+                   model.q_BKV)
+    proposal = Proposal(
+        draft_BK=pick(lookup_BK, model.draft_BK), q_BKV=q_BKV,
+        num_proposed_B=pick(lookup_num_B, model.num_proposed_B).astype(jnp.int32),
+        confidence_BK=pick(jnp.ones_like(model.confidence_BK), model.confidence_BK))
+    return proposal, state

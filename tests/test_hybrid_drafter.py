@@ -1,0 +1,224 @@
+"""drafter=ngram+model / ngram+feature: prompt lookup where the text ends in a
+repeated n-gram, the draft model elsewhere. The choice per row, exactness
+against plain decoding (greedy and coupled sampling), rejection-sampling
+fidelity, config checks and no recompiles."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from specdec_jax import compile_count
+from specdec_jax import config_defaults
+from specdec_jax import runtime
+from specdec_jax import sampling
+from specdec_jax.drafters import FeatureDrafter, HybridDrafter, ModelDrafter, NgramDrafter
+from specdec_jax.drafters.base import DraftContext
+from specdec_jax.generation import Generator
+from specdec_jax.jobs.fidelity import run_fidelity
+from specdec_jax.models.config import ModelConfig
+from specdec_jax.models.feature_draft import FeatureDraft
+from specdec_jax.models.transformer import Transformer
+from test_ngram_drafter import reference_proposal
+
+VOCAB = 259
+TARGET = Transformer(ModelConfig(vocab_size=VOCAB, num_layers=2, d_model=64, num_heads=4,
+                                 num_kv_heads=2, head_dim=16, ffn_dim=128))
+DRAFT = Transformer(ModelConfig(vocab_size=VOCAB, num_layers=1, d_model=32, num_heads=2,
+                                num_kv_heads=1, head_dim=16, ffn_dim=64))
+FEATURE_DRAFT = FeatureDraft(ModelConfig(vocab_size=VOCAB, num_layers=1, d_model=64,
+                                         num_heads=4, num_kv_heads=2, head_dim=16,
+                                         ffn_dim=96, tie_embeddings=False))
+K_MAX = 5
+MAX_NEW = 24
+LOOKUP = NgramDrafter(max_n=3, min_n=1)
+HYBRIDS = {"ngram+model": HybridDrafter(LOOKUP, ModelDrafter(DRAFT), min_match=2),
+           "ngram+feature": HybridDrafter(LOOKUP, FeatureDrafter(FEATURE_DRAFT), min_match=2)}
+
+
+@functools.lru_cache(maxsize=None)
+def gen(kind, batch, rule="rejection"):
+  drafter = None if kind == "plain" else HYBRIDS[kind]
+  return Generator(TARGET, drafter, k_max=0 if drafter is None else K_MAX, rule=rule,
+                   max_prompt_len=16, max_new_tokens=MAX_NEW, batch_size=batch)
+
+
+def match_length(text, max_n, min_n):
+  """The n of the n-gram lookup's match for ``text`` (0: none), by hand."""
+  for n in range(max_n, min_n - 1, -1):
+    if len(text) > n and any(text[s:s + n] == text[-n:] for s in range(len(text) - n - 1 + 1)
+                             if s + n <= len(text) - 1):
+      return n
+  return 0
+
+
+def params(seed):
+  tp = jax.jit(TARGET.init_params)(jax.random.PRNGKey(seed))
+  dp = jax.jit(DRAFT.init_params)(jax.random.PRNGKey(100 + seed))
+  fp = jax.jit(functools.partial(FEATURE_DRAFT.init_params, init_scale=0.2))(
+      jax.random.PRNGKey(200 + seed))
+  fp["embed"] = tp["embed"]
+  return tp, {"ngram+model": dp, "ngram+feature": fp}
+
+
+def make_prompts(seed, n=4):
+  """Ragged prompts; rows 1 and 3 repeat a short pattern (lookup matches)."""
+  rng = np.random.default_rng(seed)
+  prompts = []
+  for i, length in enumerate(rng.integers(2, 17, size=n)):
+    if i in (1, 3):
+      pattern = rng.integers(0, VOCAB, size=int(rng.integers(2, 4))).tolist()
+      prompts.append((pattern * 8)[:max(int(length), 7)])
+    else:
+      prompts.append(rng.integers(0, VOCAB, size=int(length)).tolist())
+  return prompts
+
+
+def outputs(result):
+  return [r.output_ids for r in result.rows]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _install_counter():
+  compile_count.install()
+
+
+def _context(tokens_rows, k, greedy=True):
+  """A DraftContext over right-padded committed texts."""
+  width = max(len(t) for t in tokens_rows) + k + 2
+  tokens = np.zeros((len(tokens_rows), width), np.int32)
+  for b, t in enumerate(tokens_rows):
+    tokens[b, :len(t)] = t
+  return DraftContext(
+      tokens_BS=jnp.asarray(tokens), length_B=jnp.asarray([len(t) for t in tokens_rows], jnp.int32),
+      keys_B2=jax.vmap(jax.random.PRNGKey)(jnp.arange(len(tokens_rows))),
+      sampling=sampling.SamplingParams.create(0.0 if greedy else 1.0, 0, 1.0),
+      max_k_B=jnp.full((len(tokens_rows),), k, jnp.int32), min_confidence=jnp.float32(0.0))
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_each_row_takes_lookup_or_model_drafts(greedy):
+  """A row whose text ends in a repeated 2-gram gets the lookup's drafts (and
+  a one-hot q); a row with only a 1-gram match, or none, gets the model's."""
+  tp, dps = params(0)
+  dp = dps["ngram+model"]
+  k = 4
+  rows = [[5, 6, 7, 8, 9, 5, 6],          # "5 6" seen before: lookup proposes 7 8 9 5
+          [1, 2, 3, 4, 1],                # only the 1-gram "1" repeats: model
+          [10, 11, 12, 13, 14]]           # no match: model
+  hybrid = HYBRIDS["ngram+model"]
+  model_drafter = hybrid.draft
+  ctx = _context(rows, k, greedy)
+  state = model_drafter.init_state(3, ctx.tokens_BS.shape[1])
+  positions = jnp.broadcast_to(jnp.arange(ctx.tokens_BS.shape[1]), ctx.tokens_BS.shape)
+  state = model_drafter.prefill(dp, state, ctx.tokens_BS, positions)
+  purpose = sampling.DRAFT
+  propose = lambda drafter: jax.jit(functools.partial(
+      drafter.propose, k=k, greedy=greedy, purpose=purpose))(dp, state, ctx)[0]
+  got, alone = propose(hybrid), propose(model_drafter)
+  draft = np.asarray(got.draft_BK)
+  assert draft[0].tolist() == [7, 8, 9, 5]
+  assert int(got.num_proposed_B[0]) == 4
+  np.testing.assert_array_equal(draft[1:], np.asarray(alone.draft_BK)[1:])
+  np.testing.assert_array_equal(np.asarray(got.num_proposed_B)[1:],
+                                np.asarray(alone.num_proposed_B)[1:])
+  assert np.asarray(alone.draft_BK)[0].tolist() != [7, 8, 9, 5]   # not vacuous
+  if greedy:
+    assert got.q_BKV is None
+  else:
+    q = np.asarray(got.q_BKV)
+    np.testing.assert_array_equal(q[0], np.eye(VOCAB, dtype=np.float32)[[7, 8, 9, 5]])
+    np.testing.assert_allclose(q[1:], np.asarray(alone.q_BKV)[1:])
+  # min_match=1: the 1-gram match of row 1 now takes the lookup.
+  loose = dataclasses.replace(hybrid, min_match=1)
+  got1 = propose(loose)
+  assert np.asarray(got1.draft_BK)[1].tolist() == [2, 3, 4, 1]
+  assert int(got1.num_proposed_B[1]) == 4
+
+
+@pytest.mark.parametrize("kind", list(HYBRIDS))
+def test_greedy_hybrid_equals_plain_and_never_recompiles(kind):
+  before = None
+  for seed in range(2):
+    tp, dps = params(seed)
+    prompts = make_prompts(seed)
+    max_new = [MAX_NEW, 9, MAX_NEW, 1 + seed]
+    ref = outputs(gen("plain", 4).generate(tp, None, prompts, max_new_tokens=max_new))
+    for k in (1, 3, K_MAX):
+      result = gen(kind, 4).generate(tp, dps[kind], prompts, k=k, max_new_tokens=max_new)
+      assert outputs(result) == ref, f"{kind} seed {seed} K={k}"
+      alone = gen(kind, 1).generate(tp, dps[kind], [prompts[1]], k=k,
+                                    max_new_tokens=max_new[1]).rows[0]
+      assert alone.output_ids == ref[1], f"{kind} seed {seed} K={k} (batch 1)"
+    if seed == 0:
+      before = compile_count.count("generate_loop")
+  assert compile_count.count("generate_loop") == before
+
+
+@pytest.mark.parametrize("kind", list(HYBRIDS))
+def test_loop_takes_lookup_drafts_exactly_where_an_ngram_repeats(kind):
+  """Step by step (the same jitted phases as the loop): wherever a row's
+  committed text ends in a repeated n-gram of >= min_match tokens, its drafts
+  are the lookup's continuation; both branches occur, and the output is
+  still plain greedy decoding's."""
+  tp, dps = params(4)
+  prompts = make_prompts(40)
+  hybrid = HYBRIDS[kind]
+  ref = outputs(gen("plain", 4).generate(tp, None, prompts))
+  texts = [list(p) for p in prompts]
+  branches = {"lookup": 0, "model": 0}
+  generator = gen(kind, 4)
+  for trace in generator.iterate(tp, dps[kind], prompts, k=K_MAX):
+    for b, text in enumerate(texts):
+      if trace.accepted[b] < 0:
+        continue
+      if match_length(text, LOOKUP.max_n, LOOKUP.min_n) >= hybrid.min_match:
+        branches["lookup"] += 1
+        assert trace.drafts[b] == reference_proposal(text, K_MAX, LOOKUP.max_n, LOOKUP.min_n)
+      else:
+        branches["model"] += 1
+      text.extend(trace.emitted[b])
+  assert [t[len(p):] for t, p in zip(texts, prompts)] == ref
+  assert branches["lookup"] > 5 and branches["model"] > 5, branches
+
+
+def test_coupled_hybrid_equals_plain_sampling():
+  tp, dps = params(3)
+  prompts = make_prompts(30)
+  seeds = [7, 8, 9, 10]
+  for temperature, top_p in ((1.0, 1.0), (0.7, 0.9)):
+    ref = gen("plain", 4).generate(tp, None, prompts, seeds=seeds, temperature=temperature,
+                                   top_p=top_p)
+    result = gen("ngram+model", 4, rule="coupled").generate(
+        tp, dps["ngram+model"], prompts, seeds=seeds, k=4, temperature=temperature,
+        top_p=top_p)
+    assert outputs(result) == outputs(ref), (temperature, top_p)
+
+
+@pytest.mark.slow
+def test_rejection_hybrid_preserves_distribution():
+  """Chi-square against the enumerated distribution (tests/test_fidelity.py's
+  set-up); min_match=1 so that the lookup proposes often in 3 tokens."""
+  c = config_defaults.config_from_file("configs/tiny.py")
+  c.job = "fidelity"
+  c.drafter, c.rule, c.temperature, c.top_p = "ngram+model", "rejection", 0.7, 0.9
+  c.lookup_min_match = 1
+  stats = run_fidelity(c, log=lambda *_: None)
+  assert stats["impossible_samples"] == 0
+  assert stats["p_value"] > 1e-3, stats
+
+
+def test_config_checks():
+  c = config_defaults.config_from_file("configs/tiny.py")
+  c.drafter = "ngram+model"
+  c.lookup_min_match = 4      # above ngram_max_n=3
+  with pytest.raises(ValueError, match="lookup_min_match=4"):
+    runtime.validate_config(c)
+  c.lookup_min_match = 2
+  runtime.validate_config(c)
+  drafter, _ = runtime.build_drafter(c, TARGET)
+  assert isinstance(drafter, HybridDrafter) and drafter.name == "ngram+model"
+  assert isinstance(drafter.draft, ModelDrafter) and drafter.min_match == 2
