@@ -58,13 +58,19 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   d.learning_rate = 2e-3
   d.warmup_steps = 50
   d.eval_every = 300
+  # More, more varied on-policy data: every templated instruction, 600 the
+  # target writes itself (Magpie), sampled 64 rows at a time.
+  d.num_templated = 711
+  d.num_self_instruct = 600
+  d.gen_max_new_tokens = 96
+  d.gen_batch_size = 64
   if variant == "compare":
     config.job = "sweep"
     config.prompts = "held_out"
     config.max_new_tokens = 64
     config.benchmark.repeats = 1
     config.sweep = ml_collections.ConfigDict()
-    config.sweep.drafter = ("ngram", "feature")
+    config.sweep.drafter = ("ngram", "feature", "ngram+feature")
     config.sweep.k = (2, 4)
   elif variant:
     raise ValueError(f"unknown variant {variant!r}; expected 'compare'")

@@ -292,7 +292,10 @@ def _prompt_bucket(n: int, cap: int) -> int:
 
 
 class _Sampler:
-  """Generators per prompt-length bucket: a short prompt gets a small cache."""
+  """Generators per prompt-length bucket (a short prompt gets a small cache)
+  and batch size: a bucket with few prompts runs in a smaller batch (a power
+  of two, at least 8) instead of padding to ``gen_batch_size`` rows. A row's
+  sample does not depend on its batch, so this changes no output."""
 
   def __init__(self, rt, d, max_prompt_len: int):
     self.rt, self.d, self.cap = rt, d, max_prompt_len
@@ -305,12 +308,13 @@ class _Sampler:
     for i, r in enumerate(requests):
       groups.setdefault(_prompt_bucket(len(r.prompt_ids), self.cap), []).append(i)
     for bucket, idx in sorted(groups.items()):
-      if bucket not in self.generators:
-        self.generators[bucket] = Generator(
+      batch = min(self.d.gen_batch_size, max(8, 1 << (len(idx) - 1).bit_length()))
+      if (bucket, batch) not in self.generators:
+        self.generators[bucket, batch] = Generator(
             self.rt.target, None, max_prompt_len=bucket,
-            max_new_tokens=self.d.gen_max_new_tokens, batch_size=self.d.gen_batch_size,
+            max_new_tokens=self.d.gen_max_new_tokens, batch_size=batch,
             eos_ids=self.rt.eos_ids)
-      result = self.generators[bucket].generate(
+      result = self.generators[bucket, batch].generate(
           self.rt.target_params, {}, [requests[i].prompt_ids for i in idx],
           seeds=[requests[i].seed for i in idx], temperature=self.d.gen_temperature,
           top_k=self.d.gen_top_k, top_p=self.d.gen_top_p)
