@@ -51,23 +51,60 @@ def validate(temperature, top_k, top_p) -> None:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-TRUNCATE_CANDIDATES = 1024   # largest logits top-k/top-p look at before a full sort
+TRUNCATE_CANDIDATES = 1024   # largest logits top-k/top-p look at before the fallback
+
+
+def _sortable_bits(x: jax.Array) -> jax.Array:
+  """float32 -> uint32 in the same order (negative floats get their bits flipped)."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _from_sortable_bits(u: jax.Array) -> jax.Array:
+  bits = jnp.where(u >> 31 == 1, u & jnp.uint32(0x7FFFFFFF), ~u)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _largest_threshold(values_NV: jax.Array, weights_NV: jax.Array,
+                       target_N1: jax.Array) -> jax.Array:
+  """The largest value t of each row with sum(weights[values >= t]) >= target.
+
+  A bisection over the 2^32 float32 bit patterns (32 masked sums over the
+  vocabulary) instead of a sort. Rows where no value qualifies get their
+  smallest value. Returns [N, 1] float32.
+  """
+  keys_NV = _sortable_bits(values_NV)
+  lo_N1 = jnp.min(keys_NV, axis=-1, keepdims=True)       # qualifies (everything kept)
+  hi_N1 = jnp.max(keys_NV, axis=-1, keepdims=True) + 1   # does not (nothing kept)
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    ok = jnp.sum(jnp.where(keys_NV >= mid, weights_NV, 0.0), axis=-1, keepdims=True) >= target_N1
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo_N1, _ = jax.lax.fori_loop(0, 32, halve, (lo_N1, hi_N1))
+  return _from_sortable_bits(lo_N1)
 
 
 def _truncate(scaled_NV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
   """Masks logits outside top-k, then outside the top-p nucleus (ties kept).
 
-  The thresholds come from the ``TRUNCATE_CANDIDATES`` largest logits
-  (``lax.top_k``) whenever those hold the whole top-k set or the nucleus;
-  only otherwise (a very flat distribution, or top_k above the cap) from a
-  full sort. Same result either way; a full sort of a 49k vocabulary costs
-  more than a decode step on CPU.
+  The nucleus is the smallest set of most probable tokens whose mass reaches
+  top_p: its cut is the largest logit t with mass(logits >= t) >= top_p, so
+  equal logits are never split. The thresholds come from the
+  ``TRUNCATE_CANDIDATES`` largest logits (``lax.top_k``) whenever those hold
+  the whole top-k set or the nucleus; only otherwise (a flat distribution at
+  a high temperature, or top_k above the cap) from a bisection over the whole
+  vocabulary (``_largest_threshold``). Both give the same cut up to the float
+  rounding of the mass at the boundary; a full sort of a 49k vocabulary
+  would cost more than a decode step on CPU.
   """
   vocab = scaled_NV.shape[-1]
   cap = min(TRUNCATE_CANDIDATES, vocab)
 
-  def thresholds(sorted_NC):
-    """(threshold [N, 1], whether it is final) from the C largest logits, sorted."""
+  def from_candidates(sorted_NC):
+    """(threshold [N, 1], whether it is final [N]) from the C largest logits, sorted."""
     count = sorted_NC.shape[-1]
     kth_N1 = jnp.take(sorted_NC, jnp.clip(top_k, 1, count) - 1, axis=-1)[..., None]
     kth_N1 = jnp.where(top_k > 0, kth_N1, -jnp.inf)   # top-k off: no lower bound
@@ -87,20 +124,30 @@ def _truncate(scaled_NV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
                | ((jnp.sum(probs_NC, axis=-1) >= top_p) & (top_p < 1.0)))
     return threshold_N1, (top_k <= count) & final_N
 
+  def from_whole_vocabulary():
+    ones_NV = jnp.ones_like(scaled_NV)
+    kth_N1 = _largest_threshold(scaled_NV, ones_NV, jnp.full_like(scaled_NV[:, :1], top_k))
+    kth_N1 = jnp.where(top_k > 0, kth_N1, -jnp.inf)
+    kept_NV = scaled_NV >= kth_N1
+    weights_NV = jnp.where(kept_NV, jnp.exp(scaled_NV - jnp.max(scaled_NV, -1, keepdims=True)),
+                           0.0)
+    probs_NV = weights_NV / jnp.sum(weights_NV, axis=-1, keepdims=True)
+    nucleus_N1 = _largest_threshold(scaled_NV, probs_NV, jnp.full_like(kth_N1, top_p))
+    return jnp.where(top_p < 1.0, jnp.maximum(nucleus_N1, kth_N1), kth_N1)
+
   # The barrier keeps XLA (CPU) from turning TopK into a full sort when its
   # values feed a fusion, which would cost as much as the sort it replaces.
   top_NC = jax.lax.optimization_barrier(jax.lax.top_k(scaled_NV, cap)[0])
-  threshold_N1, final_N = thresholds(top_NC)
-  threshold_N1 = jax.lax.cond(jnp.all(final_N), lambda: threshold_N1,
-                              lambda: thresholds(-jnp.sort(-scaled_NV, axis=-1))[0])
+  threshold_N1, final_N = from_candidates(top_NC)
+  threshold_N1 = jax.lax.cond(jnp.all(final_N), lambda: threshold_N1, from_whole_vocabulary)
   return jnp.where(scaled_NV >= threshold_N1, scaled_NV, -jnp.inf)
 
 
 def warp(logits_V: jax.Array, params: SamplingParams) -> jax.Array:
   """Float32 probabilities [..., V] from logits [..., V].
 
-  Temperature 0 gives a one-hot on the argmax. The sort needed by top-k/top-p
-  runs only when one of them is active (a scalar ``lax.cond``).
+  Temperature 0 gives a one-hot on the argmax. The top-k/top-p truncation runs
+  only when one of them is active (a scalar ``lax.cond``).
   """
   logits = logits_V.astype(jnp.float32)
   shape = logits.shape

@@ -248,3 +248,47 @@ def test_validation_errors(kwargs, field):
 def test_validation_accepts_edges():
   sampling.validate(0.0, 0, 1.0)
   sampling.validate(5.0, 1, 1e-6)
+
+
+def reference_truncated_probs(logits_NV, temperature, top_k, top_p):
+  """Top-k then top-p by a full sort in numpy (float64), ties kept."""
+  out = []
+  for row in np.asarray(logits_NV, np.float64) / temperature:
+    order = np.argsort(-row, kind="stable")
+    kth = row[order[min(top_k, row.size) - 1]] if top_k > 0 else -np.inf
+    kept = row >= kth
+    probs = np.where(kept, np.exp(row - row.max()), 0.0)
+    probs /= probs.sum()
+    if top_p < 1.0:
+      mass_before = np.cumsum(probs[order]) - probs[order]
+      cut = row[order[np.sum(mass_before < top_p) - 1]]
+      kept &= row >= cut
+    probs = np.where(kept, np.exp(row - row.max()), 0.0)
+    out.append(probs / probs.sum())
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.95), (0, 0.5), (3000, 1.0), (2000, 0.9),
+                                         (5, 0.95)])
+def test_truncation_past_the_candidate_cap_matches_a_full_sort(top_k, top_p):
+  # A vocabulary of 8192 and flat rows: the nucleus (or top_k) holds more
+  # than the 1024 candidates, so the bisection fallback sets the cut; the
+  # peaked last row alone would not need it.
+  rng = np.random.default_rng(7)
+  logits = rng.normal(size=(4, 8192)).astype(np.float32) * np.array([[0.3], [1.0], [2.0], [8.0]],
+                                                                    np.float32)
+  assert sampling.TRUNCATE_CANDIDATES < 8192
+  probs = warp(logits, 1.0, top_k=top_k, top_p=top_p)
+  expected = reference_truncated_probs(logits, 1.0, top_k, top_p)
+  np.testing.assert_array_equal(probs > 0, expected > 0)
+  np.testing.assert_allclose(probs, expected, rtol=2e-4, atol=1e-9)
+  if top_k == 0:
+    assert (probs[0] > 0).sum() > sampling.TRUNCATE_CANDIDATES   # the fallback was needed
+
+
+def test_largest_threshold_bisection_handles_negative_zero_and_inf():
+  values = jnp.asarray([[-3.0, -0.0, 0.0, 2.5, -jnp.inf, 2.5]], jnp.float32)
+  ones = jnp.ones_like(values)
+  for count, expected in [(1, 2.5), (2, 2.5), (3, 0.0), (5, -3.0), (6, -jnp.inf), (9, -jnp.inf)]:
+    got = sampling._largest_threshold(values, ones, jnp.full((1, 1), count, jnp.float32))
+    assert float(got[0, 0]) == expected, (count, got)
