@@ -32,6 +32,20 @@ def effective_k_max(config) -> int:
   return int(config.k_max) if config.k_max else int(config.k)
 
 
+def validate_lookup(config: ml_collections.ConfigDict, hybrid: bool) -> None:
+  """The n-gram lookup's fields (and ``lookup_min_match`` for ngram+...)."""
+  if not 1 <= config.ngram_min_n <= config.ngram_max_n:
+    raise ValueError(
+        f"config.ngram_min_n={config.ngram_min_n} and ngram_max_n={config.ngram_max_n} "
+        "must satisfy 1 <= ngram_min_n <= ngram_max_n")
+  if hybrid and not (
+      int(config.lookup_min_match) == config.lookup_min_match
+      and config.ngram_min_n <= config.lookup_min_match <= config.ngram_max_n):
+    raise ValueError(
+        f"config.lookup_min_match={config.lookup_min_match} must be an int in "
+        f"[ngram_min_n={config.ngram_min_n}, ngram_max_n={config.ngram_max_n}]")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every field a job reads; raises ValueError naming the field."""
   if config.job not in JOBS:
@@ -61,16 +75,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     policies.validate(config.policy, config.tau, config.budget)
   except ValueError as e:
     raise ValueError(f"config: {e}") from None
-  if config.drafter.startswith("ngram") and not 1 <= config.ngram_min_n <= config.ngram_max_n:
-    raise ValueError(
-        f"config.ngram_min_n={config.ngram_min_n} and ngram_max_n={config.ngram_max_n} "
-        "must satisfy 1 <= ngram_min_n <= ngram_max_n")
-  if config.drafter.startswith("ngram+") and not (
-      int(config.lookup_min_match) == config.lookup_min_match
-      and config.ngram_min_n <= config.lookup_min_match <= config.ngram_max_n):
-    raise ValueError(
-        f"config.lookup_min_match={config.lookup_min_match} must be an int in "
-        f"[ngram_min_n={config.ngram_min_n}, ngram_max_n={config.ngram_max_n}]")
+  if config.drafter.startswith("ngram"):
+    validate_lookup(config, hybrid=config.drafter.startswith("ngram+"))
   for name in ("model", "draft"):
     source = config[name].source
     if source not in MODEL_SOURCES:
@@ -202,9 +208,9 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
   embedding (tests, smoke runs), which needs ``target_params``.
   ``ngram+model`` / ``ngram+feature`` wrap that draft in a HybridDrafter.
   """
-  lookup = NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n)
+  lookup = lambda: NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n)
   if config.drafter == "ngram":
-    return lookup, {}
+    return lookup(), {}
   kind = model_kind(config.drafter)
   if kind is None:
     return None, {}
@@ -229,7 +235,7 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
     check_compatible(draft_model.cfg, target.cfg)
   drafter = for_draft_model(draft_model)
   if config.drafter.startswith("ngram+"):
-    drafter = HybridDrafter(lookup, drafter, min_match=int(config.lookup_min_match))
+    drafter = HybridDrafter(lookup(), drafter, min_match=int(config.lookup_min_match))
   return drafter, draft_params
 
 

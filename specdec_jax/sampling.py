@@ -96,9 +96,9 @@ def _truncate(scaled_NV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
   ``TRUNCATE_CANDIDATES`` largest logits (``lax.top_k``) whenever those hold
   the whole top-k set or the nucleus; only otherwise (a flat distribution at
   a high temperature, or top_k above the cap) from a bisection over the whole
-  vocabulary (``_largest_threshold``). Both give the same cut up to the float
-  rounding of the mass at the boundary; a full sort of a 49k vocabulary
-  would cost more than a decode step on CPU.
+  vocabulary (``_largest_threshold``), for that row alone. Both give the same
+  cut up to the float rounding of the mass at the boundary; a full sort of a
+  49k vocabulary would cost more than a decode step on CPU.
   """
   vocab = scaled_NV.shape[-1]
   cap = min(TRUNCATE_CANDIDATES, vocab)
@@ -139,7 +139,10 @@ def _truncate(scaled_NV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
   # values feed a fusion, which would cost as much as the sort it replaces.
   top_NC = jax.lax.optimization_barrier(jax.lax.top_k(scaled_NV, cap)[0])
   threshold_N1, final_N = from_candidates(top_NC)
-  threshold_N1 = jax.lax.cond(jnp.all(final_N), lambda: threshold_N1, from_whole_vocabulary)
+  # Per row, so that a row's cut never depends on the other rows of its batch.
+  threshold_N1 = jax.lax.cond(
+      jnp.all(final_N), lambda: threshold_N1,
+      lambda: jnp.where(final_N[:, None], threshold_N1, from_whole_vocabulary()))
   return jnp.where(scaled_NV >= threshold_N1, scaled_NV, -jnp.inf)
 
 
@@ -196,9 +199,10 @@ def sample(probs_V: jax.Array, keys_2: jax.Array, block: int = SAMPLE_BLOCK) -> 
   V/block + block random numbers per draw instead of V (~110x fewer at
   V=49152; generating V Gumbels was a quarter of a batch-64 CPU decode step).
 
-  The noise is a function of the key alone, so two distributions sampled with
-  one key are coupled: they pick the same token whenever they pick the same
-  block and the same token in it (the ``coupled`` rule relies on this).
+  The noise is a function of the key alone (the block-level Gumbels and each
+  block's within-block Gumbels), so two distributions sampled with one key
+  share it: the same distribution always gives the same token, and close
+  ones usually do (the ``coupled`` rule relies on this).
   """
   vocab = probs_V.shape[-1]
   flat_NV = probs_V.reshape(-1, vocab).astype(jnp.float32)

@@ -466,6 +466,12 @@ def test_bad_distill_settings_are_refused(tmp_path):
   config.train_steps = 0
   with pytest.raises(ValueError, match="train_steps"):
     distill_job.run_distill(config, str(tmp_path), log=_quiet)
+  # The held-out eval's ngram+<draft> settings are checked before any data is made.
+  config = _config()
+  config.lookup_min_match = config.ngram_max_n + 1
+  with pytest.raises(ValueError, match="lookup_min_match"):
+    distill_job.run_distill(config, str(tmp_path), log=_quiet)
+  assert not os.path.exists(os.path.join(tmp_path, "data"))
 
 
 def test_data_from_other_settings_is_refused(tmp_path, prepared):

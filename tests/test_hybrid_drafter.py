@@ -86,9 +86,9 @@ def _install_counter():
   compile_count.install()
 
 
-def _context(tokens_rows, k, greedy=True):
+def _context(tokens_rows, k, greedy=True, width=None):
   """A DraftContext over right-padded committed texts."""
-  width = max(len(t) for t in tokens_rows) + k + 2
+  width = width or max(len(t) for t in tokens_rows) + k + 2
   tokens = np.zeros((len(tokens_rows), width), np.int32)
   for b, t in enumerate(tokens_rows):
     tokens[b, :len(t)] = t
@@ -139,6 +139,26 @@ def test_each_row_takes_lookup_or_model_drafts(greedy):
   assert int(got1.num_proposed_B[1]) == 4
 
 
+def test_model_cache_holds_committed_lookup_drafts():
+  """A lookup step commits 4 drafts the draft model never fed; on the next
+  step (no n-gram match, so the model drafts) its drafts must be those of
+  the model rerun from scratch on the committed text."""
+  _, dps = params(1)
+  dp, k = dps["ngram+model"], 4
+  hybrid = HYBRIDS["ngram+model"]
+  before = [5, 6, 7, 8, 9, 5, 6]
+  ctx = _context([before], k, width=32)
+  state = hybrid.init_state(1, 32)
+  positions = jnp.arange(ctx.tokens_BS.shape[1])[None]
+  state = hybrid.prefill(dp, state, ctx.tokens_BS, positions)
+  propose = jax.jit(functools.partial(hybrid.propose, k=k, greedy=True, purpose=sampling.DRAFT))
+  first, state = propose(dp, state, ctx)
+  assert np.asarray(first.draft_BK)[0].tolist() == [7, 8, 9, 5]      # the lookup's
+  after = before + [7, 8, 9, 5, 42]       # all 4 accepted, then the target's 42
+  second, _ = propose(dp, state, _context([after], k, width=ctx.tokens_BS.shape[1]))
+  assert np.asarray(second.draft_BK)[0].tolist() == reference_model_drafts(dp, after, k)
+
+
 @pytest.mark.parametrize("kind", list(HYBRIDS))
 def test_greedy_hybrid_equals_plain_and_never_recompiles(kind):
   before = None
@@ -158,12 +178,38 @@ def test_greedy_hybrid_equals_plain_and_never_recompiles(kind):
   assert compile_count.count("generate_loop") == before
 
 
+REFERENCE_WIDTH = 64
+
+
+@jax.jit
+def _draft_logits_at(dp, tokens_1W, last):
+  """The draft model's next-token logits after tokens[:last + 1], by one
+  cache-free forward over a padded row (causal: the padding is never read)."""
+  positions = jnp.arange(REFERENCE_WIDTH)[None]
+  logits, _ = DRAFT.apply(dp, tokens_1W, positions, DRAFT.init_cache(1, REFERENCE_WIDTH))
+  return logits[0, last]
+
+
+def reference_model_drafts(dp, text, k):
+  """Greedy drafts of the draft model continuing ``text``, recomputed from
+  scratch at every token (no cache carried across steps)."""
+  tokens, drafts = list(text), []
+  for _ in range(k):
+    row = np.zeros((1, REFERENCE_WIDTH), np.int32)
+    row[0, :len(tokens)] = tokens
+    drafts.append(int(jnp.argmax(_draft_logits_at(dp, jnp.asarray(row), len(tokens) - 1))))
+    tokens.append(drafts[-1])
+  return drafts
+
+
 @pytest.mark.parametrize("kind", list(HYBRIDS))
 def test_loop_takes_lookup_drafts_exactly_where_an_ngram_repeats(kind):
   """Step by step (the same jitted phases as the loop): wherever a row's
   committed text ends in a repeated n-gram of >= min_match tokens, its drafts
   are the lookup's continuation; both branches occur, and the output is
-  still plain greedy decoding's."""
+  still plain greedy decoding's. For ngram+model the model's drafts are
+  checked too, against the draft model rerun from scratch on the committed
+  text: its cache must hold the lookup drafts it never proposed itself."""
   tp, dps = params(4)
   prompts = make_prompts(40)
   hybrid = HYBRIDS[kind]
@@ -180,6 +226,8 @@ def test_loop_takes_lookup_drafts_exactly_where_an_ngram_repeats(kind):
         assert trace.drafts[b] == reference_proposal(text, K_MAX, LOOKUP.max_n, LOOKUP.min_n)
       else:
         branches["model"] += 1
+        if kind == "ngram+model":
+          assert trace.drafts[b] == reference_model_drafts(dps[kind], text, K_MAX), b
       text.extend(trace.emitted[b])
   assert [t[len(p):] for t, p in zip(texts, prompts)] == ref
   assert branches["lookup"] > 5 and branches["model"] > 5, branches

@@ -292,3 +292,15 @@ def test_largest_threshold_bisection_handles_negative_zero_and_inf():
   for count, expected in [(1, 2.5), (2, 2.5), (3, 0.0), (5, -3.0), (6, -jnp.inf), (9, -jnp.inf)]:
     got = sampling._largest_threshold(values, ones, jnp.full((1, 1), count, jnp.float32))
     assert float(got[0, 0]) == expected, (count, got)
+
+
+def test_a_rows_cut_does_not_depend_on_its_batch():
+  # Row 0 is peaked (its nucleus lies inside the candidates); batched with a
+  # flat row that needs the fallback, its probabilities stay bit-identical.
+  rng = np.random.default_rng(11)
+  peaked = (rng.normal(size=(1, 8192)) * 8).astype(np.float32)
+  flat = (rng.normal(size=(1, 8192)) * 0.3).astype(np.float32)
+  alone = warp(peaked, 1.0, top_p=0.9)
+  together = warp(np.concatenate([peaked, flat]), 1.0, top_p=0.9)
+  np.testing.assert_array_equal(together[0], alone[0])
+  assert (together[1] > 0).sum() > sampling.TRUNCATE_CANDIDATES

@@ -295,7 +295,9 @@ class _Sampler:
   """Generators per prompt-length bucket (a short prompt gets a small cache)
   and batch size: a bucket with few prompts runs in a smaller batch (a power
   of two, at least 8) instead of padding to ``gen_batch_size`` rows. A row's
-  sample does not depend on its batch, so this changes no output."""
+  sample is a function of its own key, so this leaves the data's
+  distribution unchanged (the float results of another batch size may still
+  differ in the last bits, as on another machine)."""
 
   def __init__(self, rt, d, max_prompt_len: int):
     self.rt, self.d, self.cap = rt, d, max_prompt_len

@@ -3,7 +3,8 @@
 The same compiled ``Generator`` (the draft's drafter, K drafts, temperature 0) is
 reused for every evaluation of a run: new draft params are arguments, so
 nothing recompiles after the first call. The draft is measured alone and,
-optionally, behind prompt lookup (``drafter=ngram+model`` / ``ngram+feature``).
+optionally, behind prompt lookup (``drafter=ngram+model`` / ``ngram+feature``,
+a second Generator, so an evaluation then costs about twice as much).
 """
 
 import time

@@ -95,7 +95,10 @@ def pre_query_prefix(tokenizer, chat: bool) -> list[int]:
     if _PLACEHOLDER not in text:
       raise ValueError("the chat template does not show the user's message; "
                        "config.distill.num_self_instruct needs one")
-    return tokenizer.encode(text[:text.index(_PLACEHOLDER)])
+    prefix = tokenizer.encode(text[:text.index(_PLACEHOLDER)])
+    if prefix:
+      return prefix
+    # A template that puts nothing before the user's words: start from BOS.
   if tokenizer.bos_id is None:
     raise ValueError("config.distill.num_self_instruct needs a chat template "
                      "(config.chat=True) or a tokenizer with a BOS token")

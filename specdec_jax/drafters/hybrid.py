@@ -14,10 +14,13 @@ every rule stays exact: given the text, a row's proposal distribution is the
 lookup's one-hot q or the model's q, and ``q_BKV`` carries whichever it was.
 
 The draft model keeps its own state (cache, features) up to date on every
-step, whatever was drafted: its propose always resyncs over the newest
-committed tokens. Rows that take the lookup's drafts have k_b = 0 for the
-model, so when every row does (always, at batch 1) the model's K-1 scan
-steps skip their forward pass and only the resync block runs.
+step, whatever was drafted: each propose re-feeds the newest K+1 committed
+tokens (a FeatureDrafter always does; a ModelDrafter is switched to
+``resync_all_drafts``), which covers up to K accepted lookup drafts the
+model never saw. Rows that take the lookup's drafts have k_b = 0 for the
+model, so when every row of the batch does (a batch of 1 on a lookup step)
+the model's K-1 scan steps skip their forward pass and only the resync block
+runs.
 """
 
 import dataclasses
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from specdec_jax.drafters.base import DraftContext, Proposal
+from specdec_jax.drafters.model_drafter import ModelDrafter
 from specdec_jax.drafters.ngram import NgramDrafter
 
 
@@ -44,6 +48,9 @@ class HybridDrafter:
       raise ValueError(
           f"lookup_min_match={self.min_match} must lie in [ngram_min_n={self.lookup.min_n}, "
           f"ngram_max_n={self.lookup.max_n}]")
+    if isinstance(self.draft, ModelDrafter) and not self.draft.resync_all_drafts:
+      # Lookup steps commit drafts the model never fed through its cache.
+      object.__setattr__(self, "draft", dataclasses.replace(self.draft, resync_all_drafts=True))
 
   @property
   def name(self) -> str:

@@ -48,16 +48,20 @@ class ModelDrafter:
   """Drafts with a second decoder from the same model code.
 
   Its cache follows the same invariant as the target's. Each propose starts
-  with a two-token block over the last two committed tokens (positions
-  length-2, length-1): this resyncs the cache after a full acceptance (the
-  last draft and the bonus token were never fed) and is a harmless rewrite
-  otherwise. Then K-1 single-token steps run under ``lax.scan``; once every
-  row has stopped proposing (its k_b reached, or confidence below the
-  threshold) the remaining steps skip the forward pass with ``lax.cond``.
+  with a block over the last committed tokens: two of them (positions
+  length-2, length-1) when only this drafter's own drafts get committed,
+  which resyncs the cache after a full acceptance (the last draft and the
+  bonus token were never fed) and is a harmless rewrite otherwise; K+1 of
+  them with ``resync_all_drafts``, for a wrapper (HybridDrafter) whose steps
+  can commit up to K drafts this model never saw. Then K-1 single-token
+  steps run under ``lax.scan``; once every row has stopped proposing (its k_b
+  reached, or confidence below the threshold) the remaining steps skip the
+  forward pass with ``lax.cond``.
   """
 
   model: Transformer
   name: str = "model"
+  resync_all_drafts: bool = False
 
   def init_state(self, batch_size, num_slots):
     return self.model.init_cache(batch_size, num_slots)
@@ -71,12 +75,15 @@ class ModelDrafter:
     length_B = ctx.length_B
     batch = length_B.shape[0]
     vocab = self.model.cfg.vocab_size
-    pos_B2 = jnp.stack([jnp.maximum(length_B - 2, 0), length_B - 1], axis=1)
-    tok_B2 = jnp.take_along_axis(ctx.tokens_BS, pos_B2, axis=1)
-    logits_B2V, cache = self.model.apply(params, tok_B2, pos_B2, state)
+    width = k + 1 if self.resync_all_drafts else 2
+    # Positions length-width .. length-1 (clamped at 0: a repeated position 0
+    # rewrites the same entry with the same token).
+    pos_BR = jnp.maximum(length_B[:, None] - width + jnp.arange(width), 0)
+    tok_BR = jnp.take_along_axis(ctx.tokens_BS, pos_BR, axis=1)
+    logits_BRV, cache = self.model.apply(params, tok_BR, pos_BR, state)
 
     pick = lambda logits_BV, i: pick_draft(logits_BV, ctx, i, greedy=greedy, purpose=purpose)
-    first = pick(logits_B2V[:, 1], 0)
+    first = pick(logits_BRV[:, -1], 0)
 
     def step(carry, i):
       cache, prev_B, proposing_B = carry

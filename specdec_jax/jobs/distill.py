@@ -1,9 +1,10 @@
 """job=distill: trains a draft model on the target's own outputs.
 
 1. Data (WORKDIR/data, reused on rerun): the target completes the training
-   prompts (``distill.prompts`` x ``samples_per_prompt`` plus
-   ``num_templated`` templated instructions) at ``gen_temperature``; its
-   top-k next-token distributions over the completions are stored too.
+   prompts (``distill.prompts`` x ``samples_per_prompt``, ``num_templated``
+   templated instructions and ``num_self_instruct`` instructions the target
+   writes itself) at ``gen_temperature``; one teacher pass stores its top-k
+   next-token distributions (and, for a feature draft, its hidden states).
 2. Draft: ``config.draft`` shapes, the target's vocabulary, optionally a
    restricted head over the ``distill.head_size`` tokens the target emits
    most; initialised from the target (``distill.init_from_target``).
@@ -11,11 +12,14 @@
    (kl | tv | kl+tv), checkpoints in WORKDIR/checkpoints; a killed run
    resumes where its last checkpoint left off, with the same batches.
 4. Evaluation: greedy acceptance at K=``distill.eval_k`` on the held-out
-   prompts, at the start, every ``eval_every`` steps and at the end.
+   prompts, at the start, every ``eval_every`` steps and at the end; with
+   ``eval_with_lookup`` also behind n-gram lookup (``ngram+model`` /
+   ``ngram+feature``).
 
 Outputs: WORKDIR/summary.json, WORKDIR/train_log.jsonl (loss curve, evals).
 Use the draft with ``--config.drafter=model --config.draft_checkpoint=WORKDIR``
-(``--config.drafter=feature`` for ``distill.draft_kind='feature'``).
+(``--config.drafter=feature`` for ``distill.draft_kind='feature'``; prefix
+``ngram+`` for the hybrid).
 """
 
 import os
@@ -53,6 +57,8 @@ def validate(config) -> None:
   for name, value in positive.items():
     if int(value) != value or value < 1:
       raise ValueError(f"config.{name}={value} must be an int >= 1")
+  if d.eval_with_lookup:   # the held-out eval also runs ngram+<draft>
+    runtime.validate_lookup(config, hybrid=True)
   for name in ("samples_per_prompt", "num_templated", "num_self_instruct", "head_size",
                "eval_every",
                "eval_max_prompts", "warmup_steps"):
