@@ -4,20 +4,25 @@ The draft is one Llama block of the target's width that reads the target's
 own hidden states (``distill.draft_kind='feature'``, see
 specdec_jax/models/feature_draft.py), with the target's embedding and a
 restricted head over the 8192 tokens the target emits most (the target's
-head rows, frozen). It trains on the same on-policy data as
-configs/distill_smollm2.py (the target's sampled completions: copy that
-config's WORKDIR/data folder into a new workdir to skip sampling), two passes
-deep (the second reads its own feature estimates, as drafts 2..K do), with
-the feature regression weighted 5.
+head rows, frozen). It trains on the target's sampled completions (T=0.8,
+up to 96 new tokens) of the prompt suite, every templated instruction and
+600 instructions the target writes itself, two passes deep (the second
+reads its own feature estimates, as drafts 2..K do), with the feature
+regression weighted 5. The teacher pass stores the target's top-k and
+hidden states with the samples (WORKDIR/data, reused on rerun).
 
-Measured on the 2-core CPU (quiet machine, the 51k-token data): the target's
-features of the training windows take ~3 min once (cached in WORKDIR/data),
-600 steps ~13 min at ~810 tokens/s. Held-out greedy K=4 acceptance: 0.27 at
-step 300, 0.26 at step 600 (train top-1 0.72: it overfits this little data);
-the 2-layer standalone draft of configs/distill_smollm2.py reaches 0.21.
-Ablations on the same data: no input norms 0.25 (the token embedding is ~15x
-smaller than the features and is drowned), then one pass and weight 1 0.24,
-then a trained head and learning rate 1e-3 for 300 steps 0.19.
+Measured on the 2-core CPU (quiet machine, 2026-12-01), 76 min wall in all:
+self-instruct 17 min (~8 min with the top-p bisection that landed after
+it), sampling + teacher pass 40 min (1355 sequences, 117k completion + 68k
+prompt tokens), 600 steps ~20 min at ~530 tokens/s. Held-out greedy K=4
+(8 prompts, 58 tokens each): the draft alone 0.24 acceptance (1.33 tokens
+per call) at step 300, 0.31 (1.49) at step 600; behind n-gram lookup
+(``--config.drafter=ngram+feature``) 0.45 (1.86), then 0.50 (1.98). Train
+top-1 was still rising (0.59): more data and steps would help. On the
+earlier 51k-token data the draft overfit (train top-1 0.72, acceptance 0.26).
+Ablations there: no input norms 0.25 (the token embedding is ~15x smaller
+than the features and is drowned), then one pass and weight 1 0.24, then a
+trained head and learning rate 1e-3 for 300 steps 0.19.
 
   python -m specdec_jax.main --config=configs/feature_smollm2.py \
       --workdir=/tmp/feature_smollm2
