@@ -199,18 +199,17 @@ class Generator:
       if bad:
         raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
     for m in max_new_tokens:
-      if int(m) != m or m < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {m}")
+      if not _is_int(m) or m < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {m!r}")
       if m > self.max_new_tokens:
         raise ValueError(f"max_new_tokens={m} exceeds the compiled cap {self.max_new_tokens}")
     sampling.validate(temperature, top_k, top_p)
-    if self.k_max > 0 and (int(k) != k or not 1 <= k <= self.k_max):
+    if self.k_max > 0 and (not _is_int(k) or not 1 <= k <= self.k_max):
       raise ValueError(f"k={k} must be an int in [1, k_max={self.k_max}]")
     if len(seeds) != len(prompts):
       raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     for seed in seeds:
-      if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
-          or not 0 <= seed < 2**32:
+      if not _is_int(seed) or not 0 <= seed < 2**32:
         raise ValueError(f"seed {seed!r} must be an int in [0, 2**32)")
     if self.rule == "greedy" and temperature > 0:
       raise ValueError(f"rule='greedy' needs temperature=0, got temperature={temperature}; "
@@ -246,18 +245,37 @@ class Generator:
         budget=jnp.int32(budget))
 
   def _normalise(self, prompts, max_new_tokens, seeds, k):
-    prompts = [list(map(int, p)) for p in prompts]
+    """Per-prompt lists from the call's arguments; types are checked here, so
+    nothing is silently rounded (a token id 1.7 must not become 1)."""
+    if isinstance(prompts, (str, bytes)) or not _is_sequence(prompts):
+      raise ValueError(f"prompts must be a list of token id lists, got {type(prompts).__name__}")
+    checked = []
+    for i, ids in enumerate(prompts):
+      if isinstance(ids, (str, bytes)):
+        raise ValueError(f"prompt {i} is a string; pass token ids (tokenizer.encode)")
+      ids = list(ids)
+      bad = [t for t in ids if not _is_int(t)]
+      if bad:
+        raise ValueError(f"prompt {i} has token ids that are not integers: {bad[:5]}")
+      checked.append([int(t) for t in ids])
     if max_new_tokens is None:
       max_new_tokens = self.max_new_tokens
-    if isinstance(max_new_tokens, (int, np.integer)):
-      max_new_tokens = [int(max_new_tokens)] * len(prompts)
+    if not _is_sequence(max_new_tokens):
+      max_new_tokens = [max_new_tokens] * len(checked)
+    for m in max_new_tokens:
+      if not _is_int(m):
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {m!r}")
     if seeds is None:
-      seeds = list(range(len(prompts)))
-    elif isinstance(seeds, (int, np.integer)):
-      seeds = [int(seeds) + i for i in range(len(prompts))]
+      seeds = list(range(len(checked)))
+    elif not _is_sequence(seeds):
+      if not _is_int(seeds):
+        raise ValueError(f"seed {seeds!r} must be an int in [0, 2**32)")
+      seeds = [int(seeds) + i for i in range(len(checked))]
     if k is None:
       k = self.k_max
-    return prompts, list(max_new_tokens), list(seeds), k
+    elif not _is_int(k):
+      raise ValueError(f"k={k!r} must be an int in [1, k_max={self.k_max}]")
+    return checked, [int(m) for m in max_new_tokens], list(seeds), int(k)
 
   # ----- running --------------------------------------------------------------
 
@@ -374,6 +392,15 @@ class Generator:
           finished=(np.asarray(state.finish_B)[:n] != decode.RUNNING).tolist(),
           draft_time_s=t1 - t0, verify_time_s=t2 - t1)
     self.last_rows = _unpack(jax.device_get(state), n)
+
+
+def _is_sequence(value) -> bool:
+  return isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes))
+
+
+def _is_int(value) -> bool:
+  """An integer, not a bool or a float that happens to be whole."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def median_time(fn, iters: int) -> float:

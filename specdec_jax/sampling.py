@@ -11,9 +11,12 @@ position is the same whether it was produced by plain or speculative decoding
 (the ``coupled`` rule relies on this).
 """
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Purposes of random draws at one position.
 TARGET = 0    # the target's own token (plain decoding, bonus, coupled noise)
@@ -42,13 +45,13 @@ class SamplingParams:
 
 
 def validate(temperature, top_k, top_p) -> None:
-  """Raises ValueError for settings outside their domain."""
-  if not temperature >= 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
-  if int(top_k) != top_k or top_k < 0:
-    raise ValueError(f"top_k must be an int >= 0 (0 disables), got {top_k}")
-  if not 0 < top_p <= 1:
-    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  """Raises ValueError for settings outside their domain (naming the field)."""
+  if isinstance(temperature, bool) or not math.isfinite(temperature) or temperature < 0:
+    raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    raise ValueError(f"top_k must be an int >= 0 (0 disables), got {top_k!r}")
+  if isinstance(top_p, bool) or not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 TRUNCATE_CANDIDATES = 1024   # largest logits top-k/top-p look at before the fallback

@@ -1,7 +1,8 @@
 """Reference objects from transformers, loaded once per test session.
 
 Loading SmolLM2 through transformers' GGUF path takes ~20 s on 2 cores, so
-every test shares these cached instances (and our own import of the file).
+every test shares these cached instances (conftest's ``hf_smollm2`` fixture
+is the model; our own import of the file is conftest's ``smollm2``).
 """
 
 import functools
@@ -33,9 +34,3 @@ def hf_smollm2_model():
   model = AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
   return model.eval()
-
-
-@functools.lru_cache(maxsize=None)
-def our_smollm2():
-  """(cfg, params, info) from our importer, float32."""
-  return gguf_import.load_gguf(smollm2_path(), dtype="float32")

@@ -129,25 +129,47 @@ def test_save_refuses_params_not_matching_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_load_smollm2_cached(tmp_path):
+def test_smollm2_restores_from_its_cache(smollm2, smollm2_cache_dir):
+  """The session's SmolLM2 was converted from the GGUF into this cache; a
+  second load restores the same params and tokenizer from orbax, and both
+  equal a direct GGUF import (one conversion of the 135M model in all)."""
   import hf_reference  # pylint: disable=g-import-not-at-top
+  target, params, tok = smollm2
   start = time.perf_counter()
-  cfg, params, tok = checkpoint.load_smollm2(str(tmp_path))
-  first = time.perf_counter() - start
-  start = time.perf_counter()
-  cfg2, params2, tok2 = checkpoint.load_smollm2(str(tmp_path))
-  second = time.perf_counter() - start
-  print(f"load_smollm2: first {first:.1f}s, cached {second:.1f}s")
-  assert cfg2 == cfg and second < first
+  cfg2, params2, tok2 = checkpoint.load_smollm2(smollm2_cache_dir)
+  print(f"load_smollm2 from the cache: {time.perf_counter() - start:.1f}s")
+  assert cfg2 == target.cfg
   _assert_identical(params2, params)
-  ref_cfg, ref_params, _ = hf_reference.our_smollm2()
-  assert ref_cfg == cfg
-  _assert_identical(params, ref_params)
   text = "<|im_start|>user\nDef 12 😀  x<|im_end|>"
   assert tok2.encode(text) == tok.encode(text) == hf_reference.hf_smollm2_tokenizer()(text)["input_ids"]
   assert tok2.eos_ids == (2, 0) and tok2.chat_template == tok.chat_template
-  # A damaged cache entry is rebuilt rather than crashing.
-  entry = next(os.scandir(tmp_path)).path
+
+
+def test_gguf_cache_is_built_restored_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+  """load_gguf_cached on a tiny GGUF: the first call converts and writes the
+  entry, the second restores it without reading the GGUF, a damaged entry
+  (marker removed) is converted again."""
+  from test_gguf_import import write_gguf  # pylint: disable=g-import-not-at-top
+  from specdec_jax.models import gguf_import  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "tiny.gguf")
+  write_gguf(path, CFG, _params(CFG))
+  conversions = []
+  original = gguf_import.load_gguf
+  monkeypatch.setattr(gguf_import, "load_gguf",
+                      lambda *a, **k: conversions.append(a[0]) or original(*a, **k))
+  cache = str(tmp_path / "cache")
+  cfg, params, tok = checkpoint.load_gguf_cached(path, cache, "tiny")
+  # (GGUF stores rms_eps as float32.)
+  assert cfg == dataclasses.replace(CFG, rms_eps=cfg.rms_eps) and conversions == [path]
+  _assert_identical(params, _params(CFG))
+  entry = os.path.join(cache, "tiny")
+  assert os.path.isfile(os.path.join(entry, checkpoint.MARKER))
+  cfg2, params2, tok2 = checkpoint.load_gguf_cached(path, cache, "tiny")
+  assert conversions == [path]            # restored, not converted
+  _assert_identical(params2, params)
+  assert tok2.encode("<t5><t7>") == tok.encode("<t5><t7>")
   os.remove(os.path.join(entry, checkpoint.MARKER))
-  _, params3, _ = checkpoint.load_smollm2(str(tmp_path))
+  _, params3, _ = checkpoint.load_gguf_cached(path, cache, "tiny")
+  assert conversions == [path, path]      # the damaged entry was rebuilt
   _assert_identical(params3, params)
+  assert os.path.isfile(os.path.join(entry, checkpoint.MARKER))

@@ -1,38 +1,14 @@
 """The decode loop through the Generator API: compile counts, EOS and length
 limits per row, and input validation before anything compiles."""
 
-import functools
-
-import jax
 import numpy as np
 import pytest
 
+from common import DRAFT, TARGET, VOCAB, init, tiny_config
 from specdec_jax import compile_count
 from specdec_jax import runtime
 from specdec_jax.drafters import ModelDrafter, NgramDrafter
 from specdec_jax.generation import Generator
-from specdec_jax.models.config import ModelConfig
-from specdec_jax.models.transformer import Transformer
-
-VOCAB = 259
-TARGET = Transformer(ModelConfig(vocab_size=VOCAB, num_layers=2, d_model=64, num_heads=4,
-                                 num_kv_heads=2, head_dim=16, ffn_dim=128))
-DRAFT = Transformer(ModelConfig(vocab_size=VOCAB, num_layers=1, d_model=32, num_heads=2,
-                                num_kv_heads=1, head_dim=16, ffn_dim=64))
-
-
-@functools.lru_cache(maxsize=None)
-def _init_fn(model):
-  return jax.jit(model.init_params)
-
-
-def init(model, seed):
-  return _init_fn(model)(jax.random.PRNGKey(seed))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _install_counter():
-  compile_count.install()
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +232,20 @@ def _case_id(value):
     (dict(seeds=[0, 2**32]), "seed"),
     (dict(tau=1.5), "tau"),
     (dict(tau=-0.1), "tau"),
+    # Types: nothing is silently rounded or coerced.
+    (dict(prompts=[[1, 2.0], [2]]), "not integers"),
+    (dict(prompts=[[1.7, 3], [2]]), "not integers"),
+    (dict(prompts=[[1, True], [2]]), "not integers"),
+    (dict(prompts=["hello", [2]]), "string"),
+    (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(max_new_tokens=[4, 2.0]), "max_new_tokens"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=2.5), "top_k"),
+    (dict(seeds=True), "seed"),
+    (dict(seeds=[0, True]), "seed"),
+    (dict(seeds=[0, 1.0]), "seed"),
+    (dict(k=2.0), "k="),
 ], ids=_case_id)
 def test_bad_generate_input_raises_before_compile(params, fresh_gen, change, match):
   tp, dp = params
@@ -293,46 +283,29 @@ def test_bad_generator_config(kwargs, match):
     Generator(TARGET, drafter, **full)
 
 
-def test_greedy_rule_at_positive_temperature_is_not_called_unknown(params):
-  """rule='greedy' is one of verify.RULES. At temperature > 0 it must either
-  work or be refused up front with a clear message, not fail while tracing
-  with "unknown rule 'greedy'; expected one of ('greedy', ...)"."""
+def test_greedy_rule_needs_temperature_zero(params):
+  """rule='greedy' at temperature > 0 is refused up front, naming the fix,
+  before anything compiles; at temperature 0 it is plain greedy decoding."""
   tp, _ = params
-  before = loop_compiles()
-  try:
-    gen = Generator(TARGET, NgramDrafter(), k_max=2, rule="greedy", max_prompt_len=16,
-                    max_new_tokens=4)
+  gen = Generator(TARGET, NgramDrafter(), k_max=2, rule="greedy", max_prompt_len=16,
+                  max_new_tokens=4)
+  before = compile_count.count("")
+  with pytest.raises(ValueError, match="rule='greedy' needs temperature=0"):
     gen.generate(tp, {}, [[1, 2, 3]], temperature=1.0)
-  except ValueError as e:
-    assert "unknown rule" not in str(e), str(e)
-    assert loop_compiles() == before
-
-
-def _tiny_config(**changes):
-  import importlib.util
-  import pathlib
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
-  spec = importlib.util.spec_from_file_location("tiny_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for key, value in changes.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  assert compile_count.count("") == before
+  plain = Generator(TARGET, max_prompt_len=16, max_new_tokens=4)
+  assert (gen.generate(tp, {}, [[1, 2, 3]]).rows[0].output_ids
+          == plain.generate(tp, None, [[1, 2, 3]]).rows[0].output_ids)
 
 
 def test_draft_target_vocab_mismatch():
-  config = _tiny_config(drafter="model", **{"draft.vocab_size": VOCAB + 7})
+  config = tiny_config(drafter="model", **{"draft.vocab_size": VOCAB + 7})
   before = loop_compiles()
   with pytest.raises(ValueError, match="vocab"):
     runtime.build_drafter(config, TARGET)
   assert loop_compiles() == before
   # The same config with matching vocab builds a model drafter.
-  drafter, draft_params = runtime.build_drafter(_tiny_config(drafter="model"), TARGET)
+  drafter, draft_params = runtime.build_drafter(tiny_config(drafter="model"), TARGET)
   assert isinstance(drafter, ModelDrafter)
   assert draft_params["embed"]["embedding"].shape[0] == VOCAB
 
@@ -354,9 +327,9 @@ def test_draft_target_vocab_mismatch():
     (dict(**{"model.source": "bogus"}), "source"),
 ])
 def test_validate_config(changes, match):
-  runtime.validate_config(_tiny_config())   # the baseline is valid
+  runtime.validate_config(tiny_config())   # the baseline is valid
   with pytest.raises(ValueError, match=match):
-    runtime.validate_config(_tiny_config(**changes))
+    runtime.validate_config(tiny_config(**changes))
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_n=0), dict(min_n=0), dict(min_n=3, max_n=2)])

