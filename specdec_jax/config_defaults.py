@@ -65,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
                                                 timing_rounds=5))
   c.fidelity = ml_collections.ConfigDict(dict(
       num_samples=20000, num_tokens=3, vocab_size=6, batch_size=2000, alpha=0.01,
-      logit_scale=1.5))
+      logit_scale=1.5, draft_noise=0.1))
   c.sweep = ml_collections.ConfigDict()
   c.train_steps = 200           # job=distill: optimisation steps
   c.distill = distill_defaults()

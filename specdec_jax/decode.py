@@ -162,8 +162,7 @@ def _draft_purpose(spec: DecodeSpec) -> int:
 
 def empty_proposal(batch: int) -> Proposal:
   return Proposal(draft_BK=jnp.zeros((batch, 0), jnp.int32), q_BKV=None,
-                  num_proposed_B=jnp.zeros((batch,), jnp.int32),
-                  confidence_BK=jnp.zeros((batch, 0), jnp.float32))
+                  num_proposed_B=jnp.zeros((batch,), jnp.int32))
 
 
 def draft_phase(spec: DecodeSpec, drafter: Drafter | None, draft_params,

@@ -50,7 +50,7 @@ def rejection_accept(draft_BK, q_BKV, p_BK1V, num_proposed_B, keys_B2, length_B)
   the bonus from p at index num_proposed. ``q`` must be exactly the
   distribution each draft was sampled from.
   """
-  batch, k = draft_BK.shape
+  k = draft_BK.shape[1]
   p_draft_BK = jnp.take_along_axis(p_BK1V[:, :k], draft_BK[..., None], axis=-1)[..., 0]
   if q_BKV is None:
     q_draft_BK = jnp.ones_like(p_draft_BK)
@@ -58,11 +58,30 @@ def rejection_accept(draft_BK, q_BKV, p_BK1V, num_proposed_B, keys_B2, length_B)
     q_draft_BK = jnp.take_along_axis(q_BKV, draft_BK[..., None], axis=-1)[..., 0]
   positions_BK = length_B[:, None] + jnp.arange(k)[None, :]
   u_BK = sampling.uniform(sampling.position_keys(keys_B2, positions_BK, sampling.ACCEPT))
-  # u < p/q without dividing: q(d) > 0 for a draft sampled from q.
-  ok_BK = (u_BK * q_draft_BK < p_draft_BK) & _proposed_mask(num_proposed_B, k)
+  ok_BK = accept_test(u_BK, p_draft_BK, q_draft_BK) & _proposed_mask(num_proposed_B, k)
   n_B = _num_leading(ok_BK)
-
   rejected_B = n_B < num_proposed_B
+  next_BV = next_token_distribution(p_BK1V, q_BKV, draft_BK, n_B, rejected_B)
+  purpose_B = jnp.where(rejected_B, sampling.RESIDUAL, sampling.TARGET)
+  keys = sampling.position_keys(keys_B2, length_B + n_B, purpose_B)
+  return n_B, sampling.sample(next_BV, keys)
+
+
+def accept_test(u_BK, p_draft_BK, q_draft_BK):
+  """Accepts a draft with probability min(1, p(d) / q(d)) for u ~ U[0, 1):
+  u < p/q, without dividing (q(d) > 0 for a draft sampled from q)."""
+  return u_BK * q_draft_BK < p_draft_BK
+
+
+def next_token_distribution(p_BK1V, q_BKV, draft_BK, n_B, rejected_B):
+  """The distribution of the one token the target adds after n accepted drafts.
+
+  After a rejection at slot n: the residual norm(max(0, p_n - q_n)), which
+  gives the rejected mass back exactly (one-hot q for a deterministic
+  drafter, ``q_BKV=None``). After full acceptance: p_n itself, the bonus.
+  Returns [B, V] float32.
+  """
+  k = draft_BK.shape[1]
   p_n_BV = _take_row(p_BK1V, n_B)
   safe_n_B = jnp.minimum(n_B, k - 1)
   vocab = p_BK1V.shape[-1]
@@ -77,10 +96,7 @@ def rejection_accept(draft_BK, q_BKV, p_BK1V, num_proposed_B, keys_B2, length_B)
   mass_B1 = jnp.sum(residual_BV, axis=-1, keepdims=True)
   # p == q leaves no residual mass; a rejection is then impossible in exact
   # arithmetic, so fall back to p rather than divide by zero.
-  residual_BV = jnp.where(mass_B1 > 1e-12, residual_BV / jnp.maximum(mass_B1, 1e-30), p_n_BV)
-  purpose_B = jnp.where(rejected_B, sampling.RESIDUAL, sampling.TARGET)
-  keys = sampling.position_keys(keys_B2, length_B + n_B, purpose_B)
-  return n_B, sampling.sample(residual_BV, keys)
+  return jnp.where(mass_B1 > 1e-12, residual_BV / jnp.maximum(mass_B1, 1e-30), p_n_BV)
 
 
 def coupled_accept(draft_BK, p_BK1V, num_proposed_B, keys_B2, length_B):

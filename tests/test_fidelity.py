@@ -2,18 +2,19 @@
 
 ``run_fidelity`` enumerates the exact distribution of the next 3 tokens of a
 vocab-6 random target and compares 20k speculative samples with it by a
-chi-square test. A lossy rule and a deliberately broken rejection rule must be
-caught by the same test (negative controls).
+chi-square test. K=2 < 3 tokens, so full acceptances put bonus tokens into
+the samples; every exact row asserts that drafts were accepted, rejected and
+bonus tokens drawn. A lossy rule and deliberately broken rejection rules (the
+residual, the acceptance ratio, the bonus position) must be caught by the
+same test (negative controls).
 """
-
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import tiny_config as _tiny_config
 from specdec_jax import fidelity
 from specdec_jax import runtime
 from specdec_jax import sampling
@@ -22,18 +23,13 @@ from specdec_jax.jobs.fidelity import run_fidelity
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.transformer import Transformer
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MIN_SAMPLES = 20_000
+K = 2
 
 
 def tiny_config(**changes):
-  spec = importlib.util.spec_from_file_location("tiny_config", REPO_ROOT / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.job = "fidelity"
-  for key, value in changes.items():
-    config[key] = value
+  config = _tiny_config(job="fidelity", k=K, **changes)
+  assert config.k < config.fidelity.num_tokens   # the bonus token is sampled
   return config
 
 
@@ -59,7 +55,7 @@ _SHARED_MODELS = {}
 def share_generators(monkeypatch):
   """run_fidelity builds new random models and a new Generator per call. The
   warp settings are traced run-time values, so one compiled Generator per
-  (drafter, rule) serves all three warps, and the (deterministic) random
+  (drafter, rule, policy) serves all warps, and the (deterministic) random
   models are built once. This saves most compiles, and is itself a check: a
   warp setting baked into the compiled loop would fail the test."""
   original_generator, original_load = runtime.Runtime.generator, runtime.load_model
@@ -84,12 +80,33 @@ def share_generators(monkeypatch):
   monkeypatch.setattr(runtime, "load_model", load_model)
 
 
+def assert_drafts_accepted_rejected_and_bonus_drawn(stats, n):
+  assert stats["accepted"] > 0.1 * n, stats
+  assert stats["proposed"] - stats["accepted"] > 0.1 * n, stats    # rejections
+  assert stats["bonus_tokens"] > 0.02 * n, stats
+
+
+EXACT_CASES = {
+    # (drafter, rule, warp, extra config)
+    "model-rejection-t1": ("model", "rejection", "t1", {}),
+    "model-rejection-t0.7_p0.9": ("model", "rejection", "t0.7_p0.9", {}),
+    "model-rejection-topk5": ("model", "rejection", "topk5", {}),
+    "model-coupled-t1": ("model", "coupled", "t1", {}),
+    "model-coupled-t0.7_p0.9": ("model", "coupled", "t0.7_p0.9", {}),
+    "ngram-rejection-t1": ("ngram", "rejection", "t1", {}),
+    # Draft-length policies under rejection sampling.
+    "adaptive-rejection-t1": ("model", "rejection", "t1", dict(policy="adaptive")),
+    "threshold-rejection-t0.7_p0.9": ("model", "rejection", "t0.7_p0.9",
+                                      dict(policy="threshold", tau=0.3)),
+    "budget-rejection-t1": ("model", "rejection", "t1", dict(policy="budget", budget=2500)),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("warp", list(WARPS))
-@pytest.mark.parametrize("drafter,rule", [
-    ("model", "rejection"), ("model", "coupled"), ("ngram", "rejection")])
-def test_exact_rule_preserves_distribution(share_generators, drafter, rule, warp):
-  config = tiny_config(drafter=drafter, rule=rule, **WARPS[warp])
+@pytest.mark.parametrize("case", list(EXACT_CASES))
+def test_exact_rule_preserves_distribution(share_generators, case):
+  drafter, rule, warp, extra = EXACT_CASES[case]
+  config = tiny_config(drafter=drafter, rule=rule, **WARPS[warp], **extra)
   assert config.fidelity.vocab_size == 6   # top-k 5 really truncates
   assert config.fidelity.num_samples >= MIN_SAMPLES
   stats = run_fidelity(config, log=quiet)
@@ -98,6 +115,10 @@ def test_exact_rule_preserves_distribution(share_generators, drafter, rule, warp
   assert stats["passed"], stats
   assert stats["p_value"] > 1e-3, stats
   assert stats["exact_rule"]
+  if drafter == "ngram":   # the lookup rarely matches in 3 tokens of a random text
+    assert stats["accepted"] > 0.01 * stats["n_samples"], stats
+  else:
+    assert_drafts_accepted_rejected_and_bonus_drawn(stats, stats["n_samples"])
 
 
 # ----------------------------------------------------------------------------
@@ -117,22 +138,43 @@ def _take_row(x_BK_, index_B):
       x_BK_, index_B.reshape((-1, 1) + (1,) * (x_BK_.ndim - 2)), axis=1)[:, 0]
 
 
+def _residual_is_p(p_BK1V, q_BKV, draft_BK, n_B, rejected_B):
+  """Bug: after a rejection, the correction comes from p, not max(0, p - q)."""
+  return _take_row(p_BK1V, n_B)
+
+
+def _bonus_one_slot_early(p_BK1V, q_BKV, draft_BK, n_B, rejected_B):
+  """Bug: after full acceptance, the bonus comes from p at slot n - 1 (the
+  last draft's distribution) instead of slot n."""
+  right = ORIGINAL_NEXT(p_BK1V, q_BKV, draft_BK, n_B, rejected_B)
+  early = _take_row(p_BK1V, jnp.maximum(n_B - 1, 0))
+  return jnp.where(rejected_B[:, None], right, early)
+
+
+def _ratio_without_q(u_BK, p_draft_BK, q_draft_BK):
+  """Bug: accept with probability p(d) instead of min(1, p(d) / q(d))."""
+  return u_BK < p_draft_BK
+
+
+ORIGINAL_NEXT = verify.next_token_distribution
+BROKEN = {
+    "residual": ("next_token_distribution", _residual_is_p),
+    "bonus_position": ("next_token_distribution", _bonus_one_slot_early),
+    "acceptance_ratio": ("accept_test", _ratio_without_q),
+}
+
+
 @pytest.mark.slow
-def test_broken_rejection_rule_is_caught(monkeypatch):
-  """After a rejection, sampling from p instead of the residual max(0, p - q)
-  over-weights tokens the draft likes; the chi-square test must notice."""
-  original = verify.rejection_accept
-
-  def broken_rejection_accept(draft_BK, q_BKV, p_BK1V, num_proposed_B, keys_B2, length_B):
-    n_B, x_B = original(draft_BK, q_BKV, p_BK1V, num_proposed_B, keys_B2, length_B)
-    rejected_B = n_B < num_proposed_B
-    keys = sampling.position_keys(keys_B2, length_B + n_B, sampling.RESIDUAL)
-    from_p_B = sampling.sample(_take_row(p_BK1V, n_B), keys)
-    return n_B, jnp.where(rejected_B, from_p_B, x_B)
-
-  monkeypatch.setattr(verify, "rejection_accept", broken_rejection_accept)
+@pytest.mark.parametrize("bug", list(BROKEN))
+def test_broken_rejection_rule_is_caught(monkeypatch, bug):
+  """Each deliberate bug in rejection sampling shifts the distribution of
+  the samples, and the chi-square test must notice (while drafts are still
+  accepted and bonus tokens drawn, so the bug is exercised)."""
+  name, broken = BROKEN[bug]
+  monkeypatch.setattr(verify, name, broken)
   config = tiny_config(drafter="model", rule="rejection", temperature=1.0)
   stats = run_fidelity(config, log=quiet)
+  assert stats["accepted"] > 0 and stats["bonus_tokens"] > 0, stats
   assert stats["p_value"] < 1e-3, stats
   assert not stats["passed"]
 

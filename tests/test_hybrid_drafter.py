@@ -11,39 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import DRAFT, DRAFTERS, K_MAX, LOOKUP, MAX_NEW, TARGET, VOCAB, init, make_prompts
+from common import draft_params as draft_params_for
+from common import generator as gen
+from common import load_config, outputs, total_accepted
 from specdec_jax import compile_count
-from specdec_jax import config_defaults
 from specdec_jax import runtime
 from specdec_jax import sampling
-from specdec_jax.drafters import FeatureDrafter, HybridDrafter, ModelDrafter, NgramDrafter
+from specdec_jax.drafters import HybridDrafter, ModelDrafter
 from specdec_jax.drafters.base import DraftContext
-from specdec_jax.generation import Generator
 from specdec_jax.jobs.fidelity import run_fidelity
-from specdec_jax.models.config import ModelConfig
-from specdec_jax.models.feature_draft import FeatureDraft
-from specdec_jax.models.transformer import Transformer
 from test_ngram_drafter import reference_proposal
 
-VOCAB = 259
-TARGET = Transformer(ModelConfig(vocab_size=VOCAB, num_layers=2, d_model=64, num_heads=4,
-                                 num_kv_heads=2, head_dim=16, ffn_dim=128))
-DRAFT = Transformer(ModelConfig(vocab_size=VOCAB, num_layers=1, d_model=32, num_heads=2,
-                                num_kv_heads=1, head_dim=16, ffn_dim=64))
-FEATURE_DRAFT = FeatureDraft(ModelConfig(vocab_size=VOCAB, num_layers=1, d_model=64,
-                                         num_heads=4, num_kv_heads=2, head_dim=16,
-                                         ffn_dim=96, tie_embeddings=False))
-K_MAX = 5
-MAX_NEW = 24
-LOOKUP = NgramDrafter(max_n=3, min_n=1)
-HYBRIDS = {"ngram+model": HybridDrafter(LOOKUP, ModelDrafter(DRAFT), min_match=2),
-           "ngram+feature": HybridDrafter(LOOKUP, FeatureDrafter(FEATURE_DRAFT), min_match=2)}
-
-
-@functools.lru_cache(maxsize=None)
-def gen(kind, batch, rule="rejection"):
-  drafter = None if kind == "plain" else HYBRIDS[kind]
-  return Generator(TARGET, drafter, k_max=0 if drafter is None else K_MAX, rule=rule,
-                   max_prompt_len=16, max_new_tokens=MAX_NEW, batch_size=batch)
+HYBRIDS = {kind: DRAFTERS[kind] for kind in ("ngram+model", "ngram+feature")}
 
 
 def match_length(text, max_n, min_n):
@@ -56,34 +36,8 @@ def match_length(text, max_n, min_n):
 
 
 def params(seed):
-  tp = jax.jit(TARGET.init_params)(jax.random.PRNGKey(seed))
-  dp = jax.jit(DRAFT.init_params)(jax.random.PRNGKey(100 + seed))
-  fp = jax.jit(functools.partial(FEATURE_DRAFT.init_params, init_scale=0.2))(
-      jax.random.PRNGKey(200 + seed))
-  fp["embed"] = tp["embed"]
-  return tp, {"ngram+model": dp, "ngram+feature": fp}
-
-
-def make_prompts(seed, n=4):
-  """Ragged prompts; rows 1 and 3 repeat a short pattern (lookup matches)."""
-  rng = np.random.default_rng(seed)
-  prompts = []
-  for i, length in enumerate(rng.integers(2, 17, size=n)):
-    if i in (1, 3):
-      pattern = rng.integers(0, VOCAB, size=int(rng.integers(2, 4))).tolist()
-      prompts.append((pattern * 8)[:max(int(length), 7)])
-    else:
-      prompts.append(rng.integers(0, VOCAB, size=int(length)).tolist())
-  return prompts
-
-
-def outputs(result):
-  return [r.output_ids for r in result.rows]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _install_counter():
-  compile_count.install()
+  tp = init(TARGET, seed)
+  return tp, {kind: draft_params_for(kind, 100 + seed, tp) for kind in HYBRIDS}
 
 
 def _context(tokens_rows, k, greedy=True, width=None):
@@ -165,10 +119,10 @@ def test_greedy_hybrid_equals_plain_and_never_recompiles(kind):
   for seed in range(2):
     tp, dps = params(seed)
     prompts = make_prompts(seed)
-    max_new = [MAX_NEW, 9, MAX_NEW, 1 + seed]
-    ref = outputs(gen("plain", 4).generate(tp, None, prompts, max_new_tokens=max_new))
+    max_new = [MAX_NEW, 9, MAX_NEW, 1 + seed, 13]
+    ref = outputs(gen("plain", 5).generate(tp, None, prompts, max_new_tokens=max_new))
     for k in (1, 3, K_MAX):
-      result = gen(kind, 4).generate(tp, dps[kind], prompts, k=k, max_new_tokens=max_new)
+      result = gen(kind, 5).generate(tp, dps[kind], prompts, k=k, max_new_tokens=max_new)
       assert outputs(result) == ref, f"{kind} seed {seed} K={k}"
       alone = gen(kind, 1).generate(tp, dps[kind], [prompts[1]], k=k,
                                     max_new_tokens=max_new[1]).rows[0]
@@ -213,10 +167,10 @@ def test_loop_takes_lookup_drafts_exactly_where_an_ngram_repeats(kind):
   tp, dps = params(4)
   prompts = make_prompts(40)
   hybrid = HYBRIDS[kind]
-  ref = outputs(gen("plain", 4).generate(tp, None, prompts))
+  ref = outputs(gen("plain", 5).generate(tp, None, prompts))
   texts = [list(p) for p in prompts]
   branches = {"lookup": 0, "model": 0}
-  generator = gen(kind, 4)
+  generator = gen(kind, 5)
   for trace in generator.iterate(tp, dps[kind], prompts, k=K_MAX):
     for b, text in enumerate(texts):
       if trace.accepted[b] < 0:
@@ -236,31 +190,36 @@ def test_loop_takes_lookup_drafts_exactly_where_an_ngram_repeats(kind):
 def test_coupled_hybrid_equals_plain_sampling():
   tp, dps = params(3)
   prompts = make_prompts(30)
-  seeds = [7, 8, 9, 10]
+  seeds = [7, 8, 9, 10, 11]
   for temperature, top_p in ((1.0, 1.0), (0.7, 0.9)):
-    ref = gen("plain", 4).generate(tp, None, prompts, seeds=seeds, temperature=temperature,
+    ref = gen("plain", 5).generate(tp, None, prompts, seeds=seeds, temperature=temperature,
                                    top_p=top_p)
-    result = gen("ngram+model", 4, rule="coupled").generate(
+    result = gen("ngram+model", 5, rule="coupled").generate(
         tp, dps["ngram+model"], prompts, seeds=seeds, k=4, temperature=temperature,
         top_p=top_p)
     assert outputs(result) == outputs(ref), (temperature, top_p)
+    assert total_accepted(result) > 0, (temperature, top_p)
 
 
 @pytest.mark.slow
 def test_rejection_hybrid_preserves_distribution():
   """Chi-square against the enumerated distribution (tests/test_fidelity.py's
-  set-up); min_match=1 so that the lookup proposes often in 3 tokens."""
-  c = config_defaults.config_from_file("configs/tiny.py")
+  set-up); min_match=1 so that the lookup proposes often in 3 tokens, and the
+  draft model (a perturbed copy of the target) drafts elsewhere."""
+  c = load_config("configs/tiny.py")
   c.job = "fidelity"
   c.drafter, c.rule, c.temperature, c.top_p = "ngram+model", "rejection", 0.7, 0.9
-  c.lookup_min_match = 1
+  c.lookup_min_match, c.k = 1, 2
   stats = run_fidelity(c, log=lambda *_: None)
   assert stats["impossible_samples"] == 0
   assert stats["p_value"] > 1e-3, stats
+  assert stats["accepted"] > 0.1 * stats["n_samples"], stats
+  assert stats["proposed"] - stats["accepted"] > 0.1 * stats["n_samples"], stats
+  assert stats["bonus_tokens"] > 0.02 * stats["n_samples"], stats
 
 
 def test_config_checks():
-  c = config_defaults.config_from_file("configs/tiny.py")
+  c = load_config("configs/tiny.py")
   c.drafter = "ngram+model"
   c.lookup_min_match = 4      # above ngram_max_n=3
   with pytest.raises(ValueError, match="lookup_min_match=4"):

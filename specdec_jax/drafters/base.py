@@ -37,14 +37,11 @@ class Proposal:
   q_BKV: float32 warped draft distributions the drafts were sampled from, or
     None for a deterministic (one-hot) proposal.
   num_proposed_B: int32 in [0, K]: how many drafts the row really proposes.
-  confidence_BK: float32 top probability of the draft's (unwarped, T>=1)
-    distribution per slot; 1 for deterministic drafters.
   """
 
   draft_BK: jax.Array
   q_BKV: jax.Array | None
   num_proposed_B: jax.Array
-  confidence_BK: jax.Array
 
 
 class Drafter(Protocol):

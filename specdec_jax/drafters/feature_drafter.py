@@ -14,9 +14,10 @@ Each propose:
    propose at most K+1 tokens were committed, and the cache there holds
    entries computed from the draft's own estimates; the block rewrites them
    (and harmlessly rewrites older ones). Its last output drafts slot 0.
-2. K-1 single-token steps under ``lax.scan``, each feeding back the draft's
-   own estimate g in place of the target's unknown feature; once every row
-   has stopped proposing, the steps skip the forward pass (``lax.cond``).
+2. ``chain.draft_chain``: one single-token step per further slot under
+   ``lax.scan``, each feeding back the draft's own estimate g in place of the
+   target's unknown feature; once every row has stopped proposing, the steps
+   skip the forward pass (``lax.cond``).
 """
 
 import dataclasses
@@ -25,8 +26,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from specdec_jax.drafters.base import DraftContext, Proposal
-from specdec_jax.drafters.model_drafter import pick_draft, stack_drafts
+from specdec_jax.drafters.base import DraftContext
+from specdec_jax.drafters.chain import draft_chain
 from specdec_jax.models.feature_draft import FeatureDraft
 from specdec_jax.models.kv_cache import KVCache
 
@@ -76,37 +77,19 @@ class FeatureDrafter:
   def propose(self, params, state: FeatureDrafterState, ctx: DraftContext, k: int, *,
               greedy: bool, purpose: int):
     length_B = ctx.length_B
-    batch = length_B.shape[0]
-    width = self.model.cfg.d_model
     offsets_K1 = jnp.arange(k + 1) - k           # -k .. 0
     pos_BK1 = jnp.maximum(length_B[:, None] - 1 + offsets_K1[None, :], 0)
     tok_BK1 = jnp.take_along_axis(ctx.tokens_BS, pos_BK1, axis=1)
     g_BK1D, cache = self.model.hidden(params, tok_BK1, _prev_features(state.features_BSD, pos_BK1),
                                       pos_BK1, state.cache)
     g_B1D = g_BK1D[:, -1:]
-    pick = lambda logits_BV, i: pick_draft(logits_BV, ctx, i, greedy=greedy, purpose=purpose)
-    first = pick(self.model.logits(params, g_B1D)[:, 0], 0)
 
-    def step(carry, i):
-      cache, prev_B, g_B1D, proposing_B = carry
+    def advance(carry, token_B, i):
+      cache, g_B1D = carry
+      g_B1D, cache = self.model.hidden(params, token_B[:, None], g_B1D,
+                                       (length_B + i)[:, None], cache)
+      return self.model.logits(params, g_B1D)[:, 0], (cache, g_B1D)
 
-      def run(cache):
-        g_next_B1D, cache = self.model.hidden(params, prev_B[:, None], g_B1D,
-                                              (length_B + i - 1)[:, None], cache)
-        return self.model.logits(params, g_next_B1D)[:, 0], g_next_B1D, cache
-
-      def skip(cache):
-        return (jnp.zeros((batch, self.model.cfg.vocab_size), jnp.float32),
-                jnp.zeros((batch, 1, width), g_B1D.dtype), cache)
-
-      logits_BV, g_B1D, cache = jax.lax.cond(jnp.any(proposing_B), run, skip, cache)
-      token_B, q_BV, confidence_B, now_B = pick(logits_BV, i)
-      proposing_B = proposing_B & now_B
-      return (cache, token_B, g_B1D, proposing_B), (token_B, q_BV, confidence_B, proposing_B)
-
-    (cache, _, _, _), rest = jax.lax.scan(
-        step, (cache, first[0], g_B1D, first[3]), jnp.arange(1, k))
-    draft_BK, q_BKV, confidence_BK, proposing_BK = stack_drafts(first, rest)
-    num_proposed_B = jnp.sum(proposing_BK, axis=1).astype(jnp.int32)
-    return (Proposal(draft_BK, q_BKV, num_proposed_B, confidence_BK),
-            state.replace(cache=cache))
+    proposal, (cache, _) = draft_chain(ctx, k, self.model.logits(params, g_B1D)[:, 0],
+                                       (cache, g_B1D), advance, greedy=greedy, purpose=purpose)
+    return proposal, state.replace(cache=cache)

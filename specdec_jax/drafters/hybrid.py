@@ -88,6 +88,5 @@ class HybridDrafter:
                    model.q_BKV)
     proposal = Proposal(
         draft_BK=pick(lookup_BK, model.draft_BK), q_BKV=q_BKV,
-        num_proposed_B=pick(lookup_num_B, model.num_proposed_B).astype(jnp.int32),
-        confidence_BK=pick(jnp.ones_like(model.confidence_BK), model.confidence_BK))
+        num_proposed_B=pick(lookup_num_B, model.num_proposed_B).astype(jnp.int32))
     return proposal, state

@@ -43,8 +43,7 @@ class NgramDrafter:
               purpose: int):
     del params, greedy, purpose
     draft_BK, num_proposed_B, _ = self.lookup(ctx, k)
-    confidence_BK = jnp.ones(draft_BK.shape, jnp.float32)
-    return Proposal(draft_BK, None, num_proposed_B, confidence_BK), state
+    return Proposal(draft_BK, None, num_proposed_B), state
 
   def lookup(self, ctx: DraftContext, k: int):
     """(draft_BK, num_proposed_B, match_len_B): the continuation of the best
