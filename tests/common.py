@@ -172,3 +172,32 @@ def assert_close_in_float32(actual, expected, rtol: float = 1e-4, what: str = "v
   err = float(np.max(np.abs(actual - expected)))
   assert err <= rtol * scale, (f"{what}: max |diff| {err:.3g} exceeds {rtol:g} x max|value| "
                                f"{scale:.3g}")
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+  """``python -m specdec_jax.main ARGS`` in this process: the same flag
+  parsing and job entry, without a JAX start-up per call. Returns (exit
+  code, stdout, stderr)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from specdec_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+
+  def reset():
+    flags.FLAGS.unparse_flags()
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+      delattr(flags.FLAGS, name)   # config_flags defines one flag per override
+
+  reset()
+  capsys.readouterr()
+  code, argv = 0, sys.argv
+  sys.argv = ["specdec", *args]    # config_flags reads its overrides from sys.argv
+  try:
+    main_lib._parse_flags(sys.argv)
+    main_lib.main(["specdec"])
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else 1
+  finally:
+    sys.argv = argv
+    reset()
+  out, err = capsys.readouterr()
+  return code, out, err

@@ -1,35 +1,24 @@
-"""End-to-end experiment jobs through the CLI: trace, sweep, prompts, errors."""
+"""End-to-end experiment jobs through the command line's entry point (in
+process, ``common.run_cli``): trace, sweep, prompts files, errors."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from common import REPO_ROOT, run_cli, tiny_config
 from specdec_jax import runtime
 from specdec_jax.jobs import trace as trace_job
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _main(workdir, *overrides, config="configs/tiny.py", timeout=300):
-  cmd = [sys.executable, "-m", "specdec_jax.main", f"--config={config}",
-         f"--workdir={workdir}", *overrides]
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def _tiny(**overrides):
-  from specdec_jax import config_defaults
-  config = config_defaults.config_from_file(os.path.join(REPO, "configs", "tiny.py"))
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+def _main(capsys, workdir, *overrides, config="configs/tiny.py"):
+  """(exit code, stdout, stderr) of the CLI on ``config`` (in process)."""
+  return run_cli([f"--config={REPO_ROOT / config}", f"--workdir={workdir}", *overrides],
+                 capsys)
 
 
 @pytest.mark.parametrize("drafter", ["model", "ngram"])
 def test_trace_mode_matches_compiled_loop(tmp_path, drafter):
-  config = _tiny(drafter=drafter, batch_size=2, job="trace")
+  config = tiny_config(drafter=drafter, batch_size=2, job="trace")
   summary = trace_job.run(config, str(tmp_path), log=lambda *_: None)
   rt = runtime.build(config)
   prompts = [rt.encode_prompt(p) for p in runtime.load_prompt_list(config)[:2]]
@@ -52,11 +41,12 @@ def test_trace_mode_matches_compiled_loop(tmp_path, drafter):
   assert "<table>" in html and "Row 1" in html
 
 
-def test_sweep_job_end_to_end(tmp_path):
-  result = _main(tmp_path, "--config.sweep.k=(1, 2)", "--config.sweep.drafter=('ngram',)",
-                 "--config.benchmark.repeats=1", "--config.max_new_tokens=8",
-                 config="configs/tiny.py:sweep")
-  assert result.returncode == 0, result.stderr[-2000:]
+def test_sweep_job_end_to_end(tmp_path, capsys):
+  rc, _, err = _main(capsys, tmp_path, "--config.sweep.k=(1, 2)",
+                     "--config.sweep.drafter=('ngram',)", "--config.benchmark.repeats=1",
+                     "--config.benchmark.timing_iters=2", "--config.benchmark.timing_rounds=1",
+                     "--config.max_new_tokens=8", config="configs/tiny.py:sweep")
+  assert rc == 0, err[-2000:]
   rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
   assert sorted((r["point"]["k"], r["point"]["drafter"]) for r in rows) == [
       (1, "ngram"), (2, "ngram")]
@@ -73,37 +63,39 @@ def test_sweep_job_end_to_end(tmp_path):
     (["--config.k=0"], "config.k"),
     (["--config.no_such_field=3"], "no_such_field"),
 ])
-def test_bad_config_gives_one_line_error(tmp_path, overrides, message):
-  result = _main(tmp_path, *overrides, timeout=120)
-  assert result.returncode != 0
-  assert message in result.stderr
-  assert "Traceback" not in result.stderr
+def test_bad_config_gives_one_line_error(tmp_path, capsys, overrides, message):
+  rc, _, err = _main(capsys, tmp_path, *overrides)
+  assert rc == 2
+  assert message in err
+  assert "Traceback" not in err
+  assert len(err.strip().splitlines()) == 1, err
 
 
-def test_malformed_prompts_file_names_the_line(tmp_path):
+def test_malformed_prompts_file_names_the_line(tmp_path, capsys):
   path = tmp_path / "p.jsonl"
   path.write_text('{"prompt": "ok"}\n{"prompt": \n')
-  result = _main(tmp_path / "out", f"--config.prompts_file={path}", timeout=120)
-  assert result.returncode != 0
-  assert "p.jsonl:2" in result.stderr
-  assert "Traceback" not in result.stderr
+  rc, _, err = _main(capsys, tmp_path / "out", f"--config.prompts_file={path}")
+  assert rc == 2
+  assert "p.jsonl:2" in err
+  assert "Traceback" not in err
 
 
-def test_unwritable_workdir_is_a_clear_error(tmp_path):
+def test_unwritable_workdir_is_a_clear_error(tmp_path, capsys):
   blocker = tmp_path / "file"
   blocker.write_text("not a folder")
-  result = _main(blocker / "sub", timeout=120)
-  assert result.returncode != 0
-  assert "workdir" in result.stderr and "Traceback" not in result.stderr
+  rc, _, err = _main(capsys, blocker / "sub")
+  assert rc == 2
+  assert "workdir" in err and "Traceback" not in err
 
 
-def test_user_prompts_file_runs_with_categories(tmp_path):
+def test_user_prompts_file_runs_with_categories(tmp_path, capsys):
   path = tmp_path / "p.jsonl"
   path.write_text('{"prompt": "copy copy copy copy", "category": "mine"}\n'
                   '{"prompt": "hello"}\n')
-  result = _main(tmp_path / "out", f"--config.prompts_file={path}",
-                 "--config.job=benchmark", "--config.benchmark.repeats=1")
-  assert result.returncode == 0, result.stderr[-2000:]
+  rc, _, err = _main(capsys, tmp_path / "out", f"--config.prompts_file={path}",
+                     "--config.job=benchmark", "--config.benchmark.repeats=1",
+                     "--config.benchmark.timing_iters=2", "--config.benchmark.timing_rounds=1")
+  assert rc == 0, err[-2000:]
   summary = json.loads((tmp_path / "out" / "summary.json").read_text())
   assert {r["category"] for r in summary["per_category"]} == {"mine", "custom"}
   assert summary["compiles_after_warmup"] == 0

@@ -1,8 +1,10 @@
-"""The command line: ``python -m specdec_jax.main`` end to end (subprocesses).
+"""The command line: ``python -m specdec_jax.main``.
 
-All job processes of this module start together (module fixture) and each
-test waits for its own: on 2 cores this roughly halves the wall time, and no
-assertion here depends on timing.
+One real subprocess per entry path (the tiny generate job, and the real
+SmolLM2 config), started when its test first asks for it; the benchmark
+jobs and the bad-flag checks call the same entry point in-process
+(``common.run_cli``), which parses flags and runs the job exactly as the
+command does, without a JAX start-up each.
 """
 
 import json
@@ -13,10 +15,11 @@ import sys
 
 import pytest
 
+from common import REPO_ROOT, run_cli, tiny_config
 from specdec_jax.models.tokenizers import ByteTokenizer
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
+TINY = f"--config={REPO_ROOT / 'configs' / 'tiny.py'}"
 
 BAD_CONFIGS = {
     "k0": (["--config.k=0"], "k"),
@@ -26,33 +29,26 @@ BAD_CONFIGS = {
     "unknown_field": (["--config.bogus_field=1"], "bogus_field"),
     "unknown_nested_field": (["--config.model.bogus_field=1"], "bogus_field"),
 }
-
 BENCH_QUICK = ("--config.benchmark.repeats=1", "--config.benchmark.timing_iters=3",
                "--config.benchmark.timing_rounds=2")
-JOBS = {
-    "generate": [],
-    "bench_ngram": ["--config.job=benchmark", "--config.drafter=ngram", *BENCH_QUICK],
-    "bench_model": ["--config.job=benchmark", "--config.drafter=model", *BENCH_QUICK],
-    **{f"bad_{name}": args for name, (args, _) in BAD_CONFIGS.items()},
-}
 
 
 class Job:
-  def __init__(self, name, args, workdir):
-    self.name, self.workdir = name, workdir
-    cmd = [sys.executable, "-m", "specdec_jax.main", "--config=configs/tiny.py",
-           f"--workdir={workdir}", *args]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep
-               + os.environ.get("PYTHONPATH", ""))
-    self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE)
+  """A CLI subprocess, started on the first ``result()``."""
+
+  def __init__(self, args, workdir):
+    self.args, self.workdir = args, workdir
     self._result = None
 
   def result(self):
-    """(returncode, stdout bytes, stderr str); waits for the process."""
+    """(returncode, stdout bytes, stderr str); runs the process once."""
     if self._result is None:
-      out, err = self.proc.communicate(timeout=TIMEOUT_S)
-      self._result = (self.proc.returncode, out, err.decode("utf-8", "replace"))
+      env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep
+                 + os.environ.get("PYTHONPATH", ""))
+      proc = subprocess.run([sys.executable, "-m", "specdec_jax.main",
+                             f"--workdir={self.workdir}", *self.args], cwd=REPO_ROOT,
+                            env=env, capture_output=True, timeout=TIMEOUT_S)
+      self._result = (proc.returncode, proc.stdout, proc.stderr.decode("utf-8", "replace"))
     return self._result
 
   def read_json(self, name):
@@ -63,27 +59,12 @@ class Job:
     return [json.loads(line) for line in lines]
 
 
-@pytest.fixture(scope="module")
-def jobs(tmp_path_factory):
-  started = {name: Job(name, args, str(tmp_path_factory.mktemp(name)))
-             for name, args in JOBS.items()}
-  yield started
-  for job in started.values():
-    if job.proc.poll() is None:
-      job.proc.kill()
-      job.proc.wait()
-
-
 def tiny_prompts():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny_config", REPO_ROOT / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return list(module.get_config().prompt_texts)
+  return list(tiny_config().prompt_texts)
 
 
-def test_generate(jobs):
-  job = jobs["generate"]
+def test_generate(tmp_path):
+  job = Job([TINY], str(tmp_path))
   rc, out, err = job.result()
   assert rc == 0, err[-3000:]
   assert "Traceback" not in err
@@ -111,35 +92,43 @@ def test_generate(jobs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,drafter", [("bench_ngram", "ngram"), ("bench_model", "model")])
-def test_benchmark(jobs, name, drafter):
-  job = jobs[name]
-  rc, out, err = job.result()
+@pytest.mark.parametrize("drafter", ["ngram", "model"])
+def test_benchmark(tmp_path, capsys, drafter):
+  rc, out, err = run_cli([TINY, f"--workdir={tmp_path}", "--config.job=benchmark",
+                          f"--config.drafter={drafter}", *BENCH_QUICK], capsys)
   assert rc == 0, err[-3000:]
-  assert "Traceback" not in err
-  summary = job.read_json("summary.json")
-  for key in ("speedup", "acceptance_rate", "mean_accepted_length", "cost_ratio_c",
-              "predicted_speedup", "outputs_identical", "compiles_after_warmup"):
-    assert key in summary, key
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  records = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
   assert summary["drafter"] == drafter
-  assert summary["outputs_identical"] is True
-  assert summary["compiles_after_warmup"] == 0
-  assert summary["speedup"] > 0 and summary["predicted_speedup"] > 0
-  assert summary["cost_ratio_c"] > 0
+  assert summary["outputs_identical"] is True and summary["compiles_after_warmup"] == 0
+  assert len(records) == len(tiny_prompts())
+  assert all(r["identical"] and r["output_ids"] == r["baseline_output_ids"] for r in records)
+  # The summary's figures follow from what it measured.
+  tokens = sum(len(r["output_ids"]) for r in records)
+  assert summary["baseline_tokens_per_s"] == pytest.approx(tokens / summary["baseline_s"])
+  assert summary["speculative_tokens_per_s"] == pytest.approx(tokens / summary["speculative_s"])
+  assert summary["speedup"] == pytest.approx(summary["baseline_s"] / summary["speculative_s"])
+  calls = sum(r["target_calls"] for r in records)
+  assert summary["target_calls_speculative"] == calls
+  assert summary["target_calls_baseline"] == sum(r["baseline_target_calls"] for r in records)
+  assert summary["target_calls_baseline"] == tokens     # plain: one call per token
+  assert summary["tokens_per_call"] == pytest.approx(tokens / calls)
+  if drafter == "ngram":   # the copy-heavy prompts get drafts accepted
+    assert calls < summary["target_calls_baseline"]
   assert 0.0 <= summary["acceptance_rate"] <= 1.0
   assert 1.0 <= summary["mean_accepted_length"] <= summary["k"] + 1
-  records = job.read_jsonl("results.jsonl")
-  assert len(records) == len(tiny_prompts())
-  assert all(r["identical"] for r in records)
-  assert all(r["output_ids"] == r["baseline_output_ids"] for r in records)
+  assert summary["cost_ratio_c"] > 0 and summary["verify_cost_ratio"] > 0
+  # The table and the diagnosis are printed.
+  assert "speedup" in out and "Bottleneck" in out
 
 
 @pytest.mark.parametrize("name", list(BAD_CONFIGS))
-def test_bad_config_exits_with_short_error(jobs, name):
-  _, field = BAD_CONFIGS[name]
-  rc, out, err = jobs[f"bad_{name}"].result()
-  assert rc != 0
+def test_bad_config_exits_with_short_error(tmp_path, capsys, name):
+  args, field = BAD_CONFIGS[name]
+  rc, out, err = run_cli([TINY, f"--workdir={tmp_path}", *args], capsys)
+  assert rc == 2
   assert "Traceback" not in err, err[-2000:]
+  assert "Unknown command line flag" not in err, err   # the override itself was parsed
   assert field in err
   error_lines = [line for line in err.splitlines() if field in line]
   assert error_lines and len(error_lines[0]) < 300
