@@ -8,8 +8,10 @@
   event that wraps both), so "no recompiles" checks lose nothing.
 * The real SmolLM2 (converted from the GGUF once, through the orbax cache
   path users take) and transformers' reference model, once per session.
-* ``--durations`` is on by default (launch/test.sh), so the next slow test
-  is visible in CI's output.
+* Every test that uses the real SmolLM2 runs in one pytest-xdist worker
+  (group "smollm2"), so the model and the reference load once per run.
+* ``--durations`` is on (launch/test.sh), so the next slow test is visible
+  in CI's output.
 """
 
 import atexit
@@ -20,8 +22,12 @@ import tempfile
 import jax
 import pytest
 
-_CACHE_DIR = tempfile.mkdtemp(prefix="specdec_jax_test_xla_cache_")
-atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+# pytest-xdist workers inherit the controller's environment: all processes of
+# one run share the cache folder, and the controller (which made it) removes it.
+if "SPECDEC_TEST_XLA_CACHE" not in os.environ:
+  os.environ["SPECDEC_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="specdec_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["SPECDEC_TEST_XLA_CACHE"], ignore_errors=True)
+_CACHE_DIR = os.environ["SPECDEC_TEST_XLA_CACHE"]
 _CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": _CACHE_DIR,
               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
@@ -55,3 +61,10 @@ def hf_smollm2():
   """transformers' LlamaForCausalLM from the same GGUF (float32, eval mode)."""
   import hf_reference
   return hf_reference.hf_smollm2_model()
+
+
+def pytest_collection_modifyitems(items):
+  """Tests that use the real model share one xdist worker (``--dist loadgroup``)."""
+  for item in items:
+    if {"smollm2", "hf_smollm2", "smollm2_cache_dir"} & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.xdist_group("smollm2"))

@@ -510,22 +510,33 @@ def test_restore_latest_draft_round_trip(checkpointed):
 
 
 def test_missing_or_corrupted_checkpoint_is_refused(tmp_path, checkpointed):
+  """Each damage on its own (the params, then the metadata) is refused with
+  its own message; an empty folder and a missing one too."""
   with pytest.raises(ValueError, match="does not exist"):
     checkpoints.restore_latest_draft(str(tmp_path / "nothing"))
-  broken = str(tmp_path / "broken")
-  shutil.copytree(checkpointed[0], broken)
-  step_dir = os.path.join(broken, "checkpoints", "2")
+
+  def copy(name):
+    folder = str(tmp_path / name)
+    shutil.copytree(checkpointed[0], folder)
+    return folder, os.path.join(folder, "checkpoints", "2")
+
+  truncated, step_dir = copy("truncated_params")
   for path in glob.glob(os.path.join(step_dir, "params", "**", "*"), recursive=True):
     if os.path.isfile(path) and os.path.getsize(path) > 200:
       with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-  with pytest.raises(ValueError, match="draft checkpoint"):
-    checkpoints.restore_latest_draft(broken)
-  meta = glob.glob(os.path.join(step_dir, "meta", "*"))
-  with open([m for m in meta if os.path.isfile(m)][0], "w") as f:
+  with pytest.raises(ValueError, match=r"draft checkpoint .* could not be (read|restored)"):
+    checkpoints.restore_latest_draft(truncated)
+
+  bad_meta, step_dir = copy("bad_meta")
+  meta = [m for m in glob.glob(os.path.join(step_dir, "meta", "*")) if os.path.isfile(m)]
+  with open(meta[0], "w") as f:
     f.write("{not json")
-  with pytest.raises(ValueError, match="draft checkpoint"):
-    checkpoints.restore_latest_draft(broken)
+  with pytest.raises(ValueError, match="unreadable metadata"):
+    checkpoints.restore_latest_draft(bad_meta)
+
+  # Not vacuous: the undamaged copy restores.
+  assert checkpoints.restore_latest_draft(copy("intact")[0])[0].cfg == checkpointed[1]
   empty = tmp_path / "empty" / "checkpoints"
   empty.mkdir(parents=True)
   with pytest.raises(ValueError, match="no complete draft checkpoint"):

@@ -8,6 +8,7 @@ state to lose.
 
 import copy
 import dataclasses
+import functools
 import json
 import time
 from typing import Callable
@@ -76,7 +77,8 @@ def _schedule(d, total_steps: int):
 def make_optimizer(d, total_steps: int) -> optax.GradientTransformation:
   """AdamW with linear warm-up then cosine decay, after global-norm clipping.
 
-  Norm scales are not weight-decayed.
+  Norm scales are not weight-decayed. ``d``: the ``config.distill`` settings
+  (or an ``OptimizerSettings``).
   """
   decay_mask = lambda tree: jax.tree_util.tree_map_with_path(
       lambda path, _: "scale" not in jax.tree_util.keystr(path), tree)
@@ -156,6 +158,32 @@ def feature_loss(model: FeatureDraft, params, batch, loss_kind: str,
   return total / unroll, dict(first, top1_last=metrics["top1"])
 
 
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+  """The ``config.distill`` fields the optimizer reads (hashable, so that one
+  compiled train step serves every run with the same settings)."""
+
+  learning_rate: float
+  warmup_steps: int
+  min_lr_ratio: float
+  weight_decay: float
+  clip_norm: float
+
+  @classmethod
+  def from_config(cls, d) -> "OptimizerSettings":
+    return cls(float(d.learning_rate), int(d.warmup_steps), float(d.min_lr_ratio),
+               float(d.weight_decay), float(d.clip_norm))
+
+
+@functools.lru_cache(maxsize=16)
+def cached_train_step(model, settings: OptimizerSettings, total_steps: int, loss_kind: str,
+                      feature_loss_weight: float, unroll: int):
+  """(optimizer, jitted train step) for these settings, built once per process
+  (a run in the same process, e.g. a resumed one, does not recompile)."""
+  optimizer = make_optimizer(settings, total_steps)
+  return optimizer, make_train_step(model, optimizer, loss_kind, feature_loss_weight, unroll)
+
+
 @dataclasses.dataclass
 class TrainResult:
   params: dict                 # the full draft params after the last step
@@ -193,8 +221,9 @@ def run_training(config, draft_cfg: ModelConfig, init_fn: Callable[[], dict],
   d = config.distill
   total = int(config.train_steps)
   model = checkpoints.draft_model(d.draft_kind, draft_cfg)
-  optimizer = make_optimizer(d, total)
-  train_step = make_train_step(model, optimizer, d.loss, d.feature_loss_weight, d.unroll)
+  optimizer, train_step = cached_train_step(
+      model, OptimizerSettings.from_config(d), total, d.loss, float(d.feature_loss_weight),
+      int(d.unroll))
   paths = frozen_paths(draft_cfg, d)
   meta_base = {"model_config": checkpoints.config_dict(draft_cfg), "draft_kind": d.draft_kind,
                "frozen": ["/".join(p) for p in paths], "data_seed": int(d.seed),
