@@ -7,13 +7,18 @@ def random_model(*, vocab_size, num_layers, d_model, num_heads, num_kv_heads,
                  ffn_dim, head_dim=16, init_seed=0, tie_embeddings=True,
                  qkv_bias=False, rope_theta=10000.0, init_scale=0.2,
                  logit_scale=4.0) -> ml_collections.ConfigDict:
-  """A randomly initialised decoder (source='random')."""
+  """A randomly initialised decoder (source='random').
+
+  ``layer_loop`` (for every source): "auto" | "scan" | "unrolled", how the
+  blocks run (models/transformer.py); "auto" unrolls them unless the run is
+  sharded over a mesh.
+  """
   return ml_collections.ConfigDict(dict(
       source="random", path="", vocab_size=vocab_size, num_layers=num_layers,
       d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
       head_dim=head_dim, ffn_dim=ffn_dim, tie_embeddings=tie_embeddings,
       qkv_bias=qkv_bias, rope_theta=rope_theta, init_seed=init_seed,
-      init_scale=init_scale, logit_scale=logit_scale, dtype="float32"))
+      init_scale=init_scale, logit_scale=logit_scale, dtype="float32", layer_loop="auto"))
 
 
 def base_config() -> ml_collections.ConfigDict:

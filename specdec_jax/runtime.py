@@ -20,7 +20,8 @@ from specdec_jax.generation import Generator
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.feature_draft import FeatureDraft, check_compatible
 from specdec_jax.models.tokenizers import ByteTokenizer, Tokenizer
-from specdec_jax.models.transformer import Transformer
+from specdec_jax.models import transformer as transformer_lib
+from specdec_jax.models.transformer import LAYER_LOOPS, Transformer
 
 JOBS = ("generate", "benchmark", "fidelity", "sweep", "trace", "diagnose", "distill")
 MODEL_SOURCES = ("random", "gguf", "hf", "orbax", "smollm2")
@@ -88,7 +89,22 @@ def cache_dir(config) -> str:
   return os.path.abspath(path)
 
 
-def _random_model(model_config, sharding_fn=None) -> tuple[Transformer, Any]:
+def layer_loop(model_config, sharded: bool) -> str:
+  """The layer loop of a ``config.model``-style entry: "auto" unrolls the
+  blocks (per-layer params, fused projections: no per-layer weight copy)
+  unless the params are sharded over a mesh, where the stacked scan layout
+  and its sharding rules apply."""
+  loop = model_config.get("layer_loop", "auto")
+  if loop not in ("auto",) + LAYER_LOOPS:
+    raise ValueError(f"layer_loop={loop!r}; expected 'auto' or one of {LAYER_LOOPS}")
+  if loop == "auto":
+    return "scan" if sharded else "unrolled"
+  if loop == "unrolled" and sharded:
+    raise ValueError("layer_loop='unrolled' cannot be sharded over a mesh; use 'scan' or 'auto'")
+  return loop
+
+
+def _random_model(model_config, sharding_fn=None):
   cfg = ModelConfig(
       vocab_size=model_config.vocab_size, num_layers=model_config.num_layers,
       d_model=model_config.d_model, num_heads=model_config.num_heads,
@@ -96,8 +112,7 @@ def _random_model(model_config, sharding_fn=None) -> tuple[Transformer, Any]:
       ffn_dim=model_config.ffn_dim, rope_theta=float(model_config.rope_theta),
       tie_embeddings=model_config.tie_embeddings, qkv_bias=model_config.qkv_bias,
       dtype=model_config.dtype)
-  model = Transformer(cfg)
-  init = functools.partial(model.init_params,
+  init = functools.partial(Transformer(cfg).init_params,
                            init_scale=model_config.get("init_scale", 0.2),
                            logit_scale=model_config.get("logit_scale", 4.0))
   if sharding_fn is None:
@@ -105,43 +120,47 @@ def _random_model(model_config, sharding_fn=None) -> tuple[Transformer, Any]:
   else:  # initialised in place, shard by shard (same values: partitionable RNG)
     params = jax.jit(init, out_shardings=sharding_fn(cfg))(
         jax.random.PRNGKey(model_config.init_seed))
-  return model, params
+  return cfg, params, None
 
 
-def load_model(model_config, config, sharding_fn=None) -> tuple[Transformer, Any, Tokenizer | None]:
-  """(model, params, tokenizer or None) for one ``config.model``-style entry.
-
-  ``sharding_fn``: optional ``ModelConfig -> params sharding pytree``; the
-  params are then loaded straight into their shards.
-  """
+def _load_stacked(model_config, config, sharding_fn):
+  """(ModelConfig, stacked params, tokenizer or None) from the entry's source."""
   source = model_config.source
   if source == "random":
-    model, params = _random_model(model_config, sharding_fn)
-    return model, params, None
+    return _random_model(model_config, sharding_fn)
   dtype = model_config.get("dtype", "float32")
   if source == "smollm2":
     from specdec_jax.models import checkpoint
-    cfg, params, tokenizer = checkpoint.load_smollm2(cache_dir(config), dtype=dtype,
-                                                     sharding_fn=sharding_fn)
-    return Transformer(cfg), params, tokenizer
+    return checkpoint.load_smollm2(cache_dir(config), dtype=dtype, sharding_fn=sharding_fn)
   if source == "gguf":
     from specdec_jax.models import gguf_import
     from specdec_jax.models import tokenizers
     cfg, params, info = gguf_import.load_gguf(model_config.path, dtype=dtype,
                                               sharding_fn=sharding_fn)
-    return Transformer(cfg), params, tokenizers.load_tokenizer_from_gguf(info)
+    return cfg, params, tokenizers.load_tokenizer_from_gguf(info)
   if source == "hf":
     from specdec_jax.models import hf_import
-    cfg, params, tokenizer = hf_import.load_hf_dir(model_config.path, dtype=dtype,
-                                                   sharding_fn=sharding_fn)
-    return Transformer(cfg), params, tokenizer
+    return hf_import.load_hf_dir(model_config.path, dtype=dtype, sharding_fn=sharding_fn)
   if source == "orbax":
     from specdec_jax.models import checkpoint
     path = os.path.abspath(model_config.path)
     cfg = checkpoint.read_config(path)
     shardings = sharding_fn(cfg) if sharding_fn is not None else None
-    return Transformer(cfg), checkpoint.restore_params(path, cfg, shardings), None
+    return cfg, checkpoint.restore_params(path, cfg, shardings), None
   raise ValueError(f"unknown model source {source!r}; expected one of {MODEL_SOURCES}")
+
+
+def load_model(model_config, config, sharding_fn=None) -> tuple[Transformer, Any, Tokenizer | None]:
+  """(model, params in the model's layout, tokenizer or None) for one
+  ``config.model``-style entry.
+
+  ``sharding_fn``: optional ``ModelConfig -> params sharding pytree``; the
+  params are then loaded straight into their shards (and stay stacked).
+  """
+  loop = layer_loop(model_config, sharded=sharding_fn is not None)
+  cfg, params, tokenizer = _load_stacked(model_config, config, sharding_fn)
+  model = Transformer(cfg, loop)
+  return model, model.prepare_params(params), tokenizer
 
 
 @dataclasses.dataclass
@@ -198,7 +217,7 @@ class Runtime:
 
 
 def build_drafter(config, target: Transformer, sharding_fn=None,
-                  target_params=None) -> tuple[Any, Any]:
+                  target_params=None, sharded: bool | None = None) -> tuple[Any, Any]:
   """(drafter or None, draft params) for ``config.drafter``.
 
   ``model`` and ``feature`` read ``config.draft_checkpoint`` (a distill
@@ -214,6 +233,9 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
   kind = model_kind(config.drafter)
   if kind is None:
     return None, {}
+  if sharded is None:
+    sharded = sharding_fn is not None
+  loop = layer_loop(config.draft, sharded)
   if config.draft_checkpoint:
     from specdec_jax.distill import checkpoints as distill_checkpoints
     draft_model, draft_params = distill_checkpoints.restore_latest_draft(
@@ -227,6 +249,9 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
     draft_model, draft_params = _random_feature_draft(config, target, target_params)
   else:
     draft_model, draft_params, _ = load_model(config.draft, config, sharding_fn)
+  # Checkpoints and inits are stacked: the draft runs in its layer loop.
+  draft_model = dataclasses.replace(draft_model, layer_loop=loop)
+  draft_params = draft_model.prepare_params(draft_params)
   if draft_model.cfg.vocab_size != target.cfg.vocab_size:
     raise ValueError(
         f"draft vocab size {draft_model.cfg.vocab_size} differs from target vocab size "
@@ -270,7 +295,7 @@ def build(config: ml_collections.ConfigDict, with_drafter: bool = True) -> Runti
     raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} exceeds the model's "
                      f"vocab_size {target.cfg.vocab_size}")
   drafter, draft_params = (build_drafter(config, target, setup and setup.param_fn("draft"),
-                                         target_params)
+                                         target_params, sharded=setup is not None)
                            if with_drafter else (None, {}))
   shardings = setup and setup.generation(target, drafter)
   return Runtime(config=config, target=target, target_params=target_params,

@@ -49,11 +49,13 @@ def smollm2_cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2(smollm2_cache_dir):
   """(Transformer, params, tokenizer) of the real SmolLM2-135M-Instruct, float32,
-  converted from the GGUF into this session's orbax cache (load_smollm2)."""
+  converted from the GGUF into this session's orbax cache (load_smollm2), in
+  the layout single-device runs use (``layer_loop="auto"``: unrolled)."""
   from specdec_jax.models import checkpoint
   from specdec_jax.models.transformer import Transformer
   cfg, params, tokenizer = checkpoint.load_smollm2(smollm2_cache_dir)
-  return Transformer(cfg), params, tokenizer
+  target = Transformer(cfg, "unrolled")
+  return target, target.prepare_params(params), tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +66,29 @@ def hf_smollm2():
 
 
 def pytest_collection_modifyitems(items):
-  """Tests that use the real model share one xdist worker (``--dist loadgroup``)."""
+  """xdist groups (``--dist loadgroup``): the tests that use the real model
+  share one worker; every other test runs in the worker of its module, so a
+  module's fixtures are built once."""
   for item in items:
     if {"smollm2", "hf_smollm2", "smollm2_cache_dir"} & set(getattr(item, "fixturenames", ())):
       item.add_marker(pytest.mark.xdist_group("smollm2"))
+    else:
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+_COMPILE_SECONDS = [0, 0.0]
+
+
+def _on_duration(event, duration, **kwargs):
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COMPILE_SECONDS[0] += 1
+    _COMPILE_SECONDS[1] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def pytest_terminal_summary(terminalreporter):
+  count, seconds = _COMPILE_SECONDS
+  if count:
+    terminalreporter.write_line(f"XLA compiles in this process: {count}, {seconds:.0f} s")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from specdec_jax.models import checkpoint
+from specdec_jax.models import transformer
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.transformer import Transformer
 
@@ -139,7 +140,7 @@ def test_smollm2_restores_from_its_cache(smollm2, smollm2_cache_dir):
   cfg2, params2, tok2 = checkpoint.load_smollm2(smollm2_cache_dir)
   print(f"load_smollm2 from the cache: {time.perf_counter() - start:.1f}s")
   assert cfg2 == target.cfg
-  _assert_identical(params2, params)
+  _assert_identical(params2, transformer.stack_params(params, target.cfg))
   text = "<|im_start|>user\nDef 12 😀  x<|im_end|>"
   assert tok2.encode(text) == tok.encode(text) == hf_reference.hf_smollm2_tokenizer()(text)["input_ids"]
   assert tok2.eos_ids == (2, 0) and tok2.chat_template == tok.chat_template

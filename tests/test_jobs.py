@@ -133,3 +133,58 @@ def test_bad_config_exits_with_short_error(tmp_path, capsys, name):
   error_lines = [line for line in err.splitlines() if field in line]
   assert error_lines and len(error_lines[0]) < 300
   assert len(err.splitlines()) <= 10, err
+
+
+def test_phase_costs_time_the_loops_own_phases():
+  """Generator.phase_costs: positive medians for prefill and verify; no draft
+  phase for plain decoding; and timing leaves the outputs untouched (the
+  phases take the state by donation, nothing is shared with generate)."""
+  from common import DRAFT, TARGET, init, make_prompts
+  from common import generator as gen
+  tp, dp = init(TARGET, 70), init(DRAFT, 71)
+  prompts = make_prompts(72)
+  plain, spec = gen("plain", 5), gen("model", 5)
+  before = [r.output_ids for r in spec.generate(tp, dp, prompts).rows]
+  base = plain.phase_costs(tp, None, prompts, iters=3)
+  costs = spec.phase_costs(tp, dp, prompts, iters=3, k=3)
+  assert set(base) == set(costs) == {"prefill_s", "draft_s", "verify_s"}
+  assert base["draft_s"] == 0.0 and base["verify_s"] > 0 and base["prefill_s"] > 0
+  assert costs["draft_s"] > 0 and costs["verify_s"] > 0
+  assert [r.output_ids for r in spec.generate(tp, dp, prompts).rows] == before
+
+
+@pytest.mark.slow
+def test_diagnose_job(tmp_path, capsys):
+  rc, out, err = run_cli([TINY, f"--workdir={tmp_path}", "--config.job=diagnose",
+                          "--config.drafter=ngram", *BENCH_QUICK], capsys)
+  assert rc == 0, err[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["job"] == "diagnose" and summary["outputs_identical"] is True
+  assert set(summary["verify_cost_by_k"]) == {"1", "2", "4", "8"}
+  assert all(v > 0 for v in summary["verify_cost_by_k"].values())
+  diagnosis = summary["diagnosis"]
+  assert diagnosis["bottleneck"] in [f["bottleneck"] for f in diagnosis["findings"]]
+  assert diagnosis["best_k"] >= 0
+  assert f"Bottleneck: {diagnosis['bottleneck']}" in out
+
+
+@pytest.mark.slow
+def test_smollm2_config_from_the_command_line(tmp_path, smollm2, smollm2_cache_dir):
+  """configs/smollm2.py through the real command: the GGUF's orbax cache (this
+  session's), ChatML prompts, SmolLM2's EOS ids; its greedy tokens are the
+  loaded model's."""
+  job = Job([f"--config={REPO_ROOT / 'configs' / 'smollm2.py'}",
+             f"--config.cache_dir={smollm2_cache_dir}", "--config.max_new_tokens=12",
+             "--config.max_prompts=2"], str(tmp_path))
+  rc, out, err = job.result()
+  assert rc == 0, err[-3000:]
+  records = job.read_jsonl("results.jsonl")
+  assert len(records) == 2
+  target, params, tokenizer = smollm2
+  prompts = [r["prompt_ids"] for r in records]
+  assert all(tokenizer.decode(p).startswith("<|im_start|>system") for p in prompts)
+  from specdec_jax.generation import Generator
+  plain = Generator(target, max_prompt_len=512, max_new_tokens=12,
+                    eos_ids=tokenizer.eos_ids).generate(params, None, prompts).rows
+  assert [r["output_ids"] for r in records] == [r.output_ids for r in plain]
+  assert all(r["output_text"].encode("utf-8") in out for r in records)

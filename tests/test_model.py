@@ -14,6 +14,7 @@ import pytest
 from common import assert_close_in_float32
 from specdec_jax.generation import Generator
 from specdec_jax.models import kv_cache
+from specdec_jax.models import transformer
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.transformer import Transformer
 
@@ -21,11 +22,12 @@ VOCAB = 259
 PAD_TOKEN = 7  # a real token id: padded slots get real, stale keys
 
 
-def make_model(*, tie=True, num_kv_heads=2, qkv_bias=False, num_heads=4, vocab=VOCAB):
+def make_model(*, tie=True, num_kv_heads=2, qkv_bias=False, num_heads=4, vocab=VOCAB,
+               layer_loop="scan"):
   return Transformer(ModelConfig(
       vocab_size=vocab, num_layers=2, d_model=64, num_heads=num_heads,
       num_kv_heads=num_kv_heads, head_dim=16, ffn_dim=128,
-      tie_embeddings=tie, qkv_bias=qkv_bias))
+      tie_embeddings=tie, qkv_bias=qkv_bias), layer_loop)
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,15 +56,18 @@ TOTAL_LEN = 16             # every full sequence; rows take 11, 5, 14 cached ste
 
 
 @pytest.mark.parametrize(
-    "tie,num_kv_heads,qkv_bias",
+    "tie,num_kv_heads,qkv_bias,layer_loop",
     # Each feature on and off, each pair of features seen together.
-    [(True, 2, False), (False, 2, True), (True, 4, True), (False, 4, False)],
+    [(True, 2, False, "scan"), (False, 2, True, "unrolled"), (True, 4, True, "scan"),
+     (False, 4, False, "unrolled")],
     ids=lambda v: str(v))
-def test_cached_decoding_matches_full_forward(tie, num_kv_heads, qkv_bias):
-  model = make_model(tie=tie, num_kv_heads=num_kv_heads, qkv_bias=qkv_bias)
+def test_cached_decoding_matches_full_forward(tie, num_kv_heads, qkv_bias, layer_loop):
+  model = make_model(tie=tie, num_kv_heads=num_kv_heads, qkv_bias=qkv_bias,
+                     layer_loop=layer_loop)
   params = jitted_init_scaled(model)(jax.random.PRNGKey(3))
   assert ("bias" in params["layers"]["attn"]["q"]) == qkv_bias
   assert ("lm_head" in params) == (not tie)
+  params = model.prepare_params(params)
   apply = jitted(model)[1]
   rng = np.random.default_rng(0)
   seqs = rng.integers(0, VOCAB, size=(len(PROMPT_LENS), TOTAL_LEN)).astype(np.int32)
@@ -136,6 +141,51 @@ def test_gqa_query_heads_share_their_groups_kv_head():
   assert_close_in_float32(same, ref, what="GQA vs expanded MHA")
   wrong = full_forward(mha, _with_kv_heads_expanded(params, 2, "tile"), seq)
   assert np.max(np.abs(wrong - ref)) > 1e-2 * np.max(np.abs(ref))
+
+
+# ----------------------------------------------------------------------------
+# The unrolled layout (per-layer params, fused q/k/v and gate/up).
+
+@pytest.mark.parametrize("tie,qkv_bias", [(True, False), (False, True)])
+def test_unrolled_layout_computes_what_the_stacked_one_does(tie, qkv_bias):
+  stacked = make_model(tie=tie, qkv_bias=qkv_bias)
+  unrolled = make_model(tie=tie, qkv_bias=qkv_bias, layer_loop="unrolled")
+  params = init(stacked, 8)
+  prepared = unrolled.prepare_params(params)
+  layers = prepared["layers"]
+  assert isinstance(layers, tuple) and len(layers) == 2
+  assert layers[0]["attn"]["qkv"]["kernel"].shape == (64, (4 + 2 * 2) * 16)
+  assert layers[1]["mlp"]["gate_up"]["kernel"].shape == (64, 2 * 128)
+  assert ("bias" in layers[0]["attn"]["qkv"]) == qkv_bias
+  # The conversion is lossless both ways.
+  back = transformer.stack_params(prepared, stacked.cfg)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A prompt then two cached steps: the same logits and cache entries.
+  tokens = jnp.asarray(np.random.default_rng(9).integers(0, VOCAB, size=(2, 7)), jnp.int32)
+  runs = {}
+  for name, model, p in (("stacked", stacked, params), ("unrolled", unrolled, prepared)):
+    apply = jax.jit(model.apply)
+    logits, cache = apply(p, tokens[:, :5], jnp.broadcast_to(jnp.arange(5), (2, 5)),
+                          model.init_cache(2, 12))
+    steps = [logits]
+    for t in (5, 6):
+      logits, cache = apply(p, tokens[:, t:t + 1], jnp.full((2, 1), t), cache)
+      steps.append(logits)
+    runs[name] = (steps, cache.stacked())
+  for a, b in zip(runs["unrolled"][0], runs["stacked"][0]):
+    assert_close_in_float32(a, b, what="unrolled vs stacked logits")
+  assert_close_in_float32(runs["unrolled"][1].k_LBSGH, runs["stacked"][1].k_LBSGH,
+                          what="cached keys")
+  with pytest.raises(TypeError, match="LayerCaches"):
+    unrolled.apply(prepared, tokens[:, :2], jnp.zeros((2, 2), jnp.int32),
+                   stacked.init_cache(2, 4))
+
+
+def test_unknown_layer_loop_is_refused():
+  with pytest.raises(ValueError, match="layer_loop"):
+    make_model(layer_loop="vmap")
 
 
 # ----------------------------------------------------------------------------

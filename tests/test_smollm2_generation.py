@@ -66,21 +66,24 @@ def reference_outputs(smollm2, hf_smollm2, prompts):
 
 
 def layer_skip_draft(target: Transformer, params, layers=FIRST_LAYERS):
-  """(Transformer, params): a draft made of some of the target's layers."""
+  """(Transformer, params): a draft made of some of the target's layers (in
+  the target's layout)."""
   cfg = dataclasses.replace(target.cfg, num_layers=len(layers))
-  index = jnp.asarray(layers)
-  draft_params = dict(params, layers=jax.tree.map(lambda x: x[index], params["layers"]))
-  return Transformer(cfg), draft_params
+  if isinstance(params["layers"], tuple):
+    picked = tuple(params["layers"][i] for i in layers)
+  else:
+    picked = jax.tree.map(lambda x: x[jnp.asarray(layers)], params["layers"])
+  return Transformer(cfg, target.layer_loop), dict(params, layers=picked)
 
 
 def feature_draft(target: Transformer, params):
   """A random one-block feature draft over the target's embedding and width."""
   cfg = dataclasses.replace(target.cfg, num_layers=1, tie_embeddings=False)
-  draft = FeatureDraft(cfg)
+  draft = FeatureDraft(cfg, target.layer_loop)
   draft_params = jax.jit(lambda key: draft.init_params(key, init_scale=0.02))(
       jax.random.PRNGKey(0))
   draft_params["embed"] = params["embed"]
-  return draft, draft_params
+  return draft, draft.prepare_params(draft_params)
 
 
 def generator(smollm2, drafter, batch, k=4, rule="rejection", max_new=MAX_NEW):
@@ -183,8 +186,10 @@ def exact_first_two(smollm2):
 
 def _sample_first_two(smollm2, drafter, draft_params, rule, ids):
   _, params, tokenizer = smollm2
+  # max_prompt_len = the prompt's length: no padded prefill slots (64 rows x 16
+  # slots of prefill would cost three times as much).
   gen = Generator(smollm2[0], drafter, k_max=1 if drafter is not None else 0, rule=rule,
-                  max_prompt_len=16, max_new_tokens=2, batch_size=SAMPLE_BATCH)
+                  max_prompt_len=len(ids), max_new_tokens=2, batch_size=SAMPLE_BATCH)
   samples, accepted, proposed, bonus = [], 0, 0, 0
   for start in range(0, NUM_SAMPLES, SAMPLE_BATCH):
     rows = gen.generate(params, draft_params, [ids] * SAMPLE_BATCH,

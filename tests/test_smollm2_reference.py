@@ -12,7 +12,6 @@ import pytest
 
 import hf_reference
 from common import assert_close_in_float32
-from specdec_jax.models.transformer import Transformer
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +37,7 @@ TOKENIZER_STRINGS = [
 @pytest.fixture(scope="module")
 def ours(smollm2):
   target, params, tokenizer = smollm2
-  return target.cfg, params, tokenizer
+  return target, params, tokenizer
 
 
 def _prompts(tokenizer):
@@ -53,9 +52,8 @@ def _prompts(tokenizer):
 
 def test_logits_match_transformers(ours, hf_smollm2):
   import torch  # pylint: disable=g-import-not-at-top
-  cfg, params, tokenizer = ours
+  model, params, tokenizer = ours
   hf_model = hf_smollm2
-  model = Transformer(cfg)
   apply = jax.jit(model.apply)
   for name, text in _prompts(tokenizer).items():
     ids = tokenizer.encode(text)

@@ -433,3 +433,112 @@ def test_acceptance_summary_hand_made():
   assert s["acceptance_by_position"] == [pytest.approx((0.5 + 0) / 2), 1.0]
   assert s["effective_k_histogram"] == {"2": 6}
   assert s["wasted_drafts_per_token"] == pytest.approx(((4 - 2) / 4 + 8 / 4) / 2)
+
+
+# ----------------------------------------------------------------------------
+# EOS under sampling: as the correction token, as the bonus token, in the prompt.
+
+def _last_token_kinds(traces, b):
+  """Per step of row b: (emitted tokens, 'bonus' | 'correction' | 'cut')."""
+  kinds = []
+  for t in traces:
+    if t.accepted[b] < 0:
+      continue
+    n, k = t.accepted[b], len(t.drafts[b])
+    kind = "bonus" if (k > 0 and n == k) else "correction"
+    kinds.append((t.emitted[b], kind if len(t.emitted[b]) == n + 1 else "cut"))
+  return kinds
+
+
+def _first_occurrence_of_kind(tokens_and_kinds, kind):
+  """(position in the output, token) of a step's last token of ``kind`` whose
+  token does not occur earlier in the output; None if there is none."""
+  out = []
+  for emitted, k in tokens_and_kinds:
+    if k == kind and emitted[-1] not in out + emitted[:-1]:
+      return len(out) + len(emitted) - 1, emitted[-1]
+    out.extend(emitted)
+  return None
+
+
+@pytest.mark.parametrize("rule,kind,drafter", [
+    ("rejection", "correction", "model"), ("rejection", "bonus", "self"),
+    ("coupled", "correction", "model"), ("coupled", "bonus", "self")])
+def test_eos_under_sampling(rule, kind, drafter):
+  """An EOS that arrives as a step's correction token (after a rejection) or
+  as its bonus token (after a full acceptance) ends the row right there: the
+  output is the EOS-free output cut after that token, and with the coupled
+  rule it is also plain sampling's output with the same EOS."""
+  tp, dp = init(TARGET, 60), init(DRAFT, 61)
+  d = draft_params_for(drafter, tp, dp)
+  prompts, seeds = make_prompts(62), [21, 22, 23, 24, 25]
+  kwargs = dict(seeds=seeds, k=3, temperature=1.0)
+  free = gen(drafter, 5, rule=rule)
+  full = outputs(free.generate(tp, d, prompts, **kwargs))
+  traces = list(free.iterate(tp, d, prompts, **kwargs))
+  found = [(b, _first_occurrence_of_kind(_last_token_kinds(traces, b), kind))
+           for b in range(5)]
+  found = [(b, hit) for b, hit in found if hit is not None and hit[0] < MAX_NEW - 1]
+  assert found, f"no {kind} token to use as EOS"
+  b, (position, eos) = found[0]
+  assert full[b][position] == eos and eos not in full[b][:position]
+  rows = gen(drafter, 5, rule=rule, eos=(eos,)).generate(tp, d, prompts, **kwargs).rows
+  assert rows[b].output_ids == full[b][:position + 1]
+  assert rows[b].finish_reason == "eos"
+  last_n, last_k = rows[b].accepted_per_step[-1], rows[b].proposed_per_step[-1]
+  assert (last_n == last_k) == (kind == "bonus")
+  for other, row in enumerate(rows):   # every row stops at its own first EOS
+    cut = full[other].index(eos) + 1 if eos in full[other] else len(full[other])
+    assert row.output_ids == full[other][:cut]
+  if rule == "coupled":
+    plain = gen("plain", 5, eos=(eos,)).generate(tp, None, prompts, seeds=seeds,
+                                                 temperature=1.0)
+    assert outputs(plain) == [r.output_ids for r in rows]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_eos_in_the_prompt_does_not_end_the_row(temperature):
+  """EOS ids inside the prompt are text like any other: the row generates
+  past them, and the n-gram lookup may propose them (the prompt repeats a
+  pattern around the EOS); the output is plain decoding's with the same EOS."""
+  tp = init(TARGET, 63)
+  eos = 7
+  prompts = [[3, 4, eos, 3, 4], [eos], [9, eos, 9, eos, 9], [1, 2, 3], [eos, eos, 5, 6]]
+  seeds = [1, 2, 3, 4, 5]
+  kwargs = dict(seeds=seeds, temperature=temperature)
+  rule = "coupled" if temperature > 0 else "rejection"
+  plain = gen("plain", 5, eos=(eos,)).generate(tp, None, prompts, **kwargs).rows
+  spec = gen("ngram", 5, rule=rule, eos=(eos,)).generate(tp, {}, prompts, k=3, **kwargs).rows
+  assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
+  for row, prompt in zip(spec, prompts):
+    assert row.prompt_ids == prompt and len(row.output_ids) >= 1
+    assert eos not in row.output_ids[:-1]
+    assert row.finish_reason == ("eos" if row.output_ids[-1] == eos else "length")
+  assert any(len(r.output_ids) > 1 for r in spec)
+  assert any(sum(r.proposed_per_step) > 0 for r in spec)   # the lookup proposed
+
+
+# ----------------------------------------------------------------------------
+# The last cache slot: a full prompt, max_new at the cap, K = k_max.
+
+@pytest.mark.parametrize("drafter", ["self", "ngram", "model"])
+def test_full_prompt_full_budget_and_k_max_fit_the_buffer(drafter):
+  """A prompt of exactly max_prompt_len tokens, max_new_tokens at the cap
+  and K = k_max: the last verify block reaches the buffer's last slots
+  (S = max_prompt + max_new + k_max + 1) and the output is still plain
+  decoding's, in full."""
+  tp, dp = init(TARGET, 64), init(DRAFT, 65)
+  d = draft_params_for(drafter, tp, dp)
+  rng = np.random.default_rng(66)
+  prompts = [rng.integers(0, VOCAB, size=16).tolist() for _ in range(4)]
+  prompts.append(([11, 12, 13] * 6)[:16])
+  g = gen(drafter, 5)
+  assert g.num_slots == 16 + MAX_NEW + K_MAX + 1 and g.buckets[-1] == 16
+  ref = outputs(gen("plain", 5).generate(tp, None, prompts, max_new_tokens=MAX_NEW))
+  result = g.generate(tp, d, prompts, k=K_MAX, max_new_tokens=MAX_NEW)
+  assert outputs(result) == ref
+  for row in result.rows:
+    assert len(row.output_ids) == MAX_NEW and row.finish_reason == "length"
+    check_stats(row)
+  if drafter == "self":   # every block full: the last one ends at the buffer's end
+    assert all(r.accepted_per_step[:-1] == [K_MAX] * (r.target_calls - 1) for r in result.rows)

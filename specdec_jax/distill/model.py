@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from specdec_jax.distill import checkpoints
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.feature_draft import FeatureDraft
-from specdec_jax.models.transformer import Transformer
+from specdec_jax.models.transformer import Transformer, stack_params
 
 # A random draft trained from scratch: GPT-2-style small weights.
 SCRATCH_INIT_SCALE = 0.02
@@ -120,6 +120,7 @@ def init_params(draft_cfg: ModelConfig, target_cfg: ModelConfig, target_params,
     head_ids_N: the restricted head's token ids, or None for a full head.
     d: ``config.distill`` (init_from_target, init_layers).
   """
+  target_params = stack_params(target_params, target_cfg)
   model = Transformer(draft_cfg)
   params = jax.jit(lambda k: model.init_params(
       k, init_scale=SCRATCH_INIT_SCALE, logit_scale=SCRATCH_LOGIT_SCALE))(key)
@@ -158,6 +159,7 @@ def init_feature_params(draft_cfg: ModelConfig, target_cfg: ModelConfig, target_
   fusion layer and blocks start random, or, with ``distill.init_layers``, the
   blocks are copies of those target layers (same block shapes needed).
   """
+  target_params = stack_params(target_params, target_cfg)
   params = jax.tree.map(np.asarray, jax.jit(FeatureDraft(draft_cfg).init_params)(key))
   t_embed_VD = np.asarray(target_params["embed"]["embedding"], np.float32)
   params["embed"]["embedding"] = t_embed_VD.astype(params["embed"]["embedding"].dtype)

@@ -28,6 +28,7 @@ import jax
 from specdec_jax.models import gguf_import
 from specdec_jax.models import tokenizers as tokenizers_lib
 from specdec_jax.models.config import ModelConfig
+from specdec_jax.models import transformer as transformer_lib
 from specdec_jax.models.transformer import Transformer
 
 MARKER = "COMPLETE"
@@ -69,7 +70,7 @@ def save_params(path: str, params: dict, model_cfg: ModelConfig, force: bool = F
 
   Args:
     path: destination folder (made absolute; orbax needs that).
-    params: params pytree matching ``model_cfg``.
+    params: params pytree matching ``model_cfg`` (either layout; stored stacked).
     model_cfg: stored as JSON next to the params and checked on restore.
     force: replace an existing folder at ``path``.
     write_extra: optional ``fn(folder)`` writing more files into the
@@ -78,6 +79,7 @@ def save_params(path: str, params: dict, model_cfg: ModelConfig, force: bool = F
   Returns:
     The absolute path.
   """
+  params = transformer_lib.stack_params(params, model_cfg)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and not force:

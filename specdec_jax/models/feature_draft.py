@@ -28,11 +28,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from specdec_jax.models import kv_cache as kv_cache_lib
 from specdec_jax.models.config import ModelConfig
-from specdec_jax.models.transformer import RMSNorm, Transformer, expand_head_logits, run_blocks
-
-KIND = "feature"
+from specdec_jax.models.transformer import Transformer, expand_head_logits, rms_norm, run_blocks
 
 
 def check_compatible(cfg: ModelConfig, target_cfg: ModelConfig) -> None:
@@ -47,9 +44,12 @@ def check_compatible(cfg: ModelConfig, target_cfg: ModelConfig) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class FeatureDraft:
-  """The draft bound to its config (``tie_embeddings`` must be False)."""
+  """The draft bound to its config (``tie_embeddings`` must be False) and its
+  blocks' layer loop (``transformer.LAYER_LOOPS``; params and caches follow it
+  as a Transformer's do)."""
 
   cfg: ModelConfig
+  layer_loop: str = "scan"
 
   def __post_init__(self):
     if self.cfg.tie_embeddings:
@@ -57,8 +57,13 @@ class FeatureDraft:
 
   @property
   def blocks(self) -> Transformer:
-    """A Transformer of the same config: its init gives the block params."""
-    return Transformer(self.cfg)
+    """A Transformer of the same config and loop: its init gives the block
+    params, its init_cache the cache."""
+    return Transformer(self.cfg, self.layer_loop)
+
+  def prepare_params(self, params: dict) -> dict:
+    """Stacked-layout params in this draft's layout."""
+    return self.blocks.prepare_params(params)
 
   def init_params(self, key: jax.Array, init_scale: float = 0.02) -> dict:
     """Random params (tests; training starts from ``distill.model``'s init)."""
@@ -76,11 +81,11 @@ class FeatureDraft:
   def expected_params_shapes(self) -> dict:
     return jax.eval_shape(lambda: self.init_params(jax.random.PRNGKey(0)))
 
-  def init_cache(self, batch_size: int, num_slots: int) -> kv_cache_lib.KVCache:
-    return kv_cache_lib.init_cache(self.cfg, batch_size, num_slots)
+  def init_cache(self, batch_size: int, num_slots: int):
+    return self.blocks.init_cache(batch_size, num_slots)
 
   def hidden(self, params: dict, tokens_BT: jax.Array, prev_features_BTD: jax.Array,
-             positions_BT: jax.Array, cache: kv_cache_lib.KVCache):
+             positions_BT: jax.Array, cache):
     """g_BTD, the draft's estimates of the target's features, and the cache.
 
     Args:
@@ -90,14 +95,13 @@ class FeatureDraft:
       positions_BT: int32 absolute positions (cache slots).
     """
     cfg = self.cfg
-    norm = lambda name, x: RMSNorm(cfg.rms_eps, cfg.jnp_dtype).apply(
-        {"params": params[name]}, x.astype(cfg.jnp_dtype))
+    norm = lambda name, x: rms_norm(x.astype(cfg.jnp_dtype), params[name]["scale"], cfg.rms_eps)
     embed_BTD = jnp.take(params["embed"]["embedding"], tokens_BT, axis=0)
     fused_BT2D = jnp.concatenate(
         [norm("embed_norm", embed_BTD), norm("feature_norm", prev_features_BTD)], axis=-1)
     x_BTD = fused_BT2D @ params["fc"]["kernel"] + params["fc"]["bias"]
     x_BTD, cache = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache)
-    g_BTD = RMSNorm(cfg.rms_eps, cfg.jnp_dtype).apply({"params": params["final_norm"]}, x_BTD)
+    g_BTD = rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_eps)
     return g_BTD, cache
 
   def logits(self, params: dict, g_BTD: jax.Array, full_vocab: bool = True) -> jax.Array:

@@ -1,10 +1,15 @@
-"""Static-shape KV cache.
+"""Static-shape KV caches, one per params layout of ``transformer.py``.
 
-Invariant (see DESIGN.md): slot j holds the key/value of the token at absolute
-position j; a query at position t attends slots <= t; a forward pass writes its
-slots before attending. Slots at or beyond a row's committed length may be
-stale, and are never read before being overwritten, so rejecting drafts costs
-nothing.
+Invariant (docs/design.md, "The cache invariant"): slot j holds the key and
+value of the token at absolute position j; a query at position t attends
+slots <= t; a forward pass writes its slots before attending. Slots at or
+beyond a row's committed length may be stale, and are never read before
+being overwritten, so rejecting drafts costs nothing.
+
+``KVCache``: stacked [L, B, S, G, H] arrays (the ``scan`` layout; sharded
+per the rules by their dimension suffix). ``LayerCaches``: one [B, S, G, H]
+array per layer (the ``unrolled`` layout; each layer's attention reads its
+own buffer, with no slice of a stacked one to copy).
 """
 
 import flax.struct
@@ -14,7 +19,7 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer: ``k_LBSGH``, ``v_LBSGH``."""
+  """Keys and values of every layer, stacked: ``k_LBSGH``, ``v_LBSGH``."""
 
   k_LBSGH: jax.Array
   v_LBSGH: jax.Array
@@ -23,27 +28,62 @@ class KVCache:
   def num_slots(self) -> int:
     return self.k_LBSGH.shape[2]
 
+  def stacked(self) -> "KVCache":
+    return self
+
+
+@flax.struct.dataclass
+class LayerCaches:
+  """Keys and values per layer: tuples of L arrays [B, S, G, H]."""
+
+  k: tuple
+  v: tuple
+
+  @property
+  def num_slots(self) -> int:
+    return self.k[0].shape[1]
+
+  def stacked(self) -> KVCache:
+    """The same entries as a stacked KVCache (for inspection and tests)."""
+    return KVCache(jnp.stack(self.k), jnp.stack(self.v))
+
 
 def init_cache(cfg, batch_size: int, num_slots: int) -> KVCache:
-  """Zero cache of shape [L, B, S, G, H] in the model dtype."""
+  """Zero stacked cache [L, B, S, G, H] in the model dtype."""
   shape = (cfg.num_layers, batch_size, num_slots, cfg.num_kv_heads, cfg.head_dim)
   # Two distinct buffers, so the cache can be donated.
   return KVCache(k_LBSGH=jnp.zeros(shape, cfg.jnp_dtype), v_LBSGH=jnp.zeros(shape, cfg.jnp_dtype))
 
 
+def init_layer_caches(cfg, batch_size: int, num_slots: int) -> LayerCaches:
+  """Zero per-layer caches, L arrays [B, S, G, H] each for keys and values."""
+  shape = (batch_size, num_slots, cfg.num_kv_heads, cfg.head_dim)
+  zeros = lambda: tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.num_layers))
+  return LayerCaches(k=zeros(), v=zeros())
+
+
+def _safe_positions(positions_BT, num_slots):
+  # Positions outside [0, S) are dropped (never clamped and never wrapped),
+  # so a block that runs past the buffer end cannot overwrite earlier slots.
+  return jnp.where(positions_BT < 0, num_slots, positions_BT)
+
+
+def write(kv_BSGH: jax.Array, kv_BTGH: jax.Array, positions_BT: jax.Array) -> jax.Array:
+  """Scatters a block's keys (or values) into their per-row slots of one
+  layer's buffer (in place inside a loop that carries it)."""
+  rows_B1 = jnp.arange(kv_BTGH.shape[0])[:, None]
+  return kv_BSGH.at[rows_B1, _safe_positions(positions_BT, kv_BSGH.shape[1])].set(
+      kv_BTGH.astype(kv_BSGH.dtype), mode="drop")
+
+
 def write_layer(kv_LBSGH: jax.Array, layer: jax.Array, kv_BTGH: jax.Array,
                 positions_BT: jax.Array) -> jax.Array:
-  """Scatters one layer's new keys (or values) into their per-row slots.
+  """``write`` into layer ``layer`` of a stacked buffer.
 
-  Positions outside [0, S) are dropped (never clamped and never wrapped), so a
-  block that runs past the buffer end cannot overwrite earlier slots.
+  One scatter into the loop-carried buffer, updated in place. (A per-row
+  vmap of the scatter made XLA copy the whole cache every layer: ~10x slower
+  decode at B=8, S=640 on CPU.)
   """
-  num_slots = kv_LBSGH.shape[2]
-  batch = kv_BTGH.shape[0]
-  safe_pos_BT = jnp.where(positions_BT < 0, num_slots, positions_BT)
-  rows_B1 = jnp.arange(batch)[:, None]
-  # One scatter into the loop-carried buffer, updated in place. (A per-row
-  # vmap of the scatter made XLA copy the whole cache every layer: ~10x slower
-  # decode at B=8, S=640 on CPU.)
-  return kv_LBSGH.at[layer, rows_B1, safe_pos_BT].set(
+  rows_B1 = jnp.arange(kv_BTGH.shape[0])[:, None]
+  return kv_LBSGH.at[layer, rows_B1, _safe_positions(positions_BT, kv_LBSGH.shape[2])].set(
       kv_BTGH.astype(kv_LBSGH.dtype), mode="drop")

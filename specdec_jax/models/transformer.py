@@ -1,29 +1,41 @@
-"""Llama-family decoder as a pure function over a params pytree.
+"""Llama-family decoder as pure functions over a params pytree.
 
-Linen modules define one block; the stack of identical blocks is run with
-``lax.scan`` over params stacked on a leading L axis, so compile time does not
-grow with depth. The KV cache is explicit: it goes in and comes out.
+One block, two params layouts (``Transformer.layer_loop``):
 
-Params layout (kernels are [in, out]):
+``"scan"`` (stacked; storage, training and sharded runs). Every layer's
+params are stacked on a leading L axis and the blocks run under ``lax.scan``,
+so compile time does not grow with depth (kernels are [in, out]):
   embed/embedding [V, D]
   layers/attn_norm/scale [L, D]
-  layers/attn/{q,k,v}/kernel [L, D, N*H | G*H]   (+ bias when qkv_bias)
+  layers/attn/{q,k,v}/kernel [L, D, N*H | G*H]   (+ bias [L, N*H | G*H] when qkv_bias)
   layers/attn/o/kernel [L, N*H, D]
   layers/mlp_norm/scale [L, D]
   layers/mlp/{gate,up}/kernel [L, D, F], layers/mlp/down/kernel [L, F, D]
   final_norm/scale [D]
   lm_head/kernel [D, V]   (only when the head is not tied)
 
+``"unrolled"`` (decoding on one device). ``layers`` is a tuple of L
+per-layer dicts, q/k/v fused into attn/qkv/kernel [D, (N+2G)*H] (+ bias) and
+gate/up into mlp/gate_up/kernel [D, 2F]; the blocks run in a Python loop.
+A scan over stacked weights reads each layer's weights through a dynamic
+slice, and XLA:CPU copies that slice out of the stack before the dot: a
+decode step then moved every weight twice (measured: 53 vs 36 ms for a
+SmolLM2-shaped forward at T=1). Fused projections halve the number of dots
+(27-33 vs 38-39 ms). ``Transformer.prepare_params`` converts stacked params
+into the layout of its Transformer, ``stack_params`` back.
+
 A restricted head (``cfg.head_size = N > 0``, used by distilled drafts) has
   lm_head/kernel [D, N], lm_head/token_ids [N] int32 (the vocabulary id of
   each output, not trained)
 and ``apply`` spreads its N logits into full-vocabulary logits that are -inf
 elsewhere, so every consumer still sees logits_BTV.
+
+The KV cache follows the layout (``models/kv_cache.py``) and the invariant of
+docs/design.md: slot j holds position j, a block writes before it attends.
 """
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -31,18 +43,17 @@ from specdec_jax.models import kv_cache as kv_cache_lib
 from specdec_jax.models.config import ModelConfig
 
 _MASKED = -1e30
+LAYER_LOOPS = ("scan", "unrolled")
 
 
-class RMSNorm(nn.Module):
-  eps: float
-  dtype: jnp.dtype
+# ----------------------------------------------------------------------------
+# The block, as functions of one layer's params.
 
-  @nn.compact
-  def __call__(self, x_BTD):
-    scale_D = self.param("scale", nn.initializers.ones, (x_BTD.shape[-1],), self.dtype)
-    x32 = x_BTD.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (normed * scale_D.astype(jnp.float32)).astype(self.dtype)
+def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+  """RMS normalisation in float32, returned in the input's dtype."""
+  x32 = x_BTD.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (normed * scale_D.astype(jnp.float32)).astype(x_BTD.dtype)
 
 
 def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
@@ -58,77 +69,177 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
   return out.astype(x_BTNH.dtype)
 
 
-class Attention(nn.Module):
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x_BTD, positions_BT, k_LBSGH, v_LBSGH, layer):
-    cfg = self.cfg
-    dtype = cfg.jnp_dtype
-    batch, seq = x_BTD.shape[:2]
-    n, g, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    dense = lambda feats, name, bias: nn.Dense(
-        feats, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
-    q_BTNH = dense(n * h, "q", cfg.qkv_bias)(x_BTD).reshape(batch, seq, n, h)
-    k_BTGH = dense(g * h, "k", cfg.qkv_bias)(x_BTD).reshape(batch, seq, g, h)
-    v_BTGH = dense(g * h, "v", cfg.qkv_bias)(x_BTD).reshape(batch, seq, g, h)
-    q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
-    k_BTGH = rope(k_BTGH, positions_BT, cfg.rope_theta)
-
-    # Write before attend: the block's own keys are visible to its queries.
-    k_LBSGH = kv_cache_lib.write_layer(k_LBSGH, layer, k_BTGH, positions_BT)
-    v_LBSGH = kv_cache_lib.write_layer(v_LBSGH, layer, v_BTGH, positions_BT)
-    keys_BSGH = k_LBSGH[layer]
-    values_BSGH = v_LBSGH[layer]
-    num_slots = keys_BSGH.shape[1]
-
-    q_BTGMH = q_BTNH.reshape(batch, seq, g, n // g, h)
-    scores = jnp.einsum("btgmh,bsgh->bgmts", q_BTGMH, keys_BSGH,
-                        preferred_element_type=jnp.float32) * (h ** -0.5)
-    visible_BTS = jnp.arange(num_slots)[None, None, :] <= positions_BT[:, :, None]
-    scores = jnp.where(visible_BTS[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out_BTGMH = jnp.einsum("bgmts,bsgh->btgmh", probs, values_BSGH)
-    out_BTD = dense(cfg.d_model, "o", False)(out_BTGMH.reshape(batch, seq, n * h))
-    return out_BTD, k_LBSGH, v_LBSGH
+def _dense(p: dict, x: jax.Array) -> jax.Array:
+  y = x @ p["kernel"].astype(x.dtype)
+  return y + p["bias"].astype(x.dtype) if "bias" in p else y
 
 
-class MLP(nn.Module):
-  cfg: ModelConfig
+def attention_inputs(cfg: ModelConfig, p: dict, x_BTD: jax.Array, positions_BT: jax.Array):
+  """(q_BTNH, k_BTGH, v_BTGH) of one layer, rotated; fused or separate q/k/v."""
+  batch, seq = x_BTD.shape[:2]
+  n, g, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  x_BTD = rms_norm(x_BTD, p["attn_norm"]["scale"], cfg.rms_eps)
+  attn = p["attn"]
+  if "qkv" in attn:
+    qkv = _dense(attn["qkv"], x_BTD)
+    q, k, v = qkv[..., :n * h], qkv[..., n * h:(n + g) * h], qkv[..., (n + g) * h:]
+  else:
+    q, k, v = (_dense(attn[name], x_BTD) for name in ("q", "k", "v"))
+  q_BTNH = rope(q.reshape(batch, seq, n, h), positions_BT, cfg.rope_theta)
+  k_BTGH = rope(k.reshape(batch, seq, g, h), positions_BT, cfg.rope_theta)
+  return q_BTNH, k_BTGH, v.reshape(batch, seq, g, h)
 
-  @nn.compact
-  def __call__(self, x_BTD):
-    dtype = self.cfg.jnp_dtype
-    dense = lambda feats, name: nn.Dense(
-        feats, use_bias=False, dtype=dtype, param_dtype=dtype, name=name)
-    gate = dense(self.cfg.ffn_dim, "gate")(x_BTD)
-    up = dense(self.cfg.ffn_dim, "up")(x_BTD)
-    return dense(self.cfg.d_model, "down")(nn.silu(gate) * up)
+
+def attend(cfg: ModelConfig, q_BTNH, keys_BSGH, values_BSGH, positions_BT) -> jax.Array:
+  """Causal attention over the cache (a query at position t sees slots <= t).
+  Returns [B, T, N*H]."""
+  batch, seq, n, h = q_BTNH.shape
+  g = cfg.num_kv_heads
+  q_BTGMH = q_BTNH.reshape(batch, seq, g, n // g, h)
+  scores = jnp.einsum("btgmh,bsgh->bgmts", q_BTGMH, keys_BSGH,
+                      preferred_element_type=jnp.float32) * (h ** -0.5)
+  visible_BTS = jnp.arange(keys_BSGH.shape[1])[None, None, :] <= positions_BT[:, :, None]
+  scores = jnp.where(visible_BTS[:, None, None], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q_BTNH.dtype)
+  out_BTGMH = jnp.einsum("bgmts,bsgh->btgmh", probs, values_BSGH)
+  return out_BTGMH.reshape(batch, seq, n * h)
 
 
-class Block(nn.Module):
-  cfg: ModelConfig
+def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSGH,
+                 positions_BT) -> jax.Array:
+  """The rest of the block once its keys are in the cache: attention, output
+  projection, MLP (fused or separate gate/up), both residuals."""
+  x_BTD = x_BTD + _dense(p["attn"]["o"], attend(cfg, q_BTNH, keys_BSGH, values_BSGH,
+                                                positions_BT))
+  h_BTD = rms_norm(x_BTD, p["mlp_norm"]["scale"], cfg.rms_eps)
+  mlp = p["mlp"]
+  if "gate_up" in mlp:
+    gate_up = _dense(mlp["gate_up"], h_BTD)
+    gate, up = gate_up[..., :cfg.ffn_dim], gate_up[..., cfg.ffn_dim:]
+  else:
+    gate, up = _dense(mlp["gate"], h_BTD), _dense(mlp["up"], h_BTD)
+  return x_BTD + _dense(mlp["down"], jax.nn.silu(gate) * up)
 
-  @nn.compact
-  def __call__(self, x_BTD, positions_BT, k_LBSGH, v_LBSGH, layer):
-    cfg = self.cfg
-    norm = lambda name: RMSNorm(cfg.rms_eps, cfg.jnp_dtype, name=name)
-    attn_out, k_LBSGH, v_LBSGH = Attention(cfg, name="attn")(
-        norm("attn_norm")(x_BTD), positions_BT, k_LBSGH, v_LBSGH, layer)
-    x_BTD = x_BTD + attn_out
-    x_BTD = x_BTD + MLP(cfg, name="mlp")(norm("mlp_norm")(x_BTD))
-    return x_BTD, k_LBSGH, v_LBSGH
+
+def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Array, cache):
+  """The stack of blocks. ``layers`` stacked on L (a dict, with a
+  ``KVCache``): ``lax.scan``; a tuple of per-layer dicts (with
+  ``LayerCaches``): a Python loop. Returns (x_BTD, updated cache)."""
+  if isinstance(layers, (tuple, list)):
+    if not isinstance(cache, kv_cache_lib.LayerCaches):
+      raise TypeError("unrolled layers need LayerCaches (Transformer.init_cache)")
+    keys, values = [], []
+    for p, k_BSGH, v_BSGH in zip(layers, cache.k, cache.v):
+      q_BTNH, k_BTGH, v_BTGH = attention_inputs(cfg, p, x_BTD, positions_BT)
+      k_BSGH = kv_cache_lib.write(k_BSGH, k_BTGH, positions_BT)
+      v_BSGH = kv_cache_lib.write(v_BSGH, v_BTGH, positions_BT)
+      x_BTD = block_output(cfg, p, x_BTD, q_BTNH, k_BSGH, v_BSGH, positions_BT)
+      keys.append(k_BSGH)
+      values.append(v_BSGH)
+    return x_BTD, kv_cache_lib.LayerCaches(tuple(keys), tuple(values))
+  if not isinstance(cache, kv_cache_lib.KVCache):
+    raise TypeError("stacked layers need a stacked KVCache (Transformer.init_cache)")
+
+  def layer_step(carry, layer_inputs):
+    x, k_all, v_all = carry
+    p, layer = layer_inputs
+    q_BTNH, k_BTGH, v_BTGH = attention_inputs(cfg, p, x, positions_BT)
+    # One scatter into the loop-carried buffer, updated in place.
+    k_all = kv_cache_lib.write_layer(k_all, layer, k_BTGH, positions_BT)
+    v_all = kv_cache_lib.write_layer(v_all, layer, v_BTGH, positions_BT)
+    x = block_output(cfg, p, x, q_BTNH, k_all[layer], v_all[layer], positions_BT)
+    return (x, k_all, v_all), None
+
+  (x_BTD, k_LBSGH, v_LBSGH), _ = jax.lax.scan(
+      layer_step, (x_BTD, cache.k_LBSGH, cache.v_LBSGH),
+      (layers, jnp.arange(cfg.num_layers)))
+  return x_BTD, kv_cache_lib.KVCache(k_LBSGH, v_LBSGH)
+
+
+# ----------------------------------------------------------------------------
+# Layouts.
+
+def layer_param_shapes(cfg: ModelConfig) -> dict:
+  """One layer's stacked-layout params: {path: shape} (no L axis)."""
+  d, f, h = cfg.d_model, cfg.ffn_dim, cfg.head_dim
+  n, g = cfg.num_heads * h, cfg.num_kv_heads * h
+  shapes = {"attn_norm": {"scale": (d,)}, "mlp_norm": {"scale": (d,)},
+            "attn": {"q": {"kernel": (d, n)}, "k": {"kernel": (d, g)},
+                     "v": {"kernel": (d, g)}, "o": {"kernel": (n, d)}},
+            "mlp": {"gate": {"kernel": (d, f)}, "up": {"kernel": (d, f)},
+                    "down": {"kernel": (f, d)}}}
+  if cfg.qkv_bias:
+    for name, width in (("q", n), ("k", g), ("v", g)):
+      shapes["attn"][name]["bias"] = (width,)
+  return shapes
+
+
+def unstack_layers(layers: dict, num_layers: int) -> tuple:
+  """Stacked layers -> one dict per layer, q/k/v and gate/up fused."""
+  out = []
+  for i in range(num_layers):
+    p = jax.tree.map(lambda x: x[i], layers)
+    attn, mlp = p["attn"], p["mlp"]
+    qkv = {"kernel": jnp.concatenate([attn[n]["kernel"] for n in ("q", "k", "v")], axis=-1)}
+    if "bias" in attn["q"]:
+      qkv["bias"] = jnp.concatenate([attn[n]["bias"] for n in ("q", "k", "v")], axis=-1)
+    out.append({"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"],
+                "attn": {"qkv": qkv, "o": attn["o"]},
+                "mlp": {"gate_up": {"kernel": jnp.concatenate(
+                    [mlp["gate"]["kernel"], mlp["up"]["kernel"]], axis=-1)},
+                        "down": mlp["down"]}})
+  return tuple(out)
+
+
+def stack_layers(layers: tuple, cfg: ModelConfig) -> dict:
+  """The inverse of ``unstack_layers``."""
+  n, g, f = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.ffn_dim
+  split = {"q": slice(0, n), "k": slice(n, n + g), "v": slice(n + g, n + 2 * g)}
+
+  def canonical(p):
+    attn = {name: {"kernel": p["attn"]["qkv"]["kernel"][..., cut]} for name, cut in split.items()}
+    if "bias" in p["attn"]["qkv"]:
+      for name, cut in split.items():
+        attn[name]["bias"] = p["attn"]["qkv"]["bias"][..., cut]
+    attn["o"] = p["attn"]["o"]
+    gate_up = p["mlp"]["gate_up"]["kernel"]
+    return {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"], "attn": attn,
+            "mlp": {"gate": {"kernel": gate_up[..., :f]}, "up": {"kernel": gate_up[..., f:]},
+                    "down": p["mlp"]["down"]}}
+
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *[canonical(p) for p in layers])
+
+
+def is_unrolled(params: dict) -> bool:
+  return isinstance(params["layers"], (tuple, list))
+
+
+def stack_params(params: dict, cfg: ModelConfig) -> dict:
+  """Params in the stacked layout (for saving, training, sharding), whatever
+  layout they are in."""
+  if not is_unrolled(params):
+    return params
+  return dict(params, layers=stack_layers(params["layers"], cfg))
 
 
 @dataclasses.dataclass(frozen=True)
 class Transformer:
-  """A decoder bound to its config. Hashable; every method is pure."""
+  """A decoder bound to its config and layer loop. Hashable; every method is pure.
+
+  ``init_params`` and checkpoints use the stacked layout; ``prepare_params``
+  turns them into this Transformer's layout (a no-op for ``"scan"``).
+  """
 
   cfg: ModelConfig
+  layer_loop: str = "scan"
+
+  def __post_init__(self):
+    if self.layer_loop not in LAYER_LOOPS:
+      raise ValueError(f"layer_loop={self.layer_loop!r}; expected one of {LAYER_LOOPS}")
 
   def init_params(self, key: jax.Array, init_scale: float = 0.2,
                   logit_scale: float = 4.0) -> dict:
-    """Random params from a key.
+    """Random params from a key, in the stacked layout.
 
     Kernels and biases ~ normal(init_scale), norm scales 1; embeddings and the
     head are scaled so that logits have std ~logit_scale, which keeps a random
@@ -137,31 +248,22 @@ class Transformer:
     cfg = self.cfg
     dtype = cfg.jnp_dtype
     k_embed, k_layers, k_head = jax.random.split(key, 3)
-    block = Block(cfg)
-    dummy_x = jnp.zeros((1, 1, cfg.d_model), dtype)
-    dummy_pos = jnp.zeros((1, 1), jnp.int32)
-    dummy_cache = kv_cache_lib.init_cache(cfg, 1, 1)
-
-    def init_layer(layer_key):
-      variables = block.init(layer_key, dummy_x, dummy_pos, dummy_cache.k_LBSGH,
-                             dummy_cache.v_LBSGH, 0)
-      return variables["params"]
-
-    layers = jax.vmap(init_layer)(jax.random.split(k_layers, cfg.num_layers))
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(layers)
-    new_leaves = []
-    for i, (path, leaf) in enumerate(leaves):
+    shapes = layer_param_shapes(cfg)
+    paths_shapes, treedef = jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda x: isinstance(x, tuple))
+    leaves = []
+    for i, (path, shape) in enumerate(paths_shapes):
+      full = (cfg.num_layers,) + shape
       if "scale" in jax.tree_util.keystr(path):
-        new_leaves.append(leaf)
+        leaves.append(jnp.ones(full, dtype))
       else:
-        noise = jax.random.normal(jax.random.fold_in(k_layers, i), leaf.shape, dtype)
-        new_leaves.append(noise * init_scale)
-    layers = jax.tree_util.tree_unflatten(treedef, new_leaves)
+        leaves.append(jax.random.normal(jax.random.fold_in(k_layers, i), full, dtype)
+                      * init_scale)
     embed_std = logit_scale / cfg.d_model ** 0.5
     params = {
         "embed": {"embedding": jax.random.normal(
             k_embed, (cfg.vocab_size, cfg.d_model), dtype) * embed_std},
-        "layers": layers,
+        "layers": jax.tree_util.tree_unflatten(treedef, leaves),
         "final_norm": {"scale": jnp.ones((cfg.d_model,), dtype)},
     }
     if not cfg.tie_embeddings:
@@ -171,22 +273,31 @@ class Transformer:
       params["lm_head"]["token_ids"] = jnp.arange(cfg.head_size, dtype=jnp.int32)
     return params
 
-  def init_cache(self, batch_size: int, num_slots: int) -> kv_cache_lib.KVCache:
+  def prepare_params(self, params: dict) -> dict:
+    """Stacked-layout params in this Transformer's layout (decode-ready)."""
+    if self.layer_loop == "scan" or is_unrolled(params):
+      return params
+    return dict(params, layers=unstack_layers(params["layers"], self.cfg.num_layers))
+
+  def init_cache(self, batch_size: int, num_slots: int):
+    """Zero KV cache for this layout: ``KVCache`` or ``LayerCaches``."""
+    if self.layer_loop == "unrolled":
+      return kv_cache_lib.init_layer_caches(self.cfg, batch_size, num_slots)
     return kv_cache_lib.init_cache(self.cfg, batch_size, num_slots)
 
   def expected_params_shapes(self) -> dict:
-    """Pytree of jax.ShapeDtypeStruct that params for this config must match."""
+    """Pytree of jax.ShapeDtypeStruct that stacked params for this config must match."""
     return jax.eval_shape(lambda: self.init_params(jax.random.PRNGKey(0)))
 
-  def apply(self, params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
-            cache: kv_cache_lib.KVCache, full_vocab: bool = True):
+  def apply(self, params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache,
+            full_vocab: bool = True):
     """Runs the decoder over a block of tokens at the given absolute positions.
 
     Args:
-      params: the params pytree (layout in the module docstring).
+      params: the params pytree, in this Transformer's layout.
       tokens_BT: int32 token ids.
       positions_BT: int32 absolute positions; slot j of the cache is position j.
-      cache: KVCache with shapes [L, B, S, G, H].
+      cache: from ``init_cache`` (or a previous call).
       full_vocab: with a restricted head, False returns the head's own
         logits_BTN (for training) instead of logits_BTV.
 
@@ -198,7 +309,7 @@ class Transformer:
     return logits_BTV, cache
 
   def apply_with_hidden(self, params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
-                        cache: kv_cache_lib.KVCache, full_vocab: bool = True):
+                        cache, full_vocab: bool = True):
     """``apply`` that also returns hidden_BTD: the final-normed states the head
     reads (the features a feature drafter conditions on).
 
@@ -209,8 +320,7 @@ class Transformer:
     embedding_VD = params["embed"]["embedding"]
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(cfg.jnp_dtype)
     x_BTD, cache = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache)
-    hidden_BTD = RMSNorm(cfg.rms_eps, cfg.jnp_dtype).apply(
-        {"params": params["final_norm"]}, x_BTD)
+    hidden_BTD = rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_eps)
     return self.head_logits(params, hidden_BTD, full_vocab), hidden_BTD, cache
 
   def head_logits(self, params: dict, hidden_BTD: jax.Array,
@@ -228,27 +338,6 @@ class Transformer:
       logits_BTV = expand_head_logits(logits_BTV, params["lm_head"]["token_ids"],
                                       cfg.vocab_size)
     return logits_BTV
-
-
-def run_blocks(cfg: ModelConfig, layers_params: dict, x_BTD: jax.Array,
-               positions_BT: jax.Array, cache: kv_cache_lib.KVCache):
-  """The stack of decoder blocks under ``lax.scan`` (params stacked on L).
-
-  Returns (x_BTD after the last block, updated cache).
-  """
-  block = Block(cfg)
-
-  def layer_step(carry, layer_inputs):
-    x, k_all, v_all = carry
-    layer_params, layer = layer_inputs
-    x, k_all, v_all = block.apply({"params": layer_params}, x, positions_BT,
-                                  k_all, v_all, layer)
-    return (x, k_all, v_all), None
-
-  (x_BTD, k_LBSGH, v_LBSGH), _ = jax.lax.scan(
-      layer_step, (x_BTD, cache.k_LBSGH, cache.v_LBSGH),
-      (layers_params, jnp.arange(cfg.num_layers)))
-  return x_BTD, kv_cache_lib.KVCache(k_LBSGH, v_LBSGH)
 
 
 def expand_head_logits(logits_BTN: jax.Array, token_ids_N: jax.Array,
