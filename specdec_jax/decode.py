@@ -13,6 +13,7 @@ implementation.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -50,6 +51,33 @@ class DecodeSpec:
   policy: str = "fixed"
   typical_epsilon: float = 0.09
   typical_alpha: float = 0.3
+  # Verify widths the loop chooses from each step (``verify_widths``): the
+  # smallest that holds every active row's drafts plus one token.
+  verify_widths: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    widths = self.verify_widths or default_verify_widths(self.k_max)
+    check_verify_widths(widths, self.k_max)
+    object.__setattr__(self, "verify_widths", tuple(widths))
+
+
+def default_verify_widths(k_max: int) -> tuple[int, ...]:
+  """1 (a step where no row drafted costs a plain step) and K_max + 1.
+
+  On the 2-core CPU this project is measured on, a target pass costs the same
+  for 2 to 8 tokens (small-M GEMMs are ~1.7x one matrix-vector product,
+  flat in M), so intermediate widths buy little and each one is another copy
+  of the target's forward in the compiled loop."""
+  return (1,) if k_max == 0 else (1, k_max + 1)
+
+
+def check_verify_widths(widths, k_max: int) -> None:
+  """ValueError unless ``widths`` ascend, lie in [1, k_max + 1] and end at k_max + 1."""
+  widths = tuple(widths)
+  if (not widths or any(not isinstance(w, int) or isinstance(w, bool) for w in widths)
+      or list(widths) != sorted(set(widths)) or widths[0] < 1 or widths[-1] != k_max + 1):
+    raise ValueError(f"verify_widths={widths} must be ascending ints in [1, k_max + 1 = "
+                     f"{k_max + 1}] ending at k_max + 1")
 
 
 @flax.struct.dataclass
@@ -68,6 +96,7 @@ class Stats:
 
   accepted_TB: accepted drafts per step and row (-1 where the row was idle).
   proposed_TB: drafts proposed per step and row (the effective k_b).
+  width_T: the verify width each step ran (0 after the loop ended).
   reached_BK: times draft slot i was evaluated (proposed, all before accepted).
   accepted_BK: times draft slot i was accepted.
   expected_accept_BK: sum of sum_v min(p, q) over evaluated slots.
@@ -76,6 +105,7 @@ class Stats:
 
   accepted_TB: jax.Array
   proposed_TB: jax.Array
+  width_T: jax.Array
   reached_BK: jax.Array
   accepted_BK: jax.Array
   expected_accept_BK: jax.Array
@@ -115,6 +145,7 @@ def _init_stats(spec: DecodeSpec) -> Stats:
   return Stats(
       accepted_TB=jnp.full((t, b), -1, jnp.int32),
       proposed_TB=jnp.zeros((t, b), jnp.int32),
+      width_T=jnp.zeros((t,), jnp.int32),
       reached_BK=jnp.zeros((b, k), jnp.int32),
       accepted_BK=jnp.zeros((b, k), jnp.int32),
       expected_accept_BK=jnp.zeros((b, k), jnp.float32),
@@ -186,11 +217,14 @@ def draft_phase(spec: DecodeSpec, drafter: Drafter | None, draft_params,
 
 
 def _accept(spec: DecodeSpec, proposal: Proposal, logits_BK1V, state, run):
-  """Step 3: the acceptance rule. Returns (n_B, x_B, p_BK1V or None)."""
+  """Step 3: the acceptance rule on a block of K drafts (K = the verify width
+  - 1). Returns (n_B, x_B, expected_BK): ``expected_BK`` is each slot's
+  acceptance probability sum_v min(p, q) (in greedy mode 1 where the draft is
+  the target's argmax)."""
   draft_BK, num_B = proposal.draft_BK, proposal.num_proposed_B
   if spec.greedy:
-    n_B, x_B = verify.greedy_accept(draft_BK, logits_BK1V, num_B)
-    return n_B, x_B, None
+    n_B, x_B, target_BK1 = verify.greedy_accept(draft_BK, logits_BK1V, num_B)
+    return n_B, x_B, (draft_BK == target_BK1[:, :draft_BK.shape[1]]).astype(jnp.float32)
   p_BK1V = sampling.warp(logits_BK1V, run.sampling)
   keys_B2, length_B = state.keys_B2, state.length_B
   if spec.rule == "rejection":
@@ -202,7 +236,8 @@ def _accept(spec: DecodeSpec, proposal: Proposal, logits_BK1V, state, run):
                                      spec.typical_epsilon, spec.typical_alpha)
   else:
     raise ValueError(f"unknown rule {spec.rule!r}; expected one of {verify.RULES}")
-  return n_B, x_B, p_BK1V
+  k = draft_BK.shape[1]
+  return n_B, x_B, verify.expected_acceptance(p_BK1V[:, :k], proposal.q_BKV, draft_BK)
 
 
 def _commit(spec: DecodeSpec, state: DecodeState, draft_BK, n_B, x_B):
@@ -238,53 +273,79 @@ def _commit(spec: DecodeSpec, state: DecodeState, draft_BK, n_B, x_B):
                        finish_B=finish_B.astype(jnp.int32)), count_B
 
 
-def _update_stats(stats: Stats, step, proposal: Proposal, n_B, p_BK1V, active_B, greedy_p):
+def _update_stats(stats: Stats, step, proposal: Proposal, n_B, expected_BK, active_B, width):
   k = proposal.draft_BK.shape[1]
   slots_K = jnp.arange(k)[None, :]
   reached_BK = (slots_K <= n_B[:, None]) & (slots_K < proposal.num_proposed_B[:, None])
   reached_BK &= active_B[:, None]
   accepted_BK = (slots_K < n_B[:, None]) & active_B[:, None]
-  p_BKV = greedy_p if p_BK1V is None else p_BK1V[:, :k]
-  expected_BK = verify.expected_acceptance(p_BKV, proposal.q_BKV, proposal.draft_BK)
   return Stats(
       accepted_TB=stats.accepted_TB.at[step].set(jnp.where(active_B, n_B, -1), mode="drop"),
       proposed_TB=stats.proposed_TB.at[step].set(proposal.num_proposed_B, mode="drop"),
+      width_T=stats.width_T.at[step].set(width, mode="drop"),
       reached_BK=stats.reached_BK + reached_BK,
       accepted_BK=stats.accepted_BK + accepted_BK,
       expected_accept_BK=stats.expected_accept_BK + jnp.where(reached_BK, expected_BK, 0.0),
       target_calls_B=stats.target_calls_B + active_B)
 
 
+def _verify_at_width(spec: DecodeSpec, target: Transformer, width: int, target_params,
+                     state: DecodeState, proposal: Proposal, run: RunParams):
+  """One target call over [last, d_0 .. d_{width-2}] and the acceptance rule.
+
+  Every active row proposed at most width - 1 drafts (``verify_phase`` picks
+  the width), so the slots beyond are never read. Returns (n_B, x_B,
+  expected_BK, hidden_BK1D, target cache); the per-slot arrays are padded
+  to the K_max + 1 of the other widths (zeros: never read).
+  """
+  k = spec.k_max
+  d = width - 1
+  sub = Proposal(draft_BK=proposal.draft_BK[:, :d],
+                 q_BKV=None if proposal.q_BKV is None else proposal.q_BKV[:, :d],
+                 num_proposed_B=jnp.minimum(proposal.num_proposed_B, d))
+  last_B1 = jnp.take_along_axis(state.tokens_BS, state.length_B[:, None] - 1, axis=1)
+  block_BW = jnp.concatenate([last_B1, sub.draft_BK], axis=1)
+  positions_BW = state.length_B[:, None] - 1 + jnp.arange(width)[None, :]
+  logits_BWV, hidden_BWD, target_cache = target.apply_with_hidden(
+      target_params, block_BW, positions_BW, state.target_cache)
+  n_B, x_B, expected_BD = _accept(spec, sub, logits_BWV, state, run)
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, k - d)] + [(0, 0)] * (x.ndim - 2))
+  return n_B, x_B, pad(expected_BD), pad(hidden_BWD), target_cache
+
+
 def verify_phase(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
                  target_params, state: DecodeState, proposal: Proposal,
                  run: RunParams) -> DecodeState:
-  """Steps 2-4: one target call over [last, d_0 .. d_{K-1}], accept, commit.
+  """Steps 2-4: one target call over [last, d_0 ..], accept, commit.
 
-  A drafter that reads the target's features gets this pass's hidden states
-  (valid for the committed positions, stale beyond: the cache invariant).
+  The call's width is the smallest of ``spec.verify_widths`` that holds the
+  most drafts any active row proposed, plus one: one ``lax.switch`` over
+  static widths, so a step where no row drafted costs a plain step and
+  nothing recompiles. A drafter that reads the target's features gets this
+  pass's hidden states (valid for the committed positions, stale beyond:
+  the cache invariant).
   """
   k = proposal.draft_BK.shape[1]
-  last_B1 = jnp.take_along_axis(state.tokens_BS, state.length_B[:, None] - 1, axis=1)
-  block_BK1 = jnp.concatenate([last_B1, proposal.draft_BK], axis=1)
-  positions_BK1 = state.length_B[:, None] - 1 + jnp.arange(k + 1)[None, :]
-  logits_BK1V, hidden_BK1D, target_cache = target.apply_with_hidden(
-      target_params, block_BK1, positions_BK1, state.target_cache)
+  active_B = state.finish_B == RUNNING
+  widths = spec.verify_widths
+  branches = [functools.partial(_verify_at_width, spec, target, w) for w in widths]
+  if len(widths) == 1:
+    index = jnp.int32(0)
+    n_B, x_B, expected_BK, hidden_BK1D, target_cache = branches[0](
+        target_params, state, proposal, run)
+  else:
+    needed = jnp.max(jnp.where(active_B, proposal.num_proposed_B, 0)) + 1
+    index = jnp.sum(jnp.asarray(widths) < needed).astype(jnp.int32)
+    n_B, x_B, expected_BK, hidden_BK1D, target_cache = jax.lax.switch(
+        index, branches, target_params, state, proposal, run)
+  width = jnp.asarray(widths, jnp.int32)[index]
   if k > 0 and reads_target_features(drafter):
+    slots_K1 = jnp.arange(k + 1)[None, :]
+    positions_BK1 = jnp.where(slots_K1 < width, state.length_B[:, None] - 1 + slots_K1,
+                              spec.num_slots)   # padding: dropped
     state = state.replace(drafter_state=drafter.record_features(
         state.drafter_state, hidden_BK1D, positions_BK1))
-  n_B, x_B, p_BK1V = _accept(spec, proposal, logits_BK1V, state, run)
-  active_B = state.finish_B == RUNNING
-  greedy_p = None
-  if p_BK1V is None and k > 0:
-    vocab = logits_BK1V.shape[-1]
-    greedy_p = jax.nn.one_hot(jnp.argmax(logits_BK1V[:, :k], axis=-1), vocab, dtype=jnp.float32)
-  stats = state.stats
-  if k > 0:
-    stats = _update_stats(stats, state.step, proposal, n_B, p_BK1V, active_B, greedy_p)
-  else:
-    stats = stats.replace(
-        accepted_TB=stats.accepted_TB.at[state.step].set(jnp.where(active_B, 0, -1), mode="drop"),
-        target_calls_B=stats.target_calls_B + active_B)
+  stats = _update_stats(state.stats, state.step, proposal, n_B, expected_BK, active_B, width)
   policy_state = policies.update(spec.policy, state.policy_state, n_B,
                                  proposal.num_proposed_B, active_B, run.k)
   state = state.replace(target_cache=target_cache, policy_state=policy_state, stats=stats)

@@ -57,6 +57,7 @@ class RowResult:
   finish_reason: str
   accepted_per_step: list[int]   # accepted drafts per target call
   proposed_per_step: list[int]   # effective k_b per target call
+  width_per_step: list[int]      # the verify width of each target call (the batch's)
   reached_by_slot: list[int]
   accepted_by_slot: list[int]
   expected_accept_by_slot: list[float]
@@ -93,6 +94,8 @@ class Generator:
     max_prompt_len, max_new_tokens: sizes of the static buffers.
     batch_size: static rows per compiled call; fewer prompts are padded.
     eos_ids: ids that end a row.
+    verify_widths: the static verify widths each step chooses from (the
+      smallest holding every row's drafts + 1); default (1, k_max + 1).
     shardings: optional ``sharding.GenerationShardings``: the phases are then
       jitted with explicit in/out shardings on its mesh (params per the rules,
       batch arrays and the DecodeState over ``data``, caches per the rules)
@@ -104,7 +107,8 @@ class Generator:
                max_prompt_len: int = 256, max_new_tokens: int = 64,
                batch_size: int = 1, eos_ids: Sequence[int] = (),
                typical_epsilon: float = 0.09, typical_alpha: float = 0.3,
-               draft_vocab_size: int | None = None, shardings=None):
+               draft_vocab_size: int | None = None, shardings=None,
+               verify_widths: Sequence[int] | None = None):
     if rule not in verify.RULES:
       raise ValueError(f"unknown rule {rule!r}; expected one of {verify.RULES}")
     policies.validate(policy, 0.0, 1)
@@ -135,6 +139,9 @@ class Generator:
     self.num_slots = max_prompt_len + max_new_tokens + k_max + 1
     self.buckets = prompt_buckets(max_prompt_len)
     self._typical = (typical_epsilon, typical_alpha)
+    self.verify_widths = (tuple(int(w) for w in verify_widths) if verify_widths
+                          else decode.default_verify_widths(k_max))
+    decode.check_verify_widths(self.verify_widths, k_max)
     self._jitted = {}
     self.shardings = shardings
     if shardings is not None:
@@ -147,7 +154,7 @@ class Generator:
         batch_size=self.batch_size, k_max=self.k_max, num_slots=self.num_slots,
         max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, greedy=greedy,
         rule=self.rule, policy=self.policy, typical_epsilon=self._typical[0],
-        typical_alpha=self._typical[1])
+        typical_alpha=self._typical[1], verify_widths=self.verify_widths)
 
   def _fn(self, name: str, greedy: bool):
     """Jitted functions, one per (phase, greedy); shapes pick the bucket."""
@@ -421,6 +428,7 @@ def _unpack(state: decode.DecodeState, num_rows: int) -> list[RowResult]:
   stats = state.stats
   accepted_TB = np.asarray(stats.accepted_TB)
   proposed_TB = np.asarray(stats.proposed_TB)
+  width_T = np.asarray(stats.width_T)
   rows = []
   for b in range(num_rows):
     calls = int(stats.target_calls_B[b])
@@ -430,6 +438,7 @@ def _unpack(state: decode.DecodeState, num_rows: int) -> list[RowResult]:
         finish_reason=decode.FINISH_REASONS[int(finish[b])],
         accepted_per_step=accepted_TB[:calls, b].tolist(),
         proposed_per_step=proposed_TB[:calls, b].tolist(),
+        width_per_step=width_T[:calls].tolist(),
         reached_by_slot=np.asarray(stats.reached_BK[b]).tolist(),
         accepted_by_slot=np.asarray(stats.accepted_BK[b]).tolist(),
         expected_accept_by_slot=np.asarray(stats.expected_accept_BK[b]).tolist(),

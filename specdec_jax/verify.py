@@ -34,12 +34,13 @@ def _take_row(x_BK_, index_B):
 
 
 def greedy_accept(draft_BK, target_logits_BK1V, num_proposed_B):
-  """Temperature 0: accept while draft == argmax p; x = argmax at the stop."""
+  """Temperature 0: accept while draft == argmax p; x = argmax at the stop.
+  Returns (n_B, x_B, the target's argmax per slot target_BK1)."""
   k = draft_BK.shape[1]
   target_BK1 = jnp.argmax(target_logits_BK1V, axis=-1).astype(jnp.int32)
   ok_BK = (draft_BK == target_BK1[:, :k]) & _proposed_mask(num_proposed_B, k)
   n_B = _num_leading(ok_BK)
-  return n_B, _take_row(target_BK1, n_B)
+  return n_B, _take_row(target_BK1, n_B), target_BK1
 
 
 def rejection_accept(draft_BK, q_BKV, p_BK1V, num_proposed_B, keys_B2, length_B):

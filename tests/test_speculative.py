@@ -419,6 +419,7 @@ def test_acceptance_summary_hand_made():
   from specdec_jax.generation import RowResult
   row = lambda out, acc_steps, prop_steps, reached, acc: RowResult(
       prompt_ids=[1], output_ids=out, finish_reason="length", accepted_per_step=acc_steps,
+      width_per_step=[3] * len(acc_steps),
       proposed_per_step=prop_steps, reached_by_slot=reached, accepted_by_slot=acc,
       expected_accept_by_slot=[0.0] * len(reached), target_calls=len(acc_steps))
   # Row A: 2 steps, K=2: accepted 2 then 0 -> 4 tokens; reached [2, 2], acc [1, 1].
@@ -542,3 +543,51 @@ def test_full_prompt_full_budget_and_k_max_fit_the_buffer(drafter):
     check_stats(row)
   if drafter == "self":   # every block full: the last one ends at the buffer's end
     assert all(r.accepted_per_step[:-1] == [K_MAX] * (r.target_calls - 1) for r in result.rows)
+
+
+# ----------------------------------------------------------------------------
+# Verification priced by its drafts: the verify width follows the drafts.
+
+def test_verify_width_is_the_smallest_that_holds_the_drafts():
+  """Each step verifies at the smallest of the static widths that holds the
+  most drafts any active row proposed, plus one: a step where no row
+  drafted costs a plain step. One compiled loop serves every width."""
+  tp = init(TARGET, 80)
+  widths = (1, 3, K_MAX + 1)
+  g = Generator(TARGET, NgramDrafter(), k_max=K_MAX, max_prompt_len=16,
+                max_new_tokens=MAX_NEW, batch_size=5, verify_widths=widths)
+  plain = gen("plain", 5)
+  seen = set()
+  before = None
+  for seed in (81, 82, 83):
+    prompts = make_prompts(seed)
+    result = g.generate(tp, {}, prompts, k=K_MAX)
+    assert outputs(result) == outputs(plain.generate(tp, None, prompts))
+    steps = max(r.target_calls for r in result.rows)
+    for t in range(steps):
+      most = max(r.proposed_per_step[t] for r in result.rows if t < r.target_calls)
+      width = next(w for w in widths if w >= most + 1)
+      assert all(r.width_per_step[t] == width for r in result.rows if t < r.target_calls)
+      seen.add(width)
+    if before is None:
+      before = compile_count.count("generate_loop")
+  assert seen == set(widths), seen            # every width ran
+  assert compile_count.count("generate_loop") == before
+
+
+def test_no_drafts_means_plain_width_steps():
+  """With the threshold policy at tau=1 no row ever drafts: every step runs
+  at width 1 (the default widths are 1 and K_max + 1)."""
+  tp, dp = init(TARGET, 84), init(DRAFT, 85)
+  prompts = make_prompts(86)
+  result = gen("model", 5, policy="threshold").generate(tp, dp, prompts, tau=1.0)
+  assert outputs(result) == outputs(gen("plain", 5).generate(tp, None, prompts))
+  assert all(set(r.width_per_step) == {1} for r in result.rows)
+  fixed = gen("model", 5).generate(tp, dp, prompts)
+  assert all(set(r.width_per_step) == {K_MAX + 1} for r in fixed.rows)
+
+
+@pytest.mark.parametrize("widths", [(2, 1, 6), (1, 4), (0, 6), (1, 6, 6), (1, 7)])
+def test_bad_verify_widths_are_refused(widths):
+  with pytest.raises(ValueError, match="verify_widths"):
+    Generator(TARGET, NgramDrafter(), k_max=K_MAX, verify_widths=widths)
