@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rule = "rejection"          # rejection | coupled | typical (temperature > 0)
   c.typical_epsilon = 0.09
   c.typical_alpha = 0.3
-  c.policy = "fixed"            # fixed | threshold | adaptive | budget
+  c.policy = "auto"             # auto (never at a loss) | fixed | threshold | adaptive | budget
   c.tau = 0.5                   # threshold policy: stop below this draft confidence
   c.budget = 8                  # budget policy: draft tokens per step for the batch
   c.ngram_max_n = 3

@@ -88,6 +88,7 @@ class RunParams:
   k: jax.Array               # int32 scalar, effective K (<= k_max)
   tau: jax.Array             # float32 scalar, threshold policy's confidence bound
   budget: jax.Array          # int32 scalar, budget policy's draft tokens per step
+  costs: policies.Costs      # measured costs the auto policy weighs
 
 
 @flax.struct.dataclass
@@ -203,7 +204,7 @@ def draft_phase(spec: DecodeSpec, drafter: Drafter | None, draft_params,
     return empty_proposal(spec.batch_size), state
   active_B = state.finish_B == RUNNING
   max_k_B = policies.draft_limit(spec.policy, state.policy_state, run.k, run.budget,
-                                 active_B, spec.k_max)
+                                 active_B, spec.k_max, run.costs, spec.verify_widths)
   min_confidence = jnp.where(spec.policy == "threshold", run.tau, 0.0)
   ctx = DraftContext(tokens_BS=state.tokens_BS, length_B=state.length_B,
                      keys_B2=state.keys_B2, sampling=run.sampling, max_k_B=max_k_B,
@@ -346,8 +347,14 @@ def verify_phase(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
     state = state.replace(drafter_state=drafter.record_features(
         state.drafter_state, hidden_BK1D, positions_BK1))
   stats = _update_stats(state.stats, state.step, proposal, n_B, expected_BK, active_B, width)
+  shadow_B = None
+  if proposal.shadow_B is not None and k > 0:
+    # Rows that proposed nothing but had a lookup candidate: would it have
+    # been the token the target just chose? (1 right, 0 wrong, -1 no news)
+    shadow_B = jnp.where((proposal.num_proposed_B == 0) & (proposal.shadow_B > 0),
+                         (proposal.draft_BK[:, 0] == x_B).astype(jnp.int32), -1)
   policy_state = policies.update(spec.policy, state.policy_state, n_B,
-                                 proposal.num_proposed_B, active_B, run.k)
+                                 proposal.num_proposed_B, active_B, run.k, shadow_B)
   state = state.replace(target_cache=target_cache, policy_state=policy_state, stats=stats)
   state, _ = _commit(spec, state, proposal.draft_BK, n_B, x_B)
   return state.replace(step=state.step + 1)

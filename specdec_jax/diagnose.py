@@ -453,3 +453,66 @@ def format_diagnosis(d: Diagnosis) -> str:
 
 def _fmt(value, spec: str) -> str:
   return "?" if value is None else format(value, spec)
+
+
+# ----------------------------------------------------------------------------
+# Model time from the loop's own step counts, and what-ifs.
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseCosts:
+  """Measured seconds of the compiled phases (``Generator.phase_costs``)."""
+
+  prefill_s: float
+  draft_s: float
+  verify_s_by_width: dict     # {verify width: seconds of one verify phase}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopCounts:
+  """What a benchmark run did, in compiled-loop iterations (a batch runs
+  until its slowest row is done)."""
+
+  batches: int
+  plain_steps: int            # plain decoding's iterations
+  steps_by_width: dict        # {verify width: speculative iterations at it}
+  perfect_steps: int          # iterations had every draft been accepted (widest width)
+
+
+WHAT_IFS = ("verify at one step's cost", "a free draft", "perfect acceptance", "no prefill")
+
+
+def model_speedup(counts: LoopCounts, base: PhaseCosts, spec: PhaseCosts,
+                  what_if: str | None = None) -> float:
+  """Plain model time / speculative model time, from phase costs and counts:
+  prefill per batch, then per iteration one draft phase and one verify pass
+  at that iteration's width (plain: one width-1 pass). ``what_if`` (one of
+  ``WHAT_IFS``) changes one cost or count."""
+  step_s = base.verify_s_by_width[1]
+  verify = dict(spec.verify_s_by_width)
+  steps = dict(counts.steps_by_width)
+  draft_s, prefill = spec.draft_s, (base.prefill_s, spec.prefill_s)
+  if what_if == "verify at one step's cost":
+    verify = {w: step_s for w in verify}
+  elif what_if == "a free draft":
+    draft_s = 0.0
+  elif what_if == "perfect acceptance":
+    steps = {max(verify): counts.perfect_steps}
+  elif what_if == "no prefill":
+    prefill = (0.0, 0.0)
+  elif what_if is not None:
+    raise ValueError(f"unknown what-if {what_if!r}; expected one of {WHAT_IFS}")
+  plain = counts.batches * prefill[0] + counts.plain_steps * step_s
+  speculative = counts.batches * prefill[1] + sum(
+      n * (draft_s + verify[w]) for w, n in steps.items())
+  return plain / speculative
+
+
+def what_ifs(counts: LoopCounts, base: PhaseCosts, spec: PhaseCosts) -> dict:
+  """{what-if: predicted speedup} for each of ``WHAT_IFS``."""
+  return {name: model_speedup(counts, base, spec, name) for name in WHAT_IFS}
+
+
+def binding_cost(what_if_speedups: dict) -> tuple[str, float]:
+  """The what-if that gains most, and its predicted speedup."""
+  return max(what_if_speedups.items(), key=lambda item: item[1])

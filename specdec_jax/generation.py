@@ -245,11 +245,16 @@ class Generator:
     return (jnp.asarray(prompt_BT), jnp.asarray(prompt_len_B), jnp.asarray(max_new_B),
             keys_B2, jnp.asarray(active_B))
 
-  def _run_params(self, k, temperature, top_k, top_p, tau, budget):
+  def _run_params(self, k, temperature, top_k, top_p, tau, budget, costs=None):
+    if costs is None:
+      costs = policies.Costs.free(len(self.verify_widths))
+    elif np.shape(costs.verify_W) != (len(self.verify_widths),):
+      raise ValueError(f"costs.verify_W has shape {np.shape(costs.verify_W)}; this generator "
+                       f"verifies at widths {self.verify_widths}")
     return decode.RunParams(
         sampling=sampling.SamplingParams.create(temperature, top_k, top_p),
         k=jnp.int32(k if self.k_max > 0 else 0), tau=jnp.float32(tau),
-        budget=jnp.int32(budget))
+        budget=jnp.int32(budget), costs=costs)
 
   def _normalise(self, prompts, max_new_tokens, seeds, k):
     """Per-prompt lists from the call's arguments; types are checked here, so
@@ -288,7 +293,7 @@ class Generator:
 
   def generate(self, target_params, draft_params, prompts: Sequence[Sequence[int]], *,
                max_new_tokens=None, seeds=None, k=None, temperature=0.0, top_k=0,
-               top_p=1.0, tau=0.0, budget=1) -> GenerationResult:
+               top_p=1.0, tau=0.0, budget=1, costs=None) -> GenerationResult:
     """Generates for any number of prompts, batch_size rows per compiled call.
 
     Args:
@@ -296,10 +301,12 @@ class Generator:
       max_new_tokens: int or per-prompt list (<= the compiled cap).
       seeds: per-prompt seeds (default 0..n-1), or one int base seed.
       k: effective draft length in [1, k_max] (default k_max).
+      costs: ``policies.Costs`` for the auto policy (``measure_costs``);
+        default: verify at any width costs a step and drafts are free.
     """
     prompts, max_new, seeds, k = self._normalise(prompts, max_new_tokens, seeds, k)
     self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget)
-    run = self._run_params(k, temperature, top_k, top_p, tau, budget)
+    run = self._run_params(k, temperature, top_k, top_p, tau, budget, costs)
     fn = self._fn("generate_loop", temperature == 0)
     rows, wall = [], 0.0
     for start in range(0, len(prompts), self.batch_size):
@@ -316,12 +323,16 @@ class Generator:
                   k=None, temperature=0.0, top_k=0, top_p=1.0, tau=0.0,
                   budget=1) -> dict:
     """Median seconds of one prefill, one draft phase and one verify phase
-    (warm): keys prefill_s, draft_s, verify_s.
+    (warm), on the compiled phases the loop runs: keys prefill_s, draft_s,
+    verify_s (at the width the drafts asked for) and verify_s_by_width
+    ({width: seconds} for every static verify width).
 
     Draft and verify run repeatedly from a freshly prefilled state, which
     each call takes by donation and passes on (as the fused loop updates its
     caches in place, a copy of them would be timed otherwise); the verify
-    calls re-check the same proposal, the same work as a real step.
+    calls re-check the same proposal, the same work as a real step. A width
+    is timed by giving every row that many drafts minus one; the state is
+    prefilled again (untimed) before a row could run out of its budget.
     """
     prompts, max_new, seeds, k = self._normalise(prompts[:self.batch_size], None, None, k)
     self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget)
@@ -329,10 +340,11 @@ class Generator:
     greedy = temperature == 0
     packed = self._pack(prompts, max_new, seeds)
     prefill_fn = self._fn("prefill", greedy)
-    call = lambda: jax.block_until_ready(prefill_fn(target_params, draft_params, *packed, run))
+    prefill = lambda: prefill_fn(target_params, draft_params, *packed, run)
+    call = lambda: jax.block_until_ready(prefill())
     call()
     prefill_s = median_time(call, max(1, iters // 4))
-    box = {"state": prefill_fn(target_params, draft_params, *packed, run)}
+    box = {"state": prefill()}
     if self.drafter is None:
       box["proposal"] = decode.empty_proposal(self.batch_size)
       draft_s = 0.0
@@ -346,17 +358,51 @@ class Generator:
       draft_call()
       draft_s = median_time(draft_call, iters)
     verify_fn = self._fn("verify_phase", greedy)
+    proposal = box["proposal"]
 
-    def verify_call():
-      box["state"] = jax.block_until_ready(
-          verify_fn(target_params, box["state"], box["proposal"], run))
+    def verify_call(proposal):
+      def timed():
+        box["state"] = jax.block_until_ready(
+            verify_fn(target_params, box["state"], proposal, run))
+      return timed
 
-    verify_call()
-    return {"prefill_s": prefill_s, "draft_s": draft_s, "verify_s": median_time(verify_call, iters)}
+    def room_for(width):
+      """Re-prefills (untimed) unless every row can still commit ``width`` tokens."""
+      state = box["state"]
+      used = np.asarray(state.length_B) - np.asarray(state.prompt_len_B)
+      if np.any(used + width > np.asarray(state.max_new_B)[:len(prompts)]) or np.any(
+          np.asarray(state.finish_B)[:len(prompts)] != decode.RUNNING):
+        box["state"] = jax.block_until_ready(prefill())
+
+    def timed_with_room(fn, width):
+      def run_once():
+        room_for(width)
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+      return run_once
+
+    natural = int(np.max(np.asarray(proposal.num_proposed_B))) + 1
+    verify_s = median_seconds(timed_with_room(verify_call(proposal), natural), iters, warmup=1)
+    by_width = {}
+    for width in self.verify_widths:
+      forced = proposal.replace(num_proposed_B=jnp.full_like(proposal.num_proposed_B, width - 1))
+      by_width[width] = median_seconds(timed_with_room(verify_call(forced), width), iters,
+                                       warmup=1)
+    return {"prefill_s": prefill_s, "draft_s": draft_s, "verify_s": verify_s,
+            "verify_s_by_width": by_width}
+
+  def measure_costs(self, target_params, draft_params, prompts, *, iters=5, k=None,
+                    temperature=0.0, top_k=0, top_p=1.0) -> policies.Costs:
+    """The costs the ``auto`` policy weighs, measured on this machine: a verify
+    pass at each static width and one draft token, in width-1 verify passes."""
+    costs = self.phase_costs(target_params, draft_params, prompts, iters=iters, k=k,
+                             temperature=temperature, top_k=top_k, top_p=top_p)
+    return costs_from_phases(costs, self.verify_widths, k or self.k_max)
 
   def iterate(self, target_params, draft_params, prompts, *, max_new_tokens=None,
               seeds=None, k=None, temperature=0.0, top_k=0, top_p=1.0, tau=0.0,
-              budget=1) -> Iterator[StepTrace]:
+              budget=1, costs=None) -> Iterator[StepTrace]:
     """Python-driven loop over the same jitted phases, one batch (<= batch_size).
 
     Yields a StepTrace after every step (for streaming and traces); the final
@@ -366,7 +412,7 @@ class Generator:
     if len(prompts) > self.batch_size:
       raise ValueError(f"iterate takes at most batch_size={self.batch_size} prompts")
     self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget)
-    run = self._run_params(k, temperature, top_k, top_p, tau, budget)
+    run = self._run_params(k, temperature, top_k, top_p, tau, budget, costs)
     greedy = temperature == 0
     packed = self._pack(prompts, max_new, seeds)
     state = self._fn("prefill", greedy)(target_params, draft_params, *packed, run)
@@ -418,6 +464,23 @@ def median_time(fn, iters: int) -> float:
     fn()
     times.append(time.perf_counter() - t0)
   return float(np.median(times))
+
+
+def median_seconds(run_once, iters: int, warmup: int = 0) -> float:
+  """Median of ``run_once()``'s returned seconds over ``iters`` runs."""
+  for _ in range(warmup):
+    run_once()
+  return float(np.median([run_once() for _ in range(iters)]))
+
+
+def costs_from_phases(phases: dict, widths, k: int) -> policies.Costs:
+  """``policies.Costs`` from ``Generator.phase_costs``: every width's verify
+  pass and one draft token (draft phase / k), in width-1 passes."""
+  by_width = phases["verify_s_by_width"]
+  step_s = by_width[widths[0]] if widths[0] == 1 else phases["verify_s"]
+  return policies.Costs(
+      verify_W=jnp.asarray([by_width[w] / step_s for w in widths], jnp.float32),
+      draft=jnp.float32(phases["draft_s"] / (max(k, 1) * step_s)))
 
 
 def _unpack(state: decode.DecodeState, num_rows: int) -> list[RowResult]:

@@ -202,6 +202,23 @@ class Runtime:
       kwargs["k"] = c.k
     return kwargs
 
+  def measure_costs(self, generator: Generator, prompt_ids, log=None):
+    """The costs the auto policy weighs (``Generator.measure_costs``) on this
+    machine, for ``config.policy == "auto"``; None otherwise (and for plain
+    decoding). Costs one compile of each phase and a few timed calls."""
+    c = self.config
+    if c.policy != "auto" or generator.k_max == 0:
+      return None
+    costs = generator.measure_costs(self.target_params, self.draft_params,
+                                    prompt_ids[:generator.batch_size], k=c.k,
+                                    temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+    if log is not None:
+      widths = ", ".join(f"{w}: {float(v):.2f}" for w, v in
+                         zip(generator.verify_widths, costs.verify_W))
+      log(f"auto policy: measured verify cost by width {{{widths}}} steps, "
+          f"draft cost c={float(costs.draft):.3f} steps per token")
+    return costs
+
   def encode_prompt(self, prompt) -> list[int]:
     """Token ids for a prompt (str, or a Prompt with messages)."""
     messages = getattr(prompt, "messages", None)

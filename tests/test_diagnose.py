@@ -226,3 +226,23 @@ def test_call_reduction_outranks_pooled_tokens_per_call():
   assert dg.diagnose(m).predicted_speedup == pytest.approx(1.0)
   del m["call_reduction"]
   assert dg.diagnose(m).predicted_speedup == pytest.approx(2.5 / 1.6)
+
+
+def test_model_speedup_and_what_ifs_hand_values():
+  """Plain: 2 batches x 0.1 s prefill + 100 steps x 0.01 s = 1.2 s.
+  Speculative: 2 x 0.1 + 40 steps at width 1 (0.01 + 0.001 draft) + 20 at
+  width 5 (0.016 + 0.001) = 0.2 + 0.44 + 0.34 = 0.98 s."""
+  counts = dg.LoopCounts(batches=2, plain_steps=100, steps_by_width={1: 40, 5: 20},
+                               perfect_steps=21)
+  base = dg.PhaseCosts(prefill_s=0.1, draft_s=0.0, verify_s_by_width={1: 0.01})
+  spec = dg.PhaseCosts(prefill_s=0.1, draft_s=0.001,
+                             verify_s_by_width={1: 0.01, 5: 0.016})
+  assert dg.model_speedup(counts, base, spec) == pytest.approx(1.2 / 0.98)
+  what_if = dg.what_ifs(counts, base, spec)
+  assert what_if["verify at one step's cost"] == pytest.approx(1.2 / (0.2 + 60 * 0.011))
+  assert what_if["a free draft"] == pytest.approx(1.2 / (0.2 + 40 * 0.01 + 20 * 0.016))
+  assert what_if["perfect acceptance"] == pytest.approx(1.2 / (0.2 + 21 * 0.017))
+  assert what_if["no prefill"] == pytest.approx(1.0 / 0.78)
+  assert dg.binding_cost(what_if) == ("perfect acceptance", what_if["perfect acceptance"])
+  with pytest.raises(ValueError, match="what-if"):
+    dg.model_speedup(counts, base, spec, "faster hardware")

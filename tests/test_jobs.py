@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from common import REPO_ROOT, run_cli, tiny_config
+from specdec_jax import diagnose
 from specdec_jax.models.tokenizers import ByteTokenizer
 
 TIMEOUT_S = 600
@@ -118,8 +119,20 @@ def test_benchmark(tmp_path, capsys, drafter):
   assert 0.0 <= summary["acceptance_rate"] <= 1.0
   assert 1.0 <= summary["mean_accepted_length"] <= summary["k"] + 1
   assert summary["cost_ratio_c"] > 0 and summary["verify_cost_ratio"] > 0
+  # The step counts by verify width cover every speculative loop step; the
+  # roofline and what-ifs follow from the measured figures.
+  assert sum(summary["loop_steps_by_width"].values()) == summary["loop_steps_speculative"]
+  assert set(summary["loop_steps_by_width"]) <= {"1", str(summary["k"] + 1)}
+  assert summary["roofline_fraction_plain"] == pytest.approx(
+      summary["roofline_step_s"] / summary["target_step_s"])
+  assert summary["roofline_step_s"] == pytest.approx(
+      summary["step_bytes"] / (summary["bandwidth_gb_s"] * 1e9))
+  assert summary["bandwidth_gb_s"] > 0.1
+  assert set(summary["what_if_speedup"]) == set(diagnose.WHAT_IFS)
+  assert summary["binding_cost_speedup"] == max(summary["what_if_speedup"].values())
+  assert summary["what_if_speedup"][summary["binding_cost"]] == summary["binding_cost_speedup"]
   # The table and the diagnosis are printed.
-  assert "speedup" in out and "Bottleneck" in out
+  assert "speedup" in out and "Bottleneck" in out and "roofline:" in out and "what if:" in out
 
 
 @pytest.mark.parametrize("name", list(BAD_CONFIGS))
@@ -147,9 +160,12 @@ def test_phase_costs_time_the_loops_own_phases():
   before = [r.output_ids for r in spec.generate(tp, dp, prompts).rows]
   base = plain.phase_costs(tp, None, prompts, iters=3)
   costs = spec.phase_costs(tp, dp, prompts, iters=3, k=3)
-  assert set(base) == set(costs) == {"prefill_s", "draft_s", "verify_s"}
+  assert set(base) == set(costs) == {"prefill_s", "draft_s", "verify_s", "verify_s_by_width"}
   assert base["draft_s"] == 0.0 and base["verify_s"] > 0 and base["prefill_s"] > 0
+  assert set(base["verify_s_by_width"]) == {1}
   assert costs["draft_s"] > 0 and costs["verify_s"] > 0
+  assert set(costs["verify_s_by_width"]) == set(spec.verify_widths)
+  assert all(v > 0 for v in costs["verify_s_by_width"].values())
   assert [r.output_ids for r in spec.generate(tp, dp, prompts).rows] == before
 
 

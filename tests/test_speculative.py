@@ -591,3 +591,68 @@ def test_no_drafts_means_plain_width_steps():
 def test_bad_verify_widths_are_refused(widths):
   with pytest.raises(ValueError, match="verify_widths"):
     Generator(TARGET, NgramDrafter(), k_max=K_MAX, verify_widths=widths)
+
+
+# ----------------------------------------------------------------------------
+# The auto policy: never speculate at a loss.
+
+def test_auto_k_hand_values():
+  from specdec_jax import policies
+  widths = (1, K_MAX + 1)
+  cpu = policies.Costs(verify_W=jnp.asarray([1.0, 1.6]), draft=jnp.float32(0.0))
+  k_B = policies.auto_k(jnp.asarray([0.9, 0.2, 0.5, 0.0]), jnp.int32(4), cpu, widths, K_MAX)
+  # 1 + .9 + .81 + .73 + .66 = 4.1 tokens for 1.6 steps; 1.25 / 1.6 < 1; the
+  # widest width costs the same for any k, so the most drafts win when it pays.
+  assert k_B.tolist() == [4, 0, 4, 0]
+  free = policies.Costs.free(2)
+  assert policies.auto_k(jnp.asarray([0.05, 0.5]), jnp.int32(3), free, widths,
+                         K_MAX).tolist() == [3, 3]
+  dear_draft = policies.Costs(verify_W=jnp.asarray([1.0, 1.0]), draft=jnp.float32(0.6))
+  # a = 0.5: k=1 gives 1.5 / 1.6 < 1.02; every longer k is worse.
+  assert policies.auto_k(jnp.asarray([0.5]), jnp.int32(4), dear_draft, widths,
+                         K_MAX).tolist() == [0]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_auto_policy_drafts_where_it_pays_and_stays_exact(temperature):
+  """The lookup's drafts are all right on a target that copies its last token
+  and mostly wrong on a random one. At CPU-like costs (a verify pass of K+1
+  tokens at 1.6 plain steps) the auto policy keeps drafting on the first and
+  soon stops on the second (its shadow checks of the lookup keep the
+  estimate honest); output is plain decoding's either way (coupled rule when
+  sampling); prohibitive costs mean plain steps only."""
+  from specdec_jax import policies
+  tp = init(TARGET, 90)
+  copying = dict(tp, layers=jax.tree.map(jnp.zeros_like, tp["layers"]))
+  prompts, seeds = make_prompts(91), [1, 2, 3, 4, 5]
+  rule = "coupled" if temperature > 0 else "rejection"
+  g = gen("ngram", 5, rule=rule, policy="auto")
+  cpu = policies.Costs(verify_W=jnp.asarray([1.0, 1.6]), draft=jnp.float32(0.0))
+  never = policies.Costs(verify_W=jnp.asarray([1.0, 100.0]), draft=jnp.float32(0.0))
+  drafting = {}
+  for name, params in (("copying", copying), ("random", tp)):
+    ref = outputs(gen("plain", 5).generate(params, None, prompts, seeds=seeds,
+                                           temperature=temperature))
+    for costs_name, costs in (("cpu", cpu), ("never", never)):
+      result = g.generate(params, {}, prompts, seeds=seeds, temperature=temperature,
+                          costs=costs)
+      assert outputs(result) == ref, (name, costs_name)
+      drafting[name, costs_name] = np.mean(
+          [np.mean(np.asarray(r.proposed_per_step) > 0) for r in result.rows])
+      if costs_name == "never":
+        assert all(set(r.width_per_step) == {1} for r in result.rows)
+  assert drafting["copying", "never"] == drafting["random", "never"] == 0.0
+  assert drafting["copying", "cpu"] > 0.5, drafting
+  assert drafting["random", "cpu"] < 0.2, drafting
+
+
+def test_measure_costs_shapes_and_values():
+  tp, dp = init(TARGET, 92), init(DRAFT, 93)
+  g = gen("model", 5, policy="auto")
+  costs = g.measure_costs(tp, dp, make_prompts(94), iters=2)
+  assert costs.verify_W.shape == (len(g.verify_widths),)
+  assert float(costs.verify_W[0]) == pytest.approx(1.0)
+  assert float(costs.verify_W[-1]) > 0 and float(costs.draft) > 0
+  with pytest.raises(ValueError, match="verify_W"):
+    g.generate(tp, dp, make_prompts(94),
+               costs=costs.replace(verify_W=jnp.ones((3,), jnp.float32)))

@@ -37,11 +37,17 @@ class Proposal:
   q_BKV: float32 warped draft distributions the drafts were sampled from, or
     None for a deterministic (one-hot) proposal.
   num_proposed_B: int32 in [0, K]: how many drafts the row really proposes.
+  shadow_B: int32 [B] or None: for a deterministic source (prompt lookup), how
+    many of draft_BK are real candidates even where the policy let the row
+    propose none. They are never verified; once the step commits its token,
+    the auto policy learns from whether the first would have been right (the
+    candidates depend only on committed text, so this keeps every rule exact).
   """
 
   draft_BK: jax.Array
   q_BKV: jax.Array | None
   num_proposed_B: jax.Array
+  shadow_B: jax.Array | None = None
 
 
 class Drafter(Protocol):

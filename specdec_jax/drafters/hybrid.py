@@ -88,5 +88,6 @@ class HybridDrafter:
                    model.q_BKV)
     proposal = Proposal(
         draft_BK=pick(lookup_BK, model.draft_BK), q_BKV=q_BKV,
-        num_proposed_B=pick(lookup_num_B, model.num_proposed_B).astype(jnp.int32))
+        num_proposed_B=pick(lookup_num_B, model.num_proposed_B).astype(jnp.int32),
+        shadow_B=jnp.where(use_lookup_B, 1, 0).astype(jnp.int32))
     return proposal, state

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from specdec_jax.drafters.base import DraftContext, Proposal
@@ -42,8 +43,15 @@ class NgramDrafter:
   def propose(self, params, state, ctx: DraftContext, k: int, *, greedy: bool,
               purpose: int):
     del params, greedy, purpose
-    draft_BK, num_proposed_B, _ = self.lookup(ctx, k)
-    return Proposal(draft_BK, None, num_proposed_B), state
+    draft_BK, num_proposed_B, match_len_B = self.lookup(ctx, k)
+    return Proposal(draft_BK, None, num_proposed_B,
+                    shadow_B=self.candidates(ctx, k, match_len_B)), state
+
+  def candidates(self, ctx: DraftContext, k: int, match_len_B) -> jax.Array:
+    """How many lookup tokens a row has (whatever its k_b): 1 where it matched
+    (enough for the auto policy's shadow check), else 0."""
+    del ctx, k
+    return (match_len_B > 0).astype(jnp.int32)
 
   def lookup(self, ctx: DraftContext, k: int):
     """(draft_BK, num_proposed_B, match_len_B): the continuation of the best

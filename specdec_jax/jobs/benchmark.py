@@ -1,48 +1,65 @@
 """job=benchmark: plain (K=0) vs speculative decoding in one process.
 
-After a warm-up that compiles every prompt bucket, baseline and speculative
-runs alternate over the same prompts, ``benchmark.repeats`` times, per prompt
-category; medians are reported. The draft cost ratio c and the verify cost
-(K+1 tokens vs one decode step) are measured on the same compiled phases the
-loop runs, so the predicted speedup sits next to the measured one.
+After a warm-up that compiles every prompt bucket, the compiled phases are
+timed (prefill, draft, verify at every static width) in alternating rounds
+for both generators; the auto policy's costs come from these figures. Then
+baseline and speculative runs alternate over the same prompts,
+``benchmark.repeats`` times, per prompt category; medians are reported.
+
+Next to the measured speedup it reports: the memory roofline of a plain step
+(weights and KV cache over a bandwidth measured in the same run) and the
+fraction of it achieved, plain and speculative; the model-time prediction
+from the measured phase costs and the loop's own step counts per verify
+width; and what-ifs (verification at one step's cost, a free draft, perfect
+acceptance, no prefill), naming the cost that binds.
 """
 
 import collections
 import os
+import time
 
 import numpy as np
 
 from specdec_jax import compile_count
 from specdec_jax import diagnose
 from specdec_jax import metrics
+from specdec_jax import roofline
 from specdec_jax import runtime
+from specdec_jax.generation import costs_from_phases
 from specdec_jax.jobs import generate as generate_job
 from specdec_jax.jobs import io
 
 
-def _time_generation(generator, rt, prompt_ids, seeds, kwargs):
-  result = generator.generate(rt.target_params, rt.draft_params, prompt_ids,
-                              seeds=seeds, **kwargs)
-  return result
+def _median_phases(rounds: list) -> dict:
+  """Field-wise medians of phase_costs dicts (verify_s_by_width per width)."""
+  out = {key: float(np.median([r[key] for r in rounds]))
+         for key in rounds[0] if key != "verify_s_by_width"}
+  out["verify_s_by_width"] = {w: float(np.median([r["verify_s_by_width"][w] for r in rounds]))
+                              for w in rounds[0]["verify_s_by_width"]}
+  return out
 
 
 def _phase_costs(config, rt, base_gen, spec_gen, probe, base_kwargs, spec_kwargs):
-  """Seconds of one prefill, draft phase and verify phase, on the compiled
-  functions the loop uses, for the baseline and the speculative generator.
+  """Seconds of one prefill, draft phase and verify phase (at every width),
+  on the compiled phases the loop uses, for the baseline and the speculative
+  generator, plus the memory bandwidth.
 
-  The two are measured in alternating rounds and each field is the median
-  over rounds, so a slow spell of the machine hits both sides alike (one
-  back-to-back measurement of each varied the verify/step ratio by 1.3-2.4x
-  at K=8 on a quiet 2-core CPU).
+  The two generators are measured in alternating rounds, each with a
+  bandwidth measurement, and each field is the median over rounds, so a slow
+  spell of the machine hits all of them alike (one back-to-back measurement
+  of each varied the verify/step ratio by 1.3-2.4x at K=8 on a quiet 2-core
+  CPU).
   """
   rounds = {"baseline": [], "speculative": []}
+  bandwidth = []
   for _ in range(max(1, config.benchmark.timing_rounds)):
     for name, gen, kwargs in (("baseline", base_gen, base_kwargs),
                               ("speculative", spec_gen, spec_kwargs)):
       rounds[name].append(gen.phase_costs(rt.target_params, rt.draft_params, probe,
                                           iters=config.benchmark.timing_iters, **kwargs))
-  return tuple({key: float(np.median([r[key] for r in rounds[name]])) for key in rounds[name][0]}
-               for name in ("baseline", "speculative"))
+    bandwidth.append(roofline.measure_bandwidth())
+  return (_median_phases(rounds["baseline"]), _median_phases(rounds["speculative"]),
+          float(np.median(bandwidth)))
 
 
 def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
@@ -69,31 +86,41 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
     for idx in groups.values():
       ids = [prompt_ids[i] for i in idx]
       s = [seeds[i] for i in idx]
-      _time_generation(base_gen, rt, ids, s, base_kwargs)
-      _time_generation(spec_gen, rt, ids, s, spec_kwargs)
+      base_gen.generate(rt.target_params, rt.draft_params, ids, seeds=s, **base_kwargs)
+      spec_gen.generate(rt.target_params, rt.draft_params, ids, seeds=s, **spec_kwargs)
+  log("timing the compiled phases (prefill, draft, verify at every width) and the "
+      "memory bandwidth")
+  base_costs, spec_costs, bandwidth = _phase_costs(
+      config, rt, base_gen, spec_gen, [prompt_ids[0]], base_kwargs, spec_kwargs)
+  if config.policy == "auto":
+    spec_kwargs = dict(spec_kwargs, costs=costs_from_phases(
+        spec_costs, spec_gen.verify_widths, config.k))
   compiles_warm = compile_count.count("generate_loop")
 
   times = {c: {"baseline": [], "speculative": []} for c in groups}
   base_rows, spec_rows = {}, {}
+  start = time.perf_counter()
   for repeat in range(config.benchmark.repeats):
     for category, idx in groups.items():
       ids = [prompt_ids[i] for i in idx]
       s = [seeds[i] for i in idx]
-      base = _time_generation(base_gen, rt, ids, s, base_kwargs)
-      spec = _time_generation(spec_gen, rt, ids, s, spec_kwargs)
+      base = base_gen.generate(rt.target_params, rt.draft_params, ids, seeds=s, **base_kwargs)
+      spec = spec_gen.generate(rt.target_params, rt.draft_params, ids, seeds=s, **spec_kwargs)
       times[category]["baseline"].append(base.wall_time_s)
       times[category]["speculative"].append(spec.wall_time_s)
       for i, b_row, s_row in zip(idx, base.rows, spec.rows):
         base_rows[i], spec_rows[i] = b_row, s_row
-    log(f"repeat {repeat + 1}/{config.benchmark.repeats} done")
+    elapsed = time.perf_counter() - start
+    eta = elapsed / (repeat + 1) * (config.benchmark.repeats - repeat - 1)
+    log(f"repeat {repeat + 1}/{config.benchmark.repeats} done "
+        f"({elapsed:.0f}s, ETA {eta:.0f}s)")
   compiles_after_warmup = compile_count.count("generate_loop") - compiles_warm
 
-  base_costs, spec_costs = _phase_costs(config, rt, base_gen, spec_gen, [prompt_ids[0]],
-                                        base_kwargs, spec_kwargs)
   target_step_s = base_costs["verify_s"]
   cost_ratio_c = spec_costs["draft_s"] / (config.k * target_step_s)
   verify_cost = spec_costs["verify_s"] / target_step_s
-
+  verify_cost_by_width = {str(w): v / target_step_s
+                          for w, v in spec_costs["verify_s_by_width"].items()}
   ordered_base = [base_rows[i] for i in range(len(prompts))]
   ordered_spec = [spec_rows[i] for i in range(len(prompts))]
   greedy = config.temperature == 0
@@ -130,13 +157,25 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   baseline_tokens_per_call = tokens(ordered_base) / max(base_calls, 1)
   # Prefill is the same work in both runs and speculation does not speed it
   # up; its share of plain decoding's model time enters the prediction.
-  base_steps = _loop_steps(groups, ordered_base, config.batch_size)
-  spec_steps = _loop_steps(groups, ordered_spec, config.batch_size)
-  num_batches = sum(-(-len(idx) // config.batch_size) for idx in groups.values())
-  prefill_time = num_batches * base_costs["prefill_s"]
-  prefill_fraction = prefill_time / (prefill_time + base_steps * target_step_s)
-  model_time = (num_batches * spec_costs["prefill_s"]
-                + spec_steps * (spec_costs["draft_s"] + spec_costs["verify_s"]))
+  counts = _loop_counts(groups, ordered_base, ordered_spec, config.batch_size, k_slots)
+  base_phases = diagnose.PhaseCosts(base_costs["prefill_s"], 0.0, {1: target_step_s})
+  spec_phases = diagnose.PhaseCosts(spec_costs["prefill_s"], spec_costs["draft_s"],
+                                    spec_costs["verify_s_by_width"])
+  model_prediction = diagnose.model_speedup(counts, base_phases, spec_phases)
+  what_if = diagnose.what_ifs(counts, base_phases, spec_phases)
+  binding, binding_speedup = diagnose.binding_cost(what_if)
+  prefill_time = counts.batches * base_costs["prefill_s"]
+  prefill_fraction = prefill_time / (prefill_time + counts.plain_steps * target_step_s)
+  model_time = counts.batches * spec_costs["prefill_s"] + sum(
+      n * (spec_costs["draft_s"] + spec_costs["verify_s_by_width"][w])
+      for w, n in counts.steps_by_width.items())
+  base_steps, spec_steps = counts.plain_steps, sum(counts.steps_by_width.values())
+  # The memory roofline of a plain step: its weights and KV cache over the
+  # bandwidth measured in this run.
+  step_bytes = roofline.step_bytes(rt.target.cfg, rt.target_params, config.batch_size,
+                                   base_gen.num_slots)
+  roofline_step_s = step_bytes / bandwidth
+  roofline_tokens_per_s = config.batch_size / roofline_step_s
   summary = {
       "job": "benchmark", "drafter": config.drafter, "rule": config.rule,
       "policy": config.policy, "k": config.k, "k_max": k_slots,
@@ -157,6 +196,16 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
       "tokens_per_call": tokens_per_call,
       "baseline_tokens_per_call": baseline_tokens_per_call,
       "verify_cost_by_k": {str(config.k): verify_cost},
+      "verify_cost_by_width": verify_cost_by_width,
+      "loop_steps_by_width": {str(w): n for w, n in counts.steps_by_width.items()},
+      "model_predicted_speedup": model_prediction,
+      "what_if_speedup": what_if,
+      "binding_cost": binding, "binding_cost_speedup": binding_speedup,
+      "bandwidth_gb_s": bandwidth / 1e9, "step_bytes": step_bytes,
+      "roofline_step_s": roofline_step_s,
+      "roofline_fraction_plain": roofline_step_s / target_step_s,
+      "roofline_tokens_per_s": roofline_tokens_per_s,
+      "roofline_fraction_speculative": (tokens(ordered_spec) / spec_total) / roofline_tokens_per_s,
       # Leviathan et al.'s i.i.d. model from the per-token acceptance rate;
       # it overestimates drafters that often propose fewer than K tokens.
       "predicted_speedup_iid": diagnose.predicted_speedup(a, config.k, cost_ratio_c, verify_cost),
@@ -191,14 +240,22 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   return summary, records
 
 
-def _loop_steps(groups, rows, batch_size: int) -> int:
-  """Compiled loop iterations: per batch (consecutive prompts of a category,
-  as ``Generator.generate`` chunks them), its longest row's target calls."""
-  steps = 0
+def _loop_counts(groups, base_rows, spec_rows, batch_size: int,
+                 k_max: int) -> diagnose.LoopCounts:
+  """Compiled-loop iterations per batch (consecutive prompts of a category,
+  as ``Generator.generate`` chunks them: its longest row's target calls),
+  the speculative ones by verify width (the longest row saw every step)."""
+  batches, plain, perfect = 0, 0, 0
+  by_width = collections.Counter()
   for idx in groups.values():
     for start in range(0, len(idx), batch_size):
-      steps += max(rows[i].target_calls for i in idx[start:start + batch_size])
-  return steps
+      batch = idx[start:start + batch_size]
+      batches += 1
+      plain += max(base_rows[i].target_calls for i in batch)
+      longest = max(batch, key=lambda i: spec_rows[i].target_calls)
+      by_width.update(spec_rows[longest].width_per_step)
+      perfect += max(-(-len(spec_rows[i].output_ids) // (k_max + 1)) for i in batch)
+  return diagnose.LoopCounts(batches, plain, dict(sorted(by_width.items())), perfect)
 
 
 def format_table(summary: dict) -> str:
@@ -215,12 +272,26 @@ def format_table(summary: dict) -> str:
         f"{row['category']:<16}{row['num_prompts']:>3}{row['baseline_tokens_per_s']:>12.1f}"
         f"{row['speculative_tokens_per_s']:>12.1f}{row['speedup']:>8.2f}x"
         f"{(row['acceptance_rate'] or 0):>8.2f}{(row['mean_accepted_length'] or 0):>9.2f}")
+  widths = " ".join(f"{w}:{v:.2f}" for w, v in summary["verify_cost_by_width"].items())
+  steps = " ".join(f"{w}:{n}" for w, n in summary["loop_steps_by_width"].items())
   lines.append(
-      f"K={summary['k']} drafter={summary['drafter']} c={summary['cost_ratio_c']:.3f} "
-      f"verify_cost={summary['verify_cost_ratio']:.2f} tokens/call={summary['tokens_per_call']:.2f} "
-      f"prefill={100 * summary['prefill_fraction']:.0f}% predicted={summary['predicted_speedup']:.2f}x "
-      f"measured={summary['speedup']:.2f}x outputs_identical={summary['outputs_identical']} "
+      f"K={summary['k']} drafter={summary['drafter']} policy={summary['policy']} "
+      f"c={summary['cost_ratio_c']:.3f} verify cost by width {{{widths}}} steps by width "
+      f"{{{steps}}} tokens/call={summary['tokens_per_call']:.2f} "
+      f"prefill={100 * summary['prefill_fraction']:.0f}%")
+  lines.append(
+      f"measured={summary['speedup']:.2f}x model-predicted={summary['model_predicted_speedup']:.2f}x "
+      f"outputs_identical={summary['outputs_identical']} "
       f"compiles_after_warmup={summary['compiles_after_warmup']}")
+  lines.append(
+      f"roofline: {summary['step_bytes'] / 1e6:.0f} MB per step at "
+      f"{summary['bandwidth_gb_s']:.1f} GB/s (measured) = {1e3 * summary['roofline_step_s']:.1f} ms; "
+      f"plain step {1e3 * summary['target_step_s']:.1f} ms = "
+      f"{summary['roofline_fraction_plain']:.2f} of it; speculative tokens/s = "
+      f"{summary['roofline_fraction_speculative']:.2f} of the plain roofline's")
+  what_if = ", ".join(f"{name} {value:.2f}x" for name, value in summary["what_if_speedup"].items())
+  lines.append(f"what if: {what_if}; binding: {summary['binding_cost']} "
+               f"({summary['binding_cost_speedup']:.2f}x)")
   return "\n".join(lines)
 
 

@@ -45,6 +45,7 @@ def run(config, workdir: str, log=print) -> dict:
   generator.validate(prompt_ids, [config.max_new_tokens] * len(prompts),
                      kwargs.get("k", 0), config.temperature, config.top_k, config.top_p,
                      seeds, config.tau, config.budget)
+  kwargs["costs"] = rt.measure_costs(generator, prompt_ids, log)
 
   results_path = os.path.join(workdir, "results.jsonl")
   if os.path.exists(results_path) and io.is_writer():

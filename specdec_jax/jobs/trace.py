@@ -23,6 +23,7 @@ def run(config, workdir: str, log=print) -> dict:
   baseline = config.drafter == "none"
   generator = rt.generator(baseline=baseline)
   kwargs = rt.run_kwargs(baseline=baseline)
+  kwargs["costs"] = rt.measure_costs(generator, prompt_ids, log)
   seeds = [config.seed + i for i in range(len(prompts))]
 
   trace_path = os.path.join(workdir, "trace.jsonl")
