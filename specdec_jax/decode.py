@@ -1,6 +1,6 @@
 """The decode loop: prefill, the speculative step, the compiled while_loop.
 
-One step for all B rows (DESIGN.md): draft -> verify -> accept -> commit ->
+One step for all B rows (docs/design.md): draft -> verify -> accept -> commit ->
 resync. Plain autoregressive decoding is the same step with K = 0, so the
 baseline and the speculative path share every line that matters.
 

@@ -156,6 +156,11 @@ class Generator:
         rule=self.rule, policy=self.policy, typical_epsilon=self._typical[0],
         typical_alpha=self._typical[1], verify_widths=self.verify_widths)
 
+  def _to_host(self, tree):
+    """Host (numpy) copy of a state or proposal, gathered from every process
+    on several hosts (caches dropped; see ``Shardings.fetch``)."""
+    return jax.device_get(tree) if self.shardings is None else self.shardings.fetch(tree)
+
   def _fn(self, name: str, greedy: bool):
     """Jitted functions, one per (phase, greedy); shapes pick the bucket."""
     key = (name, greedy)
@@ -314,7 +319,7 @@ class Generator:
       packed = self._pack(prompts[chunk], max_new[chunk], seeds[chunk])
       t0 = time.perf_counter()
       state = fn(target_params, draft_params, *packed, run)
-      state = jax.device_get(state) if self.shardings is None else self.shardings.fetch(state)
+      state = self._to_host(state)
       wall += time.perf_counter() - t0
       rows.extend(_unpack(state, len(prompts[chunk])))
     return GenerationResult(rows=rows, wall_time_s=wall)
@@ -368,10 +373,10 @@ class Generator:
 
     def room_for(width):
       """Re-prefills (untimed) unless every row can still commit ``width`` tokens."""
-      state = box["state"]
-      used = np.asarray(state.length_B) - np.asarray(state.prompt_len_B)
-      if np.any(used + width > np.asarray(state.max_new_B)[:len(prompts)]) or np.any(
-          np.asarray(state.finish_B)[:len(prompts)] != decode.RUNNING):
+      state = self._to_host(box["state"])
+      used = state.length_B - state.prompt_len_B
+      if np.any(used + width > state.max_new_B[:len(prompts)]) or np.any(
+          state.finish_B[:len(prompts)] != decode.RUNNING):
         box["state"] = jax.block_until_ready(prefill())
 
     def timed_with_room(fn, width):
@@ -382,7 +387,7 @@ class Generator:
         return time.perf_counter() - t0
       return run_once
 
-    natural = int(np.max(np.asarray(proposal.num_proposed_B))) + 1
+    natural = int(np.max(self._to_host(proposal).num_proposed_B)) + 1
     verify_s = median_seconds(timed_with_room(verify_call(proposal), natural), iters, warmup=1)
     by_width = {}
     for width in self.verify_widths:

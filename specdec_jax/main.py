@@ -5,13 +5,17 @@
       [--config.k=4 --config.drafter=ngram ...]
 
 Bad flags or config values exit non-zero with one line naming the problem.
+Library INFO logs (orbax, absl) are hidden unless ``--verbosity`` (or ``-v``)
+is given: the job's own output is what a run prints.
 """
 
 import importlib
+import logging as pylogging
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -33,9 +37,17 @@ def run_job(config, workdir: str, log=print):
   return module.run(config, workdir, log=log)
 
 
+def _quiet_libraries() -> None:
+  """WARNING and above from libraries, unless the user asked for --verbosity."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+    pylogging.getLogger().setLevel(pylogging.WARNING)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _quiet_libraries()
   from specdec_jax import compile_count
   compile_count.install()
   config = _CONFIG.value

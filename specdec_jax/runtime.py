@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from specdec_jax import policies
 from specdec_jax import sampling
@@ -212,6 +213,10 @@ class Runtime:
     costs = generator.measure_costs(self.target_params, self.draft_params,
                                     prompt_ids[:generator.batch_size], k=c.k,
                                     temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+    if jax.process_count() > 1:
+      # every process times its own calls; the compiled loop needs one value
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      costs = jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(costs))
     if log is not None:
       widths = ", ".join(f"{w}: {float(v):.2f}" for w, v in
                          zip(generator.verify_widths, costs.verify_W))

@@ -142,6 +142,8 @@ def _truncate(scaled_NV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
   # values feed a fusion, which would cost as much as the sort it replaces.
   top_NC = jax.lax.optimization_barrier(jax.lax.top_k(scaled_NV, cap)[0])
   threshold_N1, final_N = from_candidates(top_NC)
+  if cap == vocab:   # the candidates are the whole vocabulary: always final
+    return jnp.where(scaled_NV >= threshold_N1, scaled_NV, -jnp.inf)
   # Per row, so that a row's cut never depends on the other rows of its batch.
   threshold_N1 = jax.lax.cond(
       jnp.all(final_N), lambda: threshold_N1,

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from specdec_jax import sampling
 
 RULES = ("greedy", "rejection", "coupled", "typical")
-EXACT_RULES = ("greedy", "rejection", "coupled")
 
 
 def _num_leading(ok_BK: jax.Array) -> jax.Array:

@@ -1,6 +1,6 @@
 """The decoder and its KV cache: cached decoding, causality, padding, drops.
 
-The cache invariant (DESIGN.md) is what makes speculative rollback free, so
+The cache invariant (docs/design.md) is what makes speculative rollback free, so
 these tests pin it down directly on the model, before any decode loop.
 """
 

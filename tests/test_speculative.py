@@ -656,3 +656,23 @@ def test_measure_costs_shapes_and_values():
   with pytest.raises(ValueError, match="verify_W"):
     g.generate(tp, dp, make_prompts(94),
                costs=costs.replace(verify_W=jnp.ones((3,), jnp.float32)))
+
+
+@pytest.mark.parametrize("policy,extra", [("threshold", dict(tau=0.3)), ("adaptive", {}),
+                                          ("budget", dict(budget=6)), ("auto", {})])
+def test_policies_under_coupled_sampling_equal_plain_sampling(policy, extra):
+  """Every draft-length policy keeps the coupled rule token-identical to plain
+  sampling with the same seeds, at two warps; drafts are accepted."""
+  tp, dp = init(TARGET, 95), init(DRAFT, 96)
+  prompts, seeds = make_prompts(97), [31, 32, 33, 34, 35]
+  g = gen("self" if policy == "auto" else "model", 5, rule="coupled", policy=policy)
+  d = tp if policy == "auto" else dp
+  accepted = 0
+  for temperature, top_p in ((1.0, 1.0), (0.7, 0.9)):
+    ref = gen("plain", 5).generate(tp, None, prompts, seeds=seeds, temperature=temperature,
+                                   top_p=top_p)
+    result = g.generate(tp, d, prompts, seeds=seeds, k=4, temperature=temperature,
+                        top_p=top_p, **extra)
+    assert outputs(result) == outputs(ref), (policy, temperature)
+    accepted += total_accepted(result)
+  assert accepted > 0

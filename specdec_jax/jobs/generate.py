@@ -4,8 +4,8 @@ Writes ``results.jsonl`` (one object per prompt, appended as each batch
 finishes) and ``summary.json``.
 """
 
-import logging
 import os
+import sys
 import time
 
 from specdec_jax import compile_count
@@ -28,8 +28,9 @@ def _log_process_split(generator, num_prompts: int, batch_size: int) -> None:
     return
   from specdec_jax import multihost  # pylint: disable=g-import-not-at-top
   mine = multihost.process_prompts(num_prompts, batch_size, generator.shardings.batch(1))
-  logging.info("process %d/%d feeds prompts %s", jax.process_index(),
-               jax.process_count(), mine)
+  # stderr of every process (the job's own log is process 0's only)
+  print(f"process {jax.process_index()}/{jax.process_count()} feeds prompts {mine}",
+        file=sys.stderr)
 
 
 def run(config, workdir: str, log=print) -> dict:

@@ -35,7 +35,7 @@ SPEEDUP_PLOT = "speedup_vs_k.png"
 ACCEPTANCE_PLOT = "acceptance_by_position.png"
 TABLE_METRICS = ("speedup", "predicted_speedup", "acceptance_rate", "mean_accepted_length")
 # Names (last dotted component) of a swept field that holds the draft length.
-K_FIELD_NAMES = ("k", "draft_length", "num_draft_tokens")
+K_FIELD_NAMES = ("k", "k_max")
 
 
 def run_sweep(config, workdir: str, run_point, log=print) -> list:
