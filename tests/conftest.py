@@ -10,6 +10,17 @@
   path users take) and transformers' reference model, once per session.
 * Every test that uses the real SmolLM2 runs in one pytest-xdist worker
   (group "smollm2"), so the model and the reference load once per run.
+* XLA's optimisation passes are off (``jax_disable_most_optimizations``,
+  here and in the subprocesses) except while a SmolLM2 test runs: the tiny
+  models' programs are compiled once and run briefly, so compiling is most
+  of their cost (off: about 40% less compile time), while the real model's
+  programs run long enough to need the optimised code (off: its steps run
+  1.3-2.6x slower). Exactness checks compare two decodes compiled the same
+  way, so they check the same thing either way.
+* Fixtures that build something expensive are session-scoped, not
+  module-scoped: a pytest-xdist worker interleaves modules, and a module
+  fixture is torn down (and later rebuilt) whenever the next test is in
+  another module.
 * ``--durations`` is on (launch/test.sh), so the next slow test is visible
   in CI's output.
 """
@@ -32,13 +43,27 @@ _CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": _CACHE_DIR,
               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 os.environ.update(_CACHE_ENV)   # inherited by the CLI subprocesses
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
+jax.config.update("jax_disable_most_optimizations", True)
+
 from specdec_jax import compile_count  # noqa: E402  (after the cache settings)
 
 compile_count.install()
+SMOLLM2_FIXTURES = {"smollm2", "smollm2_scan", "hf_smollm2", "smollm2_cache_dir"}
+
+
+def _uses_smollm2(item) -> bool:
+  return bool(SMOLLM2_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+  """Optimised XLA for the real model's tests (before their fixtures run)."""
+  jax.config.update("jax_disable_most_optimizations", not _uses_smollm2(item))
 
 
 @pytest.fixture(scope="session")
@@ -47,15 +72,30 @@ def smollm2_cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smollm2(smollm2_cache_dir):
-  """(Transformer, params, tokenizer) of the real SmolLM2-135M-Instruct, float32,
-  converted from the GGUF into this session's orbax cache (load_smollm2), in
-  the layout single-device runs use (``layer_loop="auto"``: unrolled)."""
+def _smollm2_stacked(smollm2_cache_dir):
+  """(ModelConfig, stacked params, tokenizer) of the real SmolLM2-135M-Instruct,
+  float32, converted from the GGUF into this session's orbax cache."""
   from specdec_jax.models import checkpoint
+  return checkpoint.load_smollm2(smollm2_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2(_smollm2_stacked):
+  """(Transformer, params, tokenizer) of SmolLM2 in the layout single-device
+  runs use (``layer_loop="auto"``: unrolled), as users decode it."""
   from specdec_jax.models.transformer import Transformer
-  cfg, params, tokenizer = checkpoint.load_smollm2(smollm2_cache_dir)
+  cfg, params, tokenizer = _smollm2_stacked
   target = Transformer(cfg, "unrolled")
   return target, target.prepare_params(params), tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_scan(_smollm2_stacked):
+  """The same model in the scanned layout (the same function; its programs
+  compile about 4x faster, for the tests whose subject is not the layout)."""
+  from specdec_jax.models.transformer import Transformer
+  cfg, params, tokenizer = _smollm2_stacked
+  return Transformer(cfg, "scan"), params, tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -65,30 +105,54 @@ def hf_smollm2():
   return hf_reference.hf_smollm2_model()
 
 
-def pytest_collection_modifyitems(items):
+def pytest_itemcollected(item):
   """xdist groups (``--dist loadgroup``): the tests that use the real model
-  share one worker; every other test runs in the worker of its module, so a
-  module's fixtures are built once."""
-  for item in items:
-    if {"smollm2", "hf_smollm2", "smollm2_cache_dir"} & set(getattr(item, "fixturenames", ())):
-      item.add_marker(pytest.mark.xdist_group("smollm2"))
-    else:
-      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+  share one worker; every other test runs in the worker of its module. (Added
+  as each test is collected: xdist reads the groups in its own
+  ``pytest_collection_modifyitems``, which runs before a conftest's.)"""
+  if _uses_smollm2(item):
+    item.add_marker(pytest.mark.xdist_group("smollm2"))
+  else:
+    item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
-_COMPILE_SECONDS = [0, 0.0]
+# XLA compiles (count, seconds) in this process, and at the last report.
+_COMPILES = {"now": [0, 0.0], "reported": [0, 0.0]}
 
 
 def _on_duration(event, duration, **kwargs):
   if event == "/jax/core/compile/backend_compile_duration":
-    _COMPILE_SECONDS[0] += 1
-    _COMPILE_SECONDS[1] += duration
+    _COMPILES["now"][0] += 1
+    _COMPILES["now"][1] += duration
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  """Each setup/call/teardown report carries the XLA compiles it caused
+  (its user_properties travel from xdist workers to the controller)."""
+  outcome = yield
+  now, last = _COMPILES["now"], _COMPILES["reported"]
+  outcome.get_result().user_properties.append(
+      ("xla_compiles", (now[0] - last[0], now[1] - last[1])))
+  _COMPILES["reported"] = list(now)
+
+
 def pytest_terminal_summary(terminalreporter):
-  count, seconds = _COMPILE_SECONDS
-  if count:
-    terminalreporter.write_line(f"XLA compiles in this process: {count}, {seconds:.0f} s")
+  """XLA compiles of the whole run (all workers), and the tests that
+  compiled longest (subprocesses not included)."""
+  per_test, count = {}, 0
+  for reports in terminalreporter.stats.values():
+    for report in reports:
+      for name, value in getattr(report, "user_properties", ()):
+        if name == "xla_compiles":
+          count += value[0]
+          per_test[report.nodeid] = per_test.get(report.nodeid, 0.0) + value[1]
+  if not count:
+    return
+  terminalreporter.write_line(
+      f"XLA compiles in the test processes: {count}, {sum(per_test.values()):.0f} s")
+  for nodeid, seconds in sorted(per_test.items(), key=lambda kv: -kv[1])[:10]:
+    terminalreporter.write_line(f"  {seconds:6.1f} s compiling  {nodeid}")

@@ -11,7 +11,7 @@ from specdec_jax.drafters import ModelDrafter, NgramDrafter
 from specdec_jax.generation import Generator
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def params():
   return init(TARGET, 0), init(DRAFT, 1)
 
@@ -99,7 +99,7 @@ def test_speculative_no_recompiles_after_warmup(params):
 # ----------------------------------------------------------------------------
 # EOS and max_new_tokens per row.
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def eos_setup(params):
   tp, _ = params
   rng = np.random.default_rng(2)
@@ -195,7 +195,7 @@ def test_more_prompts_than_batch_size(params, eos_setup):
 # ----------------------------------------------------------------------------
 # Bad input: ValueError naming the problem, before anything compiles.
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fresh_gen():
   """A speculative generator that has never compiled anything."""
   return Generator(TARGET, ModelDrafter(DRAFT), k_max=4, max_prompt_len=16,

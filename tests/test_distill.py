@@ -54,7 +54,7 @@ def _quiet(*_):
   pass
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
   """(config, runtime, examples, workdir with data) shared by the tests."""
   workdir = str(tmp_path_factory.mktemp("data"))
@@ -199,7 +199,7 @@ def test_select_head_ids_keeps_eos_and_the_most_frequent():
 # ----- training, acceptance, resume ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory, prepared):
   """The full job on the tiny target: 60 steps, restricted head of 128.
 
@@ -487,7 +487,7 @@ def test_data_from_other_settings_is_refused(tmp_path, prepared):
     data_lib.prepare(config, rt, str(tmp_path), log=_quiet)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checkpointed(tmp_path_factory, prepared):
   """A workdir with a 2-step checkpoint of a restricted-head draft."""
   _, rt, examples, _ = prepared

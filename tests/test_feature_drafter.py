@@ -213,10 +213,10 @@ def test_coupled_feature_drafts_equal_plain_sampling():
 
 @pytest.mark.slow
 def test_rejection_with_restricted_feature_head_preserves_distribution():
-  """Chi-square test of 20k speculative 3-token samples (K=2, so bonus tokens
+  """Chi-square test of 10k speculative 3-token samples (K=2, so bonus tokens
   are among them) against the exact warped target distribution (vocab 6; the
   draft's head covers 4 tokens, so q = 0 on the other 2)."""
-  vocab, num_tokens, n = 6, 3, 20_000
+  vocab, num_tokens, n = 6, 3, 10_000
   tcfg = ModelConfig(vocab_size=vocab, num_layers=2, d_model=16, num_heads=2,
                      num_kv_heads=1, head_dim=8, ffn_dim=32)
   target = Transformer(tcfg)

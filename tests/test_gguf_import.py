@@ -82,7 +82,7 @@ def write_gguf(path, cfg, params, arch="llama", skip=(), qtype=None, ffn_meta=No
   w.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_params():
   return jax.jit(Transformer(CFG).init_params)(jax.random.PRNGKey(3))
 

@@ -210,6 +210,7 @@ def test_rejection_hybrid_preserves_distribution():
   c.job = "fidelity"
   c.drafter, c.rule, c.temperature, c.top_p = "ngram+model", "rejection", 0.7, 0.9
   c.lookup_min_match, c.k = 1, 2
+  c.fidelity.num_samples = 10_000   # as tests/test_fidelity.py
   stats = run_fidelity(c, log=lambda *_: None)
   assert stats["impossible_samples"] == 0
   assert stats["p_value"] > 1e-3, stats

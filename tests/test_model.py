@@ -227,7 +227,7 @@ def test_causality_in_cached_block():
 # ----------------------------------------------------------------------------
 # Padding invariance.
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def padding_setup():
   model = make_model()
   params = init(model, 4)

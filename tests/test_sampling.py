@@ -127,7 +127,7 @@ def test_sampling_params_changing_never_recompiles():
 NUM_SAMPLES = 20_000
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sample_fn():
   return jax.jit(lambda probs, keys: sampling.sample(probs, keys))
 

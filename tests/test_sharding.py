@@ -176,7 +176,7 @@ EQUIVALENCE = """
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def report(tmp_path_factory):
   """One subprocess (one JAX start with 8 devices) runs the equivalence,
   error and loader scripts."""
@@ -193,7 +193,7 @@ def report(tmp_path_factory):
   return run_python(body)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def equivalence(report):
   return report["equivalence"]
 
@@ -383,11 +383,14 @@ def test_cli_bad_mesh_is_one_line_error(tmp_path):
 @pytest.mark.slow
 def test_generate_job_sharded_and_multihost_match_single_device(tmp_path):
   """job=generate via main: one device, a (4, 2) mesh in one process, and the
-  same mesh over two processes (jax.distributed, 4 devices each)."""
-  single = _main(tmp_path / "single", devices=1)
+  same mesh over two processes (jax.distributed, 4 devices each). The two
+  references run a fixed K (greedy: the same tokens under any policy); the
+  multi-host run takes the default auto policy, whose cost measurement reads
+  arrays that span both processes and must agree across them."""
+  single = _main(tmp_path / "single", "--config.policy=fixed", devices=1)
   single.communicate(timeout=300)
   assert single.returncode == 0
-  sharded = _main(tmp_path / "sharded", "--config.mesh=data=4,model=2")
+  sharded = _main(tmp_path / "sharded", "--config.mesh=data=4,model=2", "--config.policy=fixed")
   err = sharded.communicate(timeout=300)[1]
   assert sharded.returncode == 0, err[-3000:]
   env = {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:%d" % (20000 + os.getpid() % 20000),
@@ -399,6 +402,7 @@ def test_generate_job_sharded_and_multihost_match_single_device(tmp_path):
   for p, (out, err) in zip(procs, results):
     assert p.returncode == 0, err[-3000:]
   assert "--- prompt" in results[0][0] and "--- prompt" not in results[1][0]
+  assert "auto policy: measured verify cost" in results[0][0]
   assert "process 1/2 feeds prompts [2, 3]" in results[1][1]
   reference = _outputs(tmp_path / "single")
   assert len(reference) == 4

@@ -34,7 +34,7 @@ TOKENIZER_STRINGS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ours(smollm2):
   target, params, tokenizer = smollm2
   return target, params, tokenizer

@@ -158,7 +158,7 @@ def test_row_independent_of_batch(kind, temperature):
 K_BLOCK = 4
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def self_draft_run():
   tp = init(TARGET, 12)
   prompts = make_prompts(13)
@@ -209,7 +209,7 @@ def test_max_new_tokens_inside_accepted_block(self_draft_run):
 # ----------------------------------------------------------------------------
 # Draft-length policies.
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def policy_setup():
   tp, dp = init(TARGET, 20), init(DRAFT, 21)
   prompts = make_prompts(22)

@@ -29,7 +29,7 @@ def sample_corpus(num_lines: int = 2000, seed: int = 0) -> list[str]:
           for _ in range(num_lines)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sp_tokenizer(tmp_path_factory):
   path = tmp_path_factory.mktemp("sp") / "tiny.model"
   return tokenizers_lib.train_sentencepiece(sample_corpus(), str(path), vocab_size=400)
