@@ -38,7 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.drafter = "ngram"           # none | model | feature | ngram | ngram+model | ngram+feature
   c.k = 4                       # draft length
   c.k_max = 0                   # static draft slots; 0 means k
-  c.rule = "rejection"          # rejection | coupled | typical (temperature > 0)
+  c.rule = "rejection"          # rejection | coupled | typical (temperature > 0) | synthetic
+  c.synthetic_acceptance = 0.7  # rule=synthetic (NOT exact, systems benchmarks): P(accept a draft)
   c.typical_epsilon = 0.09
   c.typical_alpha = 0.3
   c.policy = "auto"             # auto (never at a loss) | fixed | threshold | adaptive | budget

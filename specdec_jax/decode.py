@@ -89,6 +89,7 @@ class RunParams:
   tau: jax.Array             # float32 scalar, threshold policy's confidence bound
   budget: jax.Array          # int32 scalar, budget policy's draft tokens per step
   costs: policies.Costs      # measured costs the auto policy weighs
+  synthetic_acceptance: jax.Array  # float32 scalar, rule="synthetic" only
 
 
 @flax.struct.dataclass
@@ -223,6 +224,8 @@ def _accept(spec: DecodeSpec, proposal: Proposal, logits_BK1V, state, run):
   acceptance probability sum_v min(p, q) (in greedy mode 1 where the draft is
   the target's argmax)."""
   draft_BK, num_B = proposal.draft_BK, proposal.num_proposed_B
+  if spec.rule == "synthetic":
+    return _accept_synthetic(spec, proposal, logits_BK1V, state, run)
   if spec.greedy:
     n_B, x_B, target_BK1 = verify.greedy_accept(draft_BK, logits_BK1V, num_B)
     return n_B, x_B, (draft_BK == target_BK1[:, :draft_BK.shape[1]]).astype(jnp.float32)
@@ -239,6 +242,22 @@ def _accept(spec: DecodeSpec, proposal: Proposal, logits_BK1V, state, run):
     raise ValueError(f"unknown rule {spec.rule!r}; expected one of {verify.RULES}")
   k = draft_BK.shape[1]
   return n_B, x_B, verify.expected_acceptance(p_BK1V[:, :k], proposal.q_BKV, draft_BK)
+
+
+def _accept_synthetic(spec: DecodeSpec, proposal: Proposal, logits_BK1V, state, run):
+  """rule="synthetic" (greedy or sampled): drafts accepted with probability
+  ``run.synthetic_acceptance``, then the target's own token (not exact)."""
+  if spec.greedy:
+    target_BK1 = jnp.argmax(logits_BK1V, axis=-1).astype(jnp.int32)
+  else:
+    positions_BK1 = state.length_B[:, None] + jnp.arange(logits_BK1V.shape[1])[None, :]
+    target_BK1 = sampling.sample(
+        sampling.warp(logits_BK1V, run.sampling),
+        sampling.position_keys(state.keys_B2, positions_BK1, sampling.TARGET))
+  n_B, x_B = verify.synthetic_accept(target_BK1, proposal.num_proposed_B, state.keys_B2,
+                                     state.length_B, run.synthetic_acceptance)
+  expected_BK = jnp.full(proposal.draft_BK.shape, run.synthetic_acceptance, jnp.float32)
+  return n_B, x_B, expected_BK
 
 
 def _commit(spec: DecodeSpec, state: DecodeState, draft_BK, n_B, x_B):

@@ -90,7 +90,8 @@ class Generator:
     target: the target Transformer.
     drafter: a Drafter, or None for plain decoding.
     k_max: static draft slots (0 = plain decoding).
-    rule: acceptance rule used when temperature > 0 (temperature 0 is greedy).
+    rule: acceptance rule used when temperature > 0 (temperature 0 is greedy);
+      "synthetic" (not exact, for systems benchmarks) at any temperature.
     max_prompt_len, max_new_tokens: sizes of the static buffers.
     batch_size: static rows per compiled call; fewer prompts are padded.
     eos_ids: ids that end a row.
@@ -195,7 +196,7 @@ class Generator:
   # ----- validation and batching --------------------------------------------
 
   def validate(self, prompts, max_new_tokens, k, temperature, top_k, top_p, seeds,
-               tau=0.0, budget=1):
+               tau=0.0, budget=1, synthetic_acceptance=0.0):
     """Raises ValueError naming the problem; runs before anything compiles."""
     if not prompts:
       raise ValueError("no prompts given")
@@ -227,6 +228,7 @@ class Generator:
       raise ValueError(f"rule='greedy' needs temperature=0, got temperature={temperature}; "
                        "use rule=rejection or coupled to sample")
     policies.validate(self.policy, tau, budget)
+    validate_synthetic_acceptance(synthetic_acceptance)
 
   def _bucket(self, longest: int) -> int:
     return next(b for b in self.buckets if b >= longest)
@@ -250,7 +252,8 @@ class Generator:
     return (jnp.asarray(prompt_BT), jnp.asarray(prompt_len_B), jnp.asarray(max_new_B),
             keys_B2, jnp.asarray(active_B))
 
-  def _run_params(self, k, temperature, top_k, top_p, tau, budget, costs=None):
+  def _run_params(self, k, temperature, top_k, top_p, tau, budget, costs=None,
+                  synthetic_acceptance=0.0):
     if costs is None:
       costs = policies.Costs.free(len(self.verify_widths))
     elif np.shape(costs.verify_W) != (len(self.verify_widths),):
@@ -259,7 +262,8 @@ class Generator:
     return decode.RunParams(
         sampling=sampling.SamplingParams.create(temperature, top_k, top_p),
         k=jnp.int32(k if self.k_max > 0 else 0), tau=jnp.float32(tau),
-        budget=jnp.int32(budget), costs=costs)
+        budget=jnp.int32(budget), costs=costs,
+        synthetic_acceptance=jnp.float32(synthetic_acceptance))
 
   def _normalise(self, prompts, max_new_tokens, seeds, k):
     """Per-prompt lists from the call's arguments; types are checked here, so
@@ -298,7 +302,8 @@ class Generator:
 
   def generate(self, target_params, draft_params, prompts: Sequence[Sequence[int]], *,
                max_new_tokens=None, seeds=None, k=None, temperature=0.0, top_k=0,
-               top_p=1.0, tau=0.0, budget=1, costs=None) -> GenerationResult:
+               top_p=1.0, tau=0.0, budget=1, costs=None,
+               synthetic_acceptance=0.0) -> GenerationResult:
     """Generates for any number of prompts, batch_size rows per compiled call.
 
     Args:
@@ -308,10 +313,14 @@ class Generator:
       k: effective draft length in [1, k_max] (default k_max).
       costs: ``policies.Costs`` for the auto policy (``measure_costs``);
         default: verify at any width costs a step and drafts are free.
+      synthetic_acceptance: rule="synthetic" only: each draft's acceptance
+        probability in [0, 1] (traced: a sweep over it never recompiles).
     """
     prompts, max_new, seeds, k = self._normalise(prompts, max_new_tokens, seeds, k)
-    self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget)
-    run = self._run_params(k, temperature, top_k, top_p, tau, budget, costs)
+    self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget,
+                  synthetic_acceptance)
+    run = self._run_params(k, temperature, top_k, top_p, tau, budget, costs,
+                           synthetic_acceptance)
     fn = self._fn("generate_loop", temperature == 0)
     rows, wall = [], 0.0
     for start in range(0, len(prompts), self.batch_size):
@@ -326,7 +335,7 @@ class Generator:
 
   def phase_costs(self, target_params, draft_params, prompts, *, iters=10,
                   k=None, temperature=0.0, top_k=0, top_p=1.0, tau=0.0,
-                  budget=1) -> dict:
+                  budget=1, synthetic_acceptance=0.0) -> dict:
     """Median seconds of one prefill, one draft phase and one verify phase
     (warm), on the compiled phases the loop runs: keys prefill_s, draft_s,
     verify_s (at the width the drafts asked for) and verify_s_by_width
@@ -340,8 +349,10 @@ class Generator:
     prefilled again (untimed) before a row could run out of its budget.
     """
     prompts, max_new, seeds, k = self._normalise(prompts[:self.batch_size], None, None, k)
-    self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget)
-    run = self._run_params(k, temperature, top_k, top_p, tau, budget)
+    self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget,
+                  synthetic_acceptance)
+    run = self._run_params(k, temperature, top_k, top_p, tau, budget,
+                           synthetic_acceptance=synthetic_acceptance)
     greedy = temperature == 0
     packed = self._pack(prompts, max_new, seeds)
     prefill_fn = self._fn("prefill", greedy)
@@ -407,7 +418,7 @@ class Generator:
 
   def iterate(self, target_params, draft_params, prompts, *, max_new_tokens=None,
               seeds=None, k=None, temperature=0.0, top_k=0, top_p=1.0, tau=0.0,
-              budget=1, costs=None) -> Iterator[StepTrace]:
+              budget=1, costs=None, synthetic_acceptance=0.0) -> Iterator[StepTrace]:
     """Python-driven loop over the same jitted phases, one batch (<= batch_size).
 
     Yields a StepTrace after every step (for streaming and traces); the final
@@ -416,8 +427,10 @@ class Generator:
     prompts, max_new, seeds, k = self._normalise(prompts, max_new_tokens, seeds, k)
     if len(prompts) > self.batch_size:
       raise ValueError(f"iterate takes at most batch_size={self.batch_size} prompts")
-    self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget)
-    run = self._run_params(k, temperature, top_k, top_p, tau, budget, costs)
+    self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget,
+                  synthetic_acceptance)
+    run = self._run_params(k, temperature, top_k, top_p, tau, budget, costs,
+                           synthetic_acceptance)
     greedy = temperature == 0
     packed = self._pack(prompts, max_new, seeds)
     state = self._fn("prefill", greedy)(target_params, draft_params, *packed, run)
@@ -450,6 +463,13 @@ class Generator:
           finished=(np.asarray(state.finish_B)[:n] != decode.RUNNING).tolist(),
           draft_time_s=t1 - t0, verify_time_s=t2 - t1)
     self.last_rows = _unpack(jax.device_get(state), n)
+
+
+def validate_synthetic_acceptance(value) -> None:
+  """ValueError unless ``value`` is a real number in [0, 1]."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+      or not 0.0 <= float(value) <= 1.0:
+    raise ValueError(f"synthetic_acceptance={value!r} must be a number in [0, 1]")
 
 
 def _is_sequence(value) -> bool:

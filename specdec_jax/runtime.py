@@ -17,7 +17,7 @@ from specdec_jax import policies
 from specdec_jax import sampling
 from specdec_jax import verify
 from specdec_jax.drafters import DRAFTERS, HybridDrafter, NgramDrafter, for_draft_model, model_kind
-from specdec_jax.generation import Generator
+from specdec_jax.generation import Generator, validate_synthetic_acceptance
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.feature_draft import FeatureDraft, check_compatible
 from specdec_jax.models.tokenizers import ByteTokenizer, Tokenizer
@@ -59,6 +59,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.rule == "greedy" and config.temperature > 0:
     raise ValueError(f"config.rule='greedy' needs config.temperature=0, got "
                      f"{config.temperature}; use rule=rejection or coupled to sample")
+  if config.rule == "synthetic":
+    try:
+      validate_synthetic_acceptance(config.synthetic_acceptance)
+    except ValueError as e:
+      raise ValueError(f"config.{e}") from None
   if int(config.seed) != config.seed or not 0 <= config.seed < 2**32:
     raise ValueError(f"config.seed={config.seed} must be an int in [0, 2**32)")
   if int(config.k) != config.k or config.k < 1:
@@ -105,14 +110,19 @@ def layer_loop(model_config, sharded: bool) -> str:
   return loop
 
 
-def _random_model(model_config, sharding_fn=None):
-  cfg = ModelConfig(
+def random_model_config(model_config) -> ModelConfig:
+  """The ModelConfig of a ``source="random"`` config entry (no weights made)."""
+  return ModelConfig(
       vocab_size=model_config.vocab_size, num_layers=model_config.num_layers,
       d_model=model_config.d_model, num_heads=model_config.num_heads,
       num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim,
       ffn_dim=model_config.ffn_dim, rope_theta=float(model_config.rope_theta),
       tie_embeddings=model_config.tie_embeddings, qkv_bias=model_config.qkv_bias,
       dtype=model_config.dtype)
+
+
+def _random_model(model_config, sharding_fn=None):
+  cfg = random_model_config(model_config)
   init = functools.partial(Transformer(cfg).init_params,
                            init_scale=model_config.get("init_scale", 0.2),
                            logit_scale=model_config.get("logit_scale", 4.0))
@@ -201,6 +211,8 @@ class Runtime:
                   tau=c.tau, budget=c.budget)
     if not baseline and c.drafter != "none":
       kwargs["k"] = c.k
+      if c.rule == "synthetic":
+        kwargs["synthetic_acceptance"] = c.synthetic_acceptance
     return kwargs
 
   def measure_costs(self, generator: Generator, prompt_ids, log=None):

@@ -15,7 +15,10 @@ import jax.numpy as jnp
 
 from specdec_jax import sampling
 
-RULES = ("greedy", "rejection", "coupled", "typical")
+RULES = ("greedy", "rejection", "coupled", "typical", "synthetic")
+# Rules whose output is the target's (token for token or in distribution).
+# typical is lossy; synthetic ignores the target's verdict (systems benchmarks).
+EXACT_RULES = ("greedy", "rejection", "coupled")
 
 
 def _num_leading(ok_BK: jax.Array) -> jax.Array:
@@ -132,6 +135,26 @@ def typical_accept(draft_BK, p_BK1V, num_proposed_B, keys_B2, length_B,
   n_B = _num_leading(ok_BK)
   keys = sampling.position_keys(keys_B2, length_B + n_B, sampling.TARGET)
   return n_B, sampling.sample(_take_row(p_BK1V, n_B), keys)
+
+
+def synthetic_accept(target_BK1, num_proposed_B, keys_B2, length_B, acceptance):
+  """Synthetic acceptance for systems benchmarks. NOT exact: the output is
+  not the target's.
+
+  Each proposed draft is accepted with probability ``acceptance`` (a traced
+  float32 scalar), independently per position and seeded per (request,
+  position), whatever the target says; after the accepted prefix the target's
+  own token at that position (``target_BK1``: argmax or sample) is committed.
+  Speedup vs acceptance, K and batch can then be measured for any model
+  shape with random weights, apart from draft quality (as vLLM's
+  ``--speculative-config`` rejection sampler offers for the same reason).
+  """
+  k = target_BK1.shape[1] - 1
+  positions_BK = length_B[:, None] + jnp.arange(k)[None, :]
+  u_BK = sampling.uniform(sampling.position_keys(keys_B2, positions_BK, sampling.ACCEPT))
+  ok_BK = (u_BK < acceptance) & _proposed_mask(num_proposed_B, k)
+  n_B = _num_leading(ok_BK)
+  return n_B, _take_row(target_BK1, n_B)
 
 
 def expected_acceptance(p_BKV, q_BKV, draft_BK):

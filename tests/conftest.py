@@ -8,8 +8,9 @@
   event that wraps both), so "no recompiles" checks lose nothing.
 * The real SmolLM2 (converted from the GGUF once, through the orbax cache
   path users take) and transformers' reference model, once per session.
-* Every test that uses the real SmolLM2 runs in one pytest-xdist worker
-  (group "smollm2"), so the model and the reference load once per run.
+* The tests that use the real SmolLM2 run in two pytest-xdist groups (with
+  and without transformers' reference), so the models load at most once per
+  worker and the two halves run side by side.
 * XLA's optimisation passes are off (``jax_disable_most_optimizations``,
   here and in the subprocesses) except while a SmolLM2 test runs: the tiny
   models' programs are compiled once and run briefly, so compiling is most
@@ -106,11 +107,16 @@ def hf_smollm2():
 
 
 def pytest_itemcollected(item):
-  """xdist groups (``--dist loadgroup``): the tests that use the real model
-  share one worker; every other test runs in the worker of its module. (Added
+  """xdist groups (``--dist loadgroup``): the tests that compare the real
+  model with transformers' share one worker (its ~20 s load happens once),
+  the other SmolLM2 tests another group (the model's conversion, ~10 s, is
+  the only work both repeat); every other test runs in the worker of its
+  module. (Added
   as each test is collected: xdist reads the groups in its own
   ``pytest_collection_modifyitems``, which runs before a conftest's.)"""
-  if _uses_smollm2(item):
+  if "hf_smollm2" in getattr(item, "fixturenames", ()):
+    item.add_marker(pytest.mark.xdist_group("smollm2_and_transformers"))
+  elif _uses_smollm2(item):
     item.add_marker(pytest.mark.xdist_group("smollm2"))
   else:
     item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -42,7 +42,9 @@ def test_trace_mode_matches_compiled_loop(tmp_path, drafter):
 
 
 def test_sweep_job_end_to_end(tmp_path, capsys):
-  rc, _, err = _main(capsys, tmp_path, "--config.sweep.k=(1, 2)",
+  # k_max=2: both points run the same compiled programs (K is traced)
+  rc, _, err = _main(capsys, tmp_path, "--config.sweep.k=(1, 2)", "--config.k_max=2",
+                     "--config.k=2",
                      "--config.sweep.drafter=('ngram',)", "--config.benchmark.repeats=1",
                      "--config.benchmark.timing_iters=2", "--config.benchmark.timing_rounds=1",
                      "--config.max_new_tokens=8", config="configs/tiny.py:sweep")

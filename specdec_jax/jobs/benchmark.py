@@ -25,6 +25,7 @@ from specdec_jax import diagnose
 from specdec_jax import metrics
 from specdec_jax import roofline
 from specdec_jax import runtime
+from specdec_jax import verify
 from specdec_jax.generation import costs_from_phases
 from specdec_jax.jobs import generate as generate_job
 from specdec_jax.jobs import io
@@ -124,7 +125,8 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   ordered_base = [base_rows[i] for i in range(len(prompts))]
   ordered_spec = [spec_rows[i] for i in range(len(prompts))]
   greedy = config.temperature == 0
-  comparable = greedy or config.rule == "coupled"
+  # token-identical to plain decoding by construction (synthetic never is)
+  comparable = config.rule in verify.EXACT_RULES and (greedy or config.rule == "coupled")
   identical = [b.output_ids == s.output_ids for b, s in zip(ordered_base, ordered_spec)]
   k_slots = spec_gen.k_max
   acc = metrics.acceptance_summary(ordered_spec, k_slots)
@@ -178,6 +180,9 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   roofline_tokens_per_s = config.batch_size / roofline_step_s
   summary = {
       "job": "benchmark", "drafter": config.drafter, "rule": config.rule,
+      "exact_rule": config.rule in verify.EXACT_RULES,
+      "synthetic_acceptance": (config.synthetic_acceptance if config.rule == "synthetic"
+                               else None),
       "policy": config.policy, "k": config.k, "k_max": k_slots,
       "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
       "batch_size": config.batch_size, "num_prompts": len(prompts),
@@ -289,6 +294,10 @@ def format_table(summary: dict) -> str:
       f"plain step {1e3 * summary['target_step_s']:.1f} ms = "
       f"{summary['roofline_fraction_plain']:.2f} of it; speculative tokens/s = "
       f"{summary['roofline_fraction_speculative']:.2f} of the plain roofline's")
+  if summary["synthetic_acceptance"] is not None:
+    lines.append(f"NOT EXACT: rule=synthetic accepts each draft with probability "
+                 f"{summary['synthetic_acceptance']} (a systems benchmark; outputs are not "
+                 f"the target's)")
   what_if = ", ".join(f"{name} {value:.2f}x" for name, value in summary["what_if_speedup"].items())
   lines.append(f"what if: {what_if}; binding: {summary['binding_cost']} "
                f"({summary['binding_cost_speedup']:.2f}x)")

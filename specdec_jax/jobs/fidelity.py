@@ -24,6 +24,7 @@ import numpy as np
 from specdec_jax import fidelity
 from specdec_jax import runtime
 from specdec_jax import sampling
+from specdec_jax import verify
 from specdec_jax.jobs import io
 
 PROMPT = [0, 1, 2]
@@ -82,7 +83,7 @@ def run_fidelity(config, log=print) -> dict:
   stats.update(rule=config.rule, drafter=config.drafter, k=config.k,
                temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                vocab_size=f.vocab_size, num_tokens=f.num_tokens, alpha=f.alpha,
-               exact_rule=config.rule in ("rejection", "coupled"))
+               exact_rule=config.rule in verify.EXACT_RULES)
   return stats
 
 

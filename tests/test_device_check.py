@@ -1,0 +1,38 @@
+"""launch/device_check.sh --dry-run: the accelerator check's code path on CPU
+with tiny shapes, through the launcher users run (a subprocess: the launcher
+sets the platform before JAX starts)."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_dry_run_prints_the_table_and_writes_every_figure(tmp_path):
+  out = tmp_path / "check.json"
+  proc = subprocess.run(["bash", "launch/device_check.sh", "--dry-run", f"--out={out}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["platform"] == "cpu" and report["dry_run"]
+  assert set(report["throughput"]) == {"1"}
+  for row in report["throughput"].values():
+    assert row["plain"]["tokens_per_s"] > 0
+    assert row["ngram"]["speedup"] > 0 and row["model"]["speedup"] > 0
+  assert report["verify_cost_by_width"]["1"] == 1.0
+  assert set(report["verify_cost_by_width"]) == {"1", "2", "5"}
+  assert report["draft_cost_c"] > 0
+  assert len(report["synthetic_speedup"]) == 3
+  # every timed call reused the warm-up's program
+  assert len(report["compiles_after_warmup"]) == 6
+  assert set(report["compiles_after_warmup"].values()) == {0}
+  mismatch = report["greedy_mismatch"]
+  assert mismatch["dtype"] == "bfloat16" and mismatch["tokens_compared"] > 0
+  for line in ("device check: cpu", "verify cost by width", "draft cost c",
+               "synthetic acceptance speedup (NOT exact)", "compiles after warm-up: 0",
+               "greedy speculative vs plain in bfloat16"):
+    assert line in proc.stdout, proc.stdout
