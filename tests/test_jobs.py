@@ -185,7 +185,7 @@ def test_diagnose_job(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_config_from_the_command_line(tmp_path, smollm2, smollm2_cache_dir):
+def test_smollm2_config_from_the_command_line(tmp_path, smollm2_scan, smollm2_cache_dir):
   """configs/smollm2.py through the real command: the GGUF's orbax cache (this
   session's), ChatML prompts, SmolLM2's EOS ids; its greedy tokens are the
   loaded model's. (A fixed K: the auto policy's cost measurement is tested on
@@ -197,7 +197,7 @@ def test_smollm2_config_from_the_command_line(tmp_path, smollm2, smollm2_cache_d
   assert rc == 0, err[-3000:]
   records = job.read_jsonl("results.jsonl")
   assert len(records) == 2
-  target, params, tokenizer = smollm2
+  target, params, tokenizer = smollm2_scan   # (the job decodes unrolled)
   prompts = [r["prompt_ids"] for r in records]
   assert all(tokenizer.decode(p).startswith("<|im_start|>system") for p in prompts)
   from specdec_jax.generation import Generator

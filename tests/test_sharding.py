@@ -388,11 +388,10 @@ def test_generate_job_sharded_and_multihost_match_single_device(tmp_path):
   multi-host run takes the default auto policy, whose cost measurement reads
   arrays that span both processes and must agree across them."""
   single = _main(tmp_path / "single", "--config.policy=fixed", devices=1)
-  single.communicate(timeout=300)
-  assert single.returncode == 0
   sharded = _main(tmp_path / "sharded", "--config.mesh=data=4,model=2", "--config.policy=fixed")
-  err = sharded.communicate(timeout=300)[1]
-  assert sharded.returncode == 0, err[-3000:]
+  for proc in (single, sharded):   # side by side
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 0, err[-3000:]
   env = {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:%d" % (20000 + os.getpid() % 20000),
          "SPECDEC_NUM_PROCESSES": "2"}
   procs = [_main(tmp_path / "multi", "--config.mesh=data=4,model=2",
