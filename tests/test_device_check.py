@@ -23,8 +23,9 @@ def test_dry_run_prints_the_table_and_writes_every_figure(tmp_path):
   for row in report["throughput"].values():
     assert row["plain"]["tokens_per_s"] > 0
     assert row["ngram"]["speedup"] > 0 and row["model"]["speedup"] > 0
-  assert report["verify_cost_by_width"]["1"] == 1.0
   assert set(report["verify_cost_by_width"]) == {"1", "2", "5"}
+  assert all(cost > 0 for cost in report["verify_cost_by_width"].values())
+  assert report["plain_step_ms"] > 0
   assert report["draft_cost_c"] > 0
   assert len(report["synthetic_speedup"]) == 3
   # every timed call reused the warm-up's program
