@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh --test
 # Two workers (one per core: compiles and Python phases overlap); the tests
-# that use the real SmolLM2 stay in one worker (tests/conftest.py).
+# that use the real SmolLM2 stay in one worker, and the slowest groups are
+# handed out first (tests/conftest.py).
 exec .venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup \
-    --durations=25 "$@"
+    --no-loadscope-reorder --durations=25 "$@"

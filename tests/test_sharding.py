@@ -54,7 +54,8 @@ PRELUDE = textwrap.dedent("""
 def run_python(body: str, devices: int = 8, timeout: int = 900) -> dict:
   """Runs PRELUDE + body with ``devices`` CPU devices; returns its REPORT."""
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+             f"--xla_force_host_platform_device_count={devices}")
   proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -363,7 +364,8 @@ def _main(workdir, *flags, devices=8, env=None, timeout=300):
          f"--workdir={workdir}", "--config.batch_size=4", "--config.drafter=model",
          "--config.sharding_rules=batch=data,heads=model,kv_heads=model,mlp=model", *flags]
   full_env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-                  XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+                  XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                  f"--xla_force_host_platform_device_count={devices}", **(env or {}))
   return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 

@@ -6,10 +6,9 @@
 * Greedy, batch 3 with ragged prompts: a model draft (the target's own
   first layers, so drafts are often right and often wrong) and a feature
   draft behind the n-gram lookup give plain decoding's tokens.
-* Greedy parity with transformers uses the unrolled layout users decode
-  with; the draft and sampling tests use the scanned layout (the same
-  function: its plain greedy tokens are checked equal to the unrolled
-  layout's), whose programs compile about 4x faster.
+* Greedy parity with transformers in both layouts: the unrolled one users
+  decode with, and the scanned one (the same function) that the draft and
+  sampling tests use because its programs compile about 4x faster.
 * Sampling: the coupled rule gives plain sampling's tokens with the same
   seeds (n-gram and n-gram+model drafters, batch 3).
 * Rejection sampling draws the first two tokens of a fixed prompt from the
@@ -130,13 +129,16 @@ def plain_greedy_scan(smollm2_scan, prompts):
   return generator(smollm2_scan, None, 3).generate(params, None, prompts).rows
 
 
+def test_scanned_layout_plain_greedy_matches_transformers(plain_greedy_scan, reference_outputs):
+  """The layout the draft and sampling tests below use gives the same tokens."""
+  assert [r.output_ids for r in plain_greedy_scan] == reference_outputs
+
+
 @pytest.mark.parametrize("kind", ["model", "ngram+feature"])
 def test_model_and_feature_drafts_equal_plain_greedy_at_batch_3(smollm2_scan, prompts,
-                                                                plain_greedy, plain_greedy_scan,
-                                                                kind):
-  """In the scanned layout (its programs compile ~4x faster), against plain
-  greedy decoding in both layouts."""
-  assert [r.output_ids for r in plain_greedy_scan] == [r.output_ids for r in plain_greedy]
+                                                                plain_greedy_scan, kind):
+  """In the scanned layout (its programs compile ~4x faster than the
+  unrolled layout's; its plain greedy tokens are transformers', above)."""
   smollm2 = smollm2_scan
   target, params, _ = smollm2
   if kind == "model":
@@ -146,7 +148,7 @@ def test_model_and_feature_drafts_equal_plain_greedy_at_batch_3(smollm2_scan, pr
     draft, dp = feature_draft(target, params)
     drafter = HybridDrafter(NgramDrafter(), FeatureDrafter(draft))
   result = generator(smollm2, drafter, 3).generate(params, dp, prompts)
-  assert [r.output_ids for r in result.rows] == [r.output_ids for r in plain_greedy]
+  assert [r.output_ids for r in result.rows] == [r.output_ids for r in plain_greedy_scan]
   accepted = [sum(r.accepted_per_step) for r in result.rows]
   rejected = [sum(p - a for p, a in zip(r.proposed_per_step, r.accepted_per_step))
               for r in result.rows]
