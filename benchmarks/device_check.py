@@ -13,7 +13,9 @@ network), greedy decoding, everything timed in this process after a warm-up:
   5. the greedy mismatch rate of speculative vs plain decoding in the
      target's dtype (bf16 on the accelerator shapes: the verify pass and a
      plain step multiply matrices of different shapes, so near-ties can
-     break differently), per 1,000 compared tokens.
+     break differently), per 1,000 compared tokens, with the target's top-2
+     logit gap at each mismatch; and the same in the numerics-matched mode
+     (``decode.matched_verify_widths``: must be 0), with its cost.
 
 Prints one table and writes one JSON (after every section, so an interrupted
 run keeps what it measured). ``--dry-run`` runs the same code on CPU with
@@ -40,6 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from specdec_jax import compile_count  # noqa: E402
 from specdec_jax import config_defaults  # noqa: E402
+from specdec_jax import decode  # noqa: E402
+from specdec_jax import fidelity  # noqa: E402
 from specdec_jax import runtime  # noqa: E402
 from specdec_jax.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 from specdec_jax.generation import Generator  # noqa: E402
@@ -96,22 +100,32 @@ def _prompts(batch: int, length: int, vocab: int, seed: int):
 def _timed(gen, tp, dp, prompts, **kwargs):
   """(tokens/s, outputs, compiles during the timed call) after one warm-up call."""
   gen.generate(tp, dp, prompts, **kwargs)
-  before = compile_count.count("generate_loop")
+  before = compile_count.loop_compiles()
   result = gen.generate(tp, dp, prompts, **kwargs)
-  compiles = compile_count.count("generate_loop") - before
+  compiles = compile_count.loop_compiles() - before
   tokens = sum(len(r.output_ids) for r in result.rows)
   return tokens / result.wall_time_s, [r.output_ids for r in result.rows], compiles
 
 
-def _mismatches(plain, spec) -> tuple[int, int]:
-  """(rows that diverge, tokens compared up to each row's first divergence)."""
-  diverged = compared = 0
-  for a, b in zip(plain, spec):
-    n = min(len(a), len(b))
-    first = next((i for i in range(n) if a[i] != b[i]), None)
-    diverged += first is not None or len(a) != len(b)
-    compared += n if first is None else first + 1
-  return diverged, compared
+class _Mismatches:
+  """Greedy speculative vs plain: rows that diverge, tokens compared up to
+  each row's first divergence, and the target's top-2 logit gap there."""
+
+  def __init__(self, dtype: str):
+    self.dtype, self.rows, self.tokens, self.found = dtype, 0, 0, []
+
+  def add(self, target, params, prompts, plain, spec):
+    for a, b in zip(plain, spec):
+      first = fidelity.first_divergence(a, b)
+      self.rows += first is not None
+      self.tokens += min(len(a), len(b)) if first is None else first + 1
+    self.found += fidelity.greedy_divergences(target, params, prompts, plain, spec)
+
+  def summary(self) -> dict:
+    return {"dtype": self.dtype, "rows_diverged": self.rows, "tokens_compared": self.tokens,
+            "per_1000_tokens": 1000.0 * self.rows / max(self.tokens, 1),
+            "near_ties": sum(d["near_tie"] for d in self.found),
+            "gaps": [round(d["gap"], 4) for d in self.found[:20]]}
 
 
 def check(dry_run: bool, shapes: str, layer_loop: str, out_path: str) -> dict:
@@ -137,7 +151,7 @@ def check(dry_run: bool, shapes: str, layer_loop: str, out_path: str) -> dict:
 
   _log(f"[{time.perf_counter() - t_start:.0f}s] 1. plain vs speculative at batch {batches}")
   report["throughput"], report["compiles_after_warmup"] = {}, {}
-  mismatch_rows = mismatch_tokens = 0
+  mismatches = _Mismatches(target.cfg.dtype)
   for batch in batches:
     prompts = _prompts(batch, prompt_len, vocab, seed=batch)
     row = {}
@@ -152,17 +166,31 @@ def check(dry_run: bool, shapes: str, layer_loop: str, out_path: str) -> dict:
         plain_outputs = outputs
       else:
         row[name]["speedup"] = tok_s / row["plain"]["tokens_per_s"]
-        diverged, compared = _mismatches(plain_outputs, outputs)
-        mismatch_rows += diverged
-        mismatch_tokens += compared
+        mismatches.add(target, tp, prompts, plain_outputs, outputs)
     report["throughput"][str(batch)] = row
     _log(f"  batch {batch}: " + ", ".join(f"{n} {v['tokens_per_s']:.1f} tok/s"
                                           for n, v in row.items()))
     save()
-  report["greedy_mismatch"] = {
-      "dtype": target.cfg.dtype, "rows_diverged": mismatch_rows,
-      "tokens_compared": mismatch_tokens,
-      "per_1000_tokens": 1000.0 * mismatch_rows / max(mismatch_tokens, 1)}
+  report["greedy_mismatch"] = mismatches.summary()
+
+  batch = batches[min(1, len(batches) - 1)]
+  _log(f"[{time.perf_counter() - t_start:.0f}s] 1b. numerics-matched mode at batch {batch}")
+  prompts, matched = _prompts(batch, prompt_len, vocab, seed=batch), _Mismatches(target.cfg.dtype)
+  widths_matched = decode.matched_verify_widths(K)
+  row = {}
+  for name, drafter, params, k_max in (("plain", None, None, 0), ("model", ModelDrafter(draft), dp, K)):
+    gen = Generator(target, drafter, k_max=k_max, policy="fixed", batch_size=batch,
+                    verify_widths=widths_matched, **sizes)
+    row[name], outputs, compiles = _timed(gen, tp, params, prompts)
+    report["compiles_after_warmup"][f"matched {name}@{batch}"] = compiles
+    if name == "plain":
+      plain_outputs = outputs
+  matched.add(target, tp, prompts, plain_outputs, outputs)
+  report["matched_numerics"] = dict(
+      matched.summary(), batch=batch, plain_tokens_per_s=row["plain"],
+      model_tokens_per_s=row["model"],
+      plain_cost_vs_default=report["throughput"][str(batch)]["plain"]["tokens_per_s"] / row["plain"])
+  save()
 
   _log(f"[{time.perf_counter() - t_start:.0f}s] 2. verify cost at widths {widths}, draft cost")
   gen = Generator(target, ModelDrafter(draft), k_max=widths[-1] - 1, policy="fixed",
@@ -212,7 +240,13 @@ def format_table(r: dict) -> str:
   lines.append(f"compiles after warm-up: {compiles} over {len(r['compiles_after_warmup'])} runs")
   m = r["greedy_mismatch"]
   lines.append(f"greedy speculative vs plain in {m['dtype']}: {m['rows_diverged']} rows diverged "
-               f"over {m['tokens_compared']} tokens ({m['per_1000_tokens']:.2f} per 1,000)")
+               f"over {m['tokens_compared']} tokens ({m['per_1000_tokens']:.2f} per 1,000; "
+               f"{m['near_ties']} at a near-tie, top-2 gaps {m['gaps']})")
+  m = r["matched_numerics"]
+  lines.append(f"numerics-matched mode (batch {m['batch']}): {m['rows_diverged']} rows diverged "
+               f"over {m['tokens_compared']} tokens; its plain baseline runs "
+               f"{m['plain_cost_vs_default']:.2f}x the default's time per token, its model "
+               f"draft {m['model_tokens_per_s'] / m['plain_tokens_per_s']:.2f}x its plain")
   lines.append(f"total {r['total_s']:.0f} s")
   return "\n".join(lines)
 

@@ -33,6 +33,14 @@ def count(name_contains: str = "") -> int:
     return sum(n for name, n in _counts.items() if name_contains in name)
 
 
+def loop_compiles() -> int:
+  """Compilations so far of the decode loop (``generation.LOOP``, the name
+  the Generator gives the jitted loop, so renaming code cannot make a
+  "0 recompiles" check count nothing)."""
+  from specdec_jax import generation  # pylint: disable=g-import-not-at-top  (imports this module)
+  return count(generation.LOOP)
+
+
 def snapshot() -> dict[str, int]:
   with _lock:
     return dict(_counts)

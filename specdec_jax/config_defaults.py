@@ -40,6 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.k_max = 0                   # static draft slots; 0 means k
   c.rule = "rejection"          # rejection | coupled | typical (temperature > 0) | synthetic
   c.synthetic_acceptance = 0.7  # rule=synthetic (NOT exact, systems benchmarks): P(accept a draft)
+  # Numerics-matched mode: every target call, the plain baseline's too, runs at
+  # the verify width k_max + 1, so speculative greedy equals plain greedy bit for
+  # bit in bf16 (default: plain steps are 1 token wide; see decode.matched_verify_widths).
+  c.matched_numerics = False
   c.typical_epsilon = 0.09
   c.typical_alpha = 0.3
   c.policy = "auto"             # auto (never at a loss) | fixed | threshold | adaptive | budget

@@ -37,7 +37,8 @@ class DecodeSpec:
 
   k_max: draft slots per step (0 = plain decoding). The effective k and the
     policy's per-row k_b vary at run time inside it without recompiling.
-  num_slots: S, cache/token buffer length = max_prompt + max_new + k_max + 1.
+  num_slots: S, cache/token buffer length = max_prompt + max_new + the widest
+    verify width (k_max + 1 unless padded wider).
   max_new_tokens: cap on generated tokens per row (sizes the stats buffers).
   """
 
@@ -72,12 +73,32 @@ def default_verify_widths(k_max: int) -> tuple[int, ...]:
 
 
 def check_verify_widths(widths, k_max: int) -> None:
-  """ValueError unless ``widths`` ascend, lie in [1, k_max + 1] and end at k_max + 1."""
+  """ValueError unless ``widths`` are ascending ints >= 1 whose last holds
+  k_max drafts plus the token (>= k_max + 1). A width beyond k_max + 1 pads
+  the block: its extra rows are computed and ignored
+  (``matched_verify_widths``)."""
   widths = tuple(widths)
   if (not widths or any(not isinstance(w, int) or isinstance(w, bool) for w in widths)
-      or list(widths) != sorted(set(widths)) or widths[0] < 1 or widths[-1] != k_max + 1):
-    raise ValueError(f"verify_widths={widths} must be ascending ints in [1, k_max + 1 = "
-                     f"{k_max + 1}] ending at k_max + 1")
+      or list(widths) != sorted(set(widths)) or widths[0] < 1 or widths[-1] < k_max + 1):
+    raise ValueError(f"verify_widths={widths} must be ascending ints >= 1 ending at "
+                     f">= k_max + 1 = {k_max + 1}")
+
+
+def matched_verify_widths(k_max: int, width: int | None = None) -> tuple[int, ...]:
+  """The numerics-matched mode's one width (default k_max + 1).
+
+  Every target call of the loop then has the same shape, and so does the
+  plain baseline's when it is built with the same width (k_max = 0, each
+  step's token padded to ``width`` rows): every token of both decodes comes
+  from the same compiled computation at the same shapes, so greedy (and
+  coupled) speculative output equals plain output bit for bit in any dtype,
+  where the default widths let bf16 rounding differ between a 1-row and a
+  (K+1)-row pass and flip an argmax at a near-tie. (It relies on a row's
+  result not depending on which row of the pass it is: true of the kernels
+  XLA uses, whose reduction order is set by the shapes.) It costs the plain
+  baseline a ``width``-row pass per token and the speculative loop its
+  width-1 steps."""
+  return (k_max + 1 if width is None else width,)
 
 
 @flax.struct.dataclass
@@ -319,18 +340,19 @@ def _verify_at_width(spec: DecodeSpec, target: Transformer, width: int, target_p
   to the K_max + 1 of the other widths (zeros: never read).
   """
   k = spec.k_max
-  d = width - 1
+  d = min(width - 1, k)   # drafts this width holds; rows beyond are padding
   sub = Proposal(draft_BK=proposal.draft_BK[:, :d],
                  q_BKV=None if proposal.q_BKV is None else proposal.q_BKV[:, :d],
                  num_proposed_B=jnp.minimum(proposal.num_proposed_B, d))
   last_B1 = jnp.take_along_axis(state.tokens_BS, state.length_B[:, None] - 1, axis=1)
-  block_BW = jnp.concatenate([last_B1, sub.draft_BK], axis=1)
+  padding_BP = jnp.zeros((last_B1.shape[0], width - 1 - d), jnp.int32)
+  block_BW = jnp.concatenate([last_B1, sub.draft_BK, padding_BP], axis=1)
   positions_BW = state.length_B[:, None] - 1 + jnp.arange(width)[None, :]
   logits_BWV, hidden_BWD, target_cache = target.apply_with_hidden(
       target_params, block_BW, positions_BW, state.target_cache)
-  n_B, x_B, expected_BD = _accept(spec, sub, logits_BWV, state, run)
+  n_B, x_B, expected_BD = _accept(spec, sub, logits_BWV[:, :d + 1], state, run)
   pad = lambda x: jnp.pad(x, [(0, 0), (0, k - d)] + [(0, 0)] * (x.ndim - 2))
-  return n_B, x_B, pad(expected_BD), pad(hidden_BWD), target_cache
+  return n_B, x_B, pad(expected_BD), pad(hidden_BWD[:, :d + 1]), target_cache
 
 
 def verify_phase(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,

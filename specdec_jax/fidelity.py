@@ -72,3 +72,58 @@ def chi_square_test(samples: list[tuple], expected_probs: dict[tuple, float],
   tv = 0.5 * sum(abs(counts.get(s, 0) / n - expected_probs.get(s, 0.0)) for s in support)
   return {"p_value": p_value, "tv_distance": float(tv), "n_samples": n,
           "chi_square": stat, "dof": dof, "impossible_samples": impossible}
+
+
+# ----------------------------------------------------------------------------
+# Greedy identity: where two greedy decodes part, and whether it is a near-tie.
+
+NEAR_TIE_REL = 2.0 ** -6   # 4 bf16 ulps of the largest logit
+
+
+def first_divergence(expected: list[int], actual: list[int]) -> int | None:
+  """First position where the two token lists differ (the shorter one's
+  length when one is a prefix of the other); None when they are equal."""
+  if expected == actual:
+    return None
+  n = min(len(expected), len(actual))
+  return next((i for i in range(n) if expected[i] != actual[i]), n)
+
+
+def greedy_divergences(model: Transformer, params, prompts: list[list[int]],
+                       expected: list[list[int]], actual: list[list[int]]) -> list[dict]:
+  """Each row whose ``actual`` greedy tokens leave ``expected`` (plain
+  greedy decoding's), with the target's logits where they part.
+
+  The logits come from one forward pass over prompt + the common prefix
+  (all rows padded to one length: one compile). Returns dicts of row,
+  position, expected_token, actual_token, top2 (the two largest logits'
+  token ids), gap (largest minus second logit), scale (largest |logit|) and
+  near_tie: both tokens are the top two and gap <= NEAR_TIE_REL * scale,
+  the most that rounding in a low-precision dtype can explain.
+  """
+  found = []
+  for row, (want, got) in enumerate(zip(expected, actual)):
+    position = first_divergence(want, got)
+    if position is not None and position < min(len(want), len(got)):
+      found.append((row, position, prompts[row] + want[:position]))
+  if not found:
+    return []
+  length = max(len(ids) for _, _, ids in found)
+  tokens_BT = np.zeros((len(found), length), np.int32)
+  for b, (_, _, ids) in enumerate(found):
+    tokens_BT[b, :len(ids)] = ids   # right padding: causal, so it changes nothing before it
+  positions_BT = np.broadcast_to(np.arange(length, dtype=np.int32), tokens_BT.shape)
+  logits_BTV, _ = jax.jit(model.apply)(params, jnp.asarray(tokens_BT), jnp.asarray(positions_BT),
+                                       model.init_cache(len(found), length))
+  logits_BTV = np.asarray(logits_BTV, np.float32)
+  report = []
+  for b, (row, position, ids) in enumerate(found):
+    logits_V = logits_BTV[b, len(ids) - 1]
+    top2 = [int(t) for t in np.argsort(logits_V)[::-1][:2]]
+    gap = float(logits_V[top2[0]] - logits_V[top2[1]])
+    scale = float(np.max(np.abs(logits_V)))
+    want, got = expected[row][position], actual[row][position]
+    report.append(dict(row=row, position=position, expected_token=want, actual_token=got,
+                       top2=top2, gap=gap, scale=scale,
+                       near_tie=bool({want, got} == set(top2) and gap <= NEAR_TIE_REL * scale)))
+  return report

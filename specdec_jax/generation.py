@@ -24,6 +24,9 @@ from specdec_jax.drafters.base import Drafter
 from specdec_jax.models.transformer import Transformer
 
 MIN_BUCKET = 16
+# The jitted whole-generation loop's name: its compiles are what "no
+# recompiles" counts (``compile_count.loop_compiles``).
+LOOP = "generate_loop"
 # What each jitted phase's arguments are, for sharded jitting (sharding.py).
 _BATCH5 = ("batch",) * 5
 # The phases used one at a time (trace mode, phase timing) take the decode
@@ -31,7 +34,7 @@ _BATCH5 = ("batch",) * 5
 # copied on every call, as inside the fused loop.
 _DONATE = {"draft_phase": (1,), "verify_phase": (1,)}
 _ARG_KINDS = {
-    "generate_loop": ("target_params", "draft_params", *_BATCH5, "replicated"),
+    LOOP: ("target_params", "draft_params", *_BATCH5, "replicated"),
     "prefill": ("target_params", "draft_params", *_BATCH5, "replicated"),
     "draft_phase": ("draft_params", "state", "replicated"),
     "verify_phase": ("target_params", "state", "state", "replicated"),
@@ -97,6 +100,8 @@ class Generator:
     eos_ids: ids that end a row.
     verify_widths: the static verify widths each step chooses from (the
       smallest holding every row's drafts + 1); default (1, k_max + 1).
+      ``decode.matched_verify_widths`` gives the numerics-matched mode: one
+      width, which a plain Generator (k_max=0) can share by padding.
     shardings: optional ``sharding.GenerationShardings``: the phases are then
       jitted with explicit in/out shardings on its mesh (params per the rules,
       batch arrays and the DecodeState over ``data``, caches per the rules)
@@ -137,12 +142,12 @@ class Generator:
     self.batch_size = batch_size
     self.k_max = k_max
     self.eos_ids = tuple(int(e) for e in eos_ids)
-    self.num_slots = max_prompt_len + max_new_tokens + k_max + 1
     self.buckets = prompt_buckets(max_prompt_len)
     self._typical = (typical_epsilon, typical_alpha)
-    self.verify_widths = (tuple(int(w) for w in verify_widths) if verify_widths
+    self.verify_widths = (tuple(w for w in verify_widths) if verify_widths
                           else decode.default_verify_widths(k_max))
     decode.check_verify_widths(self.verify_widths, k_max)
+    self.num_slots = max_prompt_len + max_new_tokens + self.verify_widths[-1]
     self._jitted = {}
     self.shardings = shardings
     if shardings is not None:
@@ -184,13 +189,15 @@ class Generator:
       def verify_phase(tp, state, proposal, run):
         return decode.verify_phase(spec, target, drafter, tp, state, proposal, run)
 
-      fns = {"generate_loop": generate_loop, "prefill": prefill,
+      fns = {LOOP: generate_loop, "prefill": prefill,
              "draft_phase": draft_phase, "verify_phase": verify_phase}
+      fn = fns[name]
+      fn.__name__ = fn.__qualname__ = name   # what compile_count sees, whatever the closure's name
       donate = _DONATE.get(name, ())
       if self.shardings is None:
-        self._jitted[key] = jax.jit(fns[name], donate_argnums=donate)
+        self._jitted[key] = jax.jit(fn, donate_argnums=donate)
       else:
-        self._jitted[key] = self.shardings.jit(fns[name], _ARG_KINDS[name], donate)
+        self._jitted[key] = self.shardings.jit(fn, _ARG_KINDS[name], donate)
     return self._jitted[key]
 
   # ----- validation and batching --------------------------------------------
@@ -321,7 +328,7 @@ class Generator:
                   synthetic_acceptance)
     run = self._run_params(k, temperature, top_k, top_p, tau, budget, costs,
                            synthetic_acceptance)
-    fn = self._fn("generate_loop", temperature == 0)
+    fn = self._fn(LOOP, temperature == 0)
     rows, wall = [], 0.0
     for start in range(0, len(prompts), self.batch_size):
       chunk = slice(start, start + self.batch_size)

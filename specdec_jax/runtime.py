@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from specdec_jax import decode
 from specdec_jax import policies
 from specdec_jax import sampling
 from specdec_jax import verify
@@ -64,6 +65,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       validate_synthetic_acceptance(config.synthetic_acceptance)
     except ValueError as e:
       raise ValueError(f"config.{e}") from None
+  if not isinstance(config.matched_numerics, bool):
+    raise ValueError(f"config.matched_numerics={config.matched_numerics!r} must be True or False")
   if int(config.seed) != config.seed or not 0 <= config.seed < 2**32:
     raise ValueError(f"config.seed={config.seed} must be an int in [0, 2**32)")
   if int(config.k) != config.k or config.k < 1:
@@ -191,13 +194,16 @@ class Runtime:
     return tuple(self.tokenizer.eos_ids)
 
   def generator(self, *, baseline: bool = False, **overrides) -> Generator:
-    """A Generator for the config (``baseline=True``: plain decoding, K=0)."""
+    """A Generator for the config (``baseline=True``: plain decoding, K=0;
+    with ``matched_numerics`` both verify at the one width k_max + 1)."""
     c = self.config
     kwargs = dict(
         k_max=0 if baseline else effective_k_max(c), rule=c.rule, policy=c.policy,
         max_prompt_len=c.max_prompt_len, max_new_tokens=c.max_new_tokens,
         batch_size=c.batch_size, eos_ids=self.eos_ids,
         typical_epsilon=c.typical_epsilon, typical_alpha=c.typical_alpha)
+    if c.matched_numerics:
+      kwargs["verify_widths"] = decode.matched_verify_widths(effective_k_max(c))
     kwargs.update(overrides)
     drafter = None if kwargs["k_max"] == 0 else self.drafter
     if self.shardings is not None:

@@ -91,10 +91,16 @@ def _uses_smollm2(item) -> bool:
   return bool(SMOLLM2_FIXTURES & set(getattr(item, "fixturenames", ())))
 
 
+def _optimised(item) -> bool:
+  """The real model's tests, and those marked ``optimized_xla`` (whose
+  subject is the optimised program's numerics, such as bf16 rounding)."""
+  return _uses_smollm2(item) or item.get_closest_marker("optimized_xla") is not None
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-  """Optimised XLA for the real model's tests (before their fixtures run)."""
-  jax.config.update("jax_disable_most_optimizations", not _uses_smollm2(item))
+  """Optimised XLA where ``_optimised`` (before the test's fixtures run)."""
+  jax.config.update("jax_disable_most_optimizations", not _optimised(item))
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ def random_prompts(rng, lengths):
 
 
 def loop_compiles():
-  return compile_count.count("generate_loop")
+  return compile_count.loop_compiles()
 
 
 # ----------------------------------------------------------------------------

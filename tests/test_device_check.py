@@ -29,11 +29,15 @@ def test_dry_run_prints_the_table_and_writes_every_figure(tmp_path):
   assert report["draft_cost_c"] > 0
   assert len(report["synthetic_speedup"]) == 3
   # every timed call reused the warm-up's program
-  assert len(report["compiles_after_warmup"]) == 6
+  assert len(report["compiles_after_warmup"]) == 8
   assert set(report["compiles_after_warmup"].values()) == {0}
   mismatch = report["greedy_mismatch"]
   assert mismatch["dtype"] == "bfloat16" and mismatch["tokens_compared"] > 0
+  assert mismatch["near_ties"] <= mismatch["rows_diverged"]
+  matched = report["matched_numerics"]
+  assert matched["rows_diverged"] == 0 and matched["tokens_compared"] > 0
+  assert matched["plain_cost_vs_default"] > 0 and matched["model_tokens_per_s"] > 0
   for line in ("device check: cpu", "verify cost by width", "draft cost c",
                "synthetic acceptance speedup (NOT exact)", "compiles after warm-up: 0",
-               "greedy speculative vs plain in bfloat16"):
+               "greedy speculative vs plain in bfloat16", "numerics-matched mode (batch 1): 0 rows"):
     assert line in proc.stdout, proc.stdout

@@ -7,7 +7,8 @@ ones pass at p 0.4-0.8). K=2 < 3 tokens, so full acceptances put bonus tokens in
 the samples; every exact row asserts that drafts were accepted, rejected and
 bonus tokens drawn. A lossy rule and deliberately broken rejection rules (the
 residual, the acceptance ratio, the bonus position) must be caught by the
-same test (negative controls).
+same test (negative controls). Two exact rows and the broken residual run
+with bf16 params and caches as well.
 """
 
 import jax
@@ -87,6 +88,7 @@ def assert_drafts_accepted_rejected_and_bonus_drawn(stats, n):
   assert stats["bonus_tokens"] > 0.02 * n, stats
 
 
+BF16 = {"model.dtype": "bfloat16", "draft.dtype": "bfloat16"}
 EXACT_CASES = {
     # (drafter, rule, warp, extra config)
     "model-rejection-t1": ("model", "rejection", "t1", {}),
@@ -100,6 +102,9 @@ EXACT_CASES = {
     "threshold-rejection-t0.7_p0.9": ("model", "rejection", "t0.7_p0.9",
                                       dict(policy="threshold", tau=0.3)),
     "budget-rejection-t1": ("model", "rejection", "t1", dict(policy="budget", budget=2500)),
+    # bf16 params and caches (logits, softmax and acceptance stay float32).
+    "bf16-model-rejection-t1": ("model", "rejection", "t1", BF16),
+    "bf16-model-coupled-t1": ("model", "coupled", "t1", BF16),
 }
 
 
@@ -166,14 +171,16 @@ BROKEN = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bug", list(BROKEN))
-def test_broken_rejection_rule_is_caught(monkeypatch, bug):
+@pytest.mark.parametrize("bug,dtype", [(bug, "float32") for bug in BROKEN]
+                         + [("residual", "bfloat16")])
+def test_broken_rejection_rule_is_caught(monkeypatch, bug, dtype):
   """Each deliberate bug in rejection sampling shifts the distribution of
   the samples, and the chi-square test must notice (while drafts are still
-  accepted and bonus tokens drawn, so the bug is exercised)."""
+  accepted and bonus tokens drawn, so the bug is exercised); in bf16 too."""
   name, broken = BROKEN[bug]
   monkeypatch.setattr(verify, name, broken)
-  config = tiny_config(drafter="model", rule="rejection", temperature=1.0)
+  config = tiny_config(drafter="model", rule="rejection", temperature=1.0,
+                       **{"model.dtype": dtype, "draft.dtype": dtype})
   stats = run_fidelity(config, log=quiet)
   assert stats["accepted"] > 0 and stats["bonus_tokens"] > 0, stats
   assert stats["p_value"] < 1e-3, stats

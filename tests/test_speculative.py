@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import (DRAFT, K_MAX, MAX_NEW, TARGET, VOCAB, check_stats, init, make_prompts,
-                    outputs, total_accepted)
+from common import (DRAFT, DRAFTERS, K_MAX, MAX_NEW, MAX_PROMPT, TARGET, VOCAB, check_stats,
+                    draft_params, init, make_prompts, outputs, total_accepted)
 from common import generator as gen
 from specdec_jax import compile_count
 from specdec_jax import metrics
@@ -62,9 +62,9 @@ def test_greedy_speculative_equals_plain():
                                       max_new_tokens=max_new[alone_i]).rows[0]
         assert alone.output_ids == ref[alone_i], f"seed {seed} drafter {kind} K={k} (batch 1)"
     if seed == 0:
-      before = compile_count.count("generate_loop")
+      before = compile_count.loop_compiles()
   # Different params, prompts and K never recompiled.
-  assert compile_count.count("generate_loop") == before
+  assert compile_count.loop_compiles() == before
   # Not vacuous: drafts were proposed and some were accepted by both drafters.
   assert accepted["ngram"] > 20 and accepted["model"] > 0, (accepted, proposed)
   assert proposed["model"] > 300
@@ -232,7 +232,7 @@ def test_policy_threshold(policy_setup):
   tp, dp, prompts, ref, fixed = policy_setup
   g = gen("model", 5, policy="threshold")
   none = g.generate(tp, dp, prompts, k=4, tau=1.0)
-  before = compile_count.count("generate_loop")
+  before = compile_count.loop_compiles()
   assert outputs(none) == ref
   for row in none.rows:
     assert set(row.proposed_per_step) == {0}
@@ -251,7 +251,7 @@ def test_policy_threshold(policy_setup):
         check_stats(row)
         assert max(row.proposed_per_step) <= k
         counts.update(row.proposed_per_step)
-  assert compile_count.count("generate_loop") == before
+  assert compile_count.loop_compiles() == before
   assert len(counts) > 2    # the threshold stopped rows at various slots
 
 
@@ -268,7 +268,7 @@ def test_policy_adaptive_per_row(policy_setup):
   tp, dp, prompts, ref, _ = policy_setup
   g = gen("model", 5, policy="adaptive")
   g.generate(tp, dp, prompts, k=4)
-  before = compile_count.count("generate_loop")
+  before = compile_count.loop_compiles()
   differing_steps = 0
   for k in (2, 4, K_MAX):
     result = g.generate(tp, dp, prompts, k=k)
@@ -281,7 +281,7 @@ def test_policy_adaptive_per_row(policy_setup):
       active = step[step >= 0]
       differing_steps += len(set(active)) > 1 and min(active) > 0
   assert differing_steps > 0   # rows in the same step drafted different k_b
-  assert compile_count.count("generate_loop") == before
+  assert compile_count.loop_compiles() == before
 
 
 def test_policy_adaptive_ngram_long_drafts_where_accepted_short_where_rejected():
@@ -320,7 +320,7 @@ def test_policy_budget(policy_setup, kind):
   d = draft_params_for(kind, tp, dp)
   g = gen(kind, 5, policy="budget")
   g.generate(tp, d, prompts, k=4, budget=3)
-  before = compile_count.count("generate_loop")
+  before = compile_count.loop_compiles()
   binding = 0
   for budget in (1, 3, 8, 100):
     for k in (1, 4, K_MAX):
@@ -339,7 +339,7 @@ def test_policy_budget(policy_setup, kind):
         check_stats(row)
         assert max(row.proposed_per_step) <= k
   assert binding > 0
-  assert compile_count.count("generate_loop") == before
+  assert compile_count.loop_compiles() == before
 
 
 def test_policy_bad_input(policy_setup):
@@ -570,9 +570,9 @@ def test_verify_width_is_the_smallest_that_holds_the_drafts():
       assert all(r.width_per_step[t] == width for r in result.rows if t < r.target_calls)
       seen.add(width)
     if before is None:
-      before = compile_count.count("generate_loop")
+      before = compile_count.loop_compiles()
   assert seen == set(widths), seen            # every width ran
-  assert compile_count.count("generate_loop") == before
+  assert compile_count.loop_compiles() == before
 
 
 def test_no_drafts_means_plain_width_steps():
@@ -587,7 +587,29 @@ def test_no_drafts_means_plain_width_steps():
   assert all(set(r.width_per_step) == {K_MAX + 1} for r in fixed.rows)
 
 
-@pytest.mark.parametrize("widths", [(2, 1, 6), (1, 4), (0, 6), (1, 6, 6), (1, 7)])
+def test_a_width_beyond_the_drafts_pads_the_block():
+  """A verify width wider than k_max + 1 (the numerics-matched mode's plain
+  baseline: k_max = 0 at width K + 1) runs its extra rows as padding: the
+  same tokens as at the default widths, every step at that width, and the
+  cache sized for it."""
+  tp = init(TARGET, 87)
+  prompts = make_prompts(88)
+  for name, k_max in (("plain", 0), ("ngram", 2)):
+    padded = Generator(TARGET, DRAFTERS[name], k_max=k_max, rule="coupled", max_prompt_len=MAX_PROMPT,
+                       max_new_tokens=MAX_NEW, batch_size=5, verify_widths=(K_MAX + 1,))
+    assert padded.num_slots == MAX_PROMPT + MAX_NEW + K_MAX + 1
+    for temperature in (0.0, 1.0):
+      kwargs = dict(seeds=[1, 2, 3, 4, 5], temperature=temperature)
+      if k_max:
+        kwargs["k"] = k_max
+      result = padded.generate(tp, draft_params(name, 0, tp), prompts, **kwargs)
+      plain = gen("plain", 5).generate(tp, None, prompts, seeds=kwargs["seeds"],
+                                       temperature=temperature)
+      assert outputs(result) == outputs(plain), (name, temperature)
+      assert all(set(r.width_per_step) == {K_MAX + 1} for r in result.rows)
+
+
+@pytest.mark.parametrize("widths", [(2, 1, 6), (1, 4), (0, 6), (1, 6, 6), (1, 6.0), (True, 6)])
 def test_bad_verify_widths_are_refused(widths):
   with pytest.raises(ValueError, match="verify_widths"):
     Generator(TARGET, NgramDrafter(), k_max=K_MAX, verify_widths=widths)

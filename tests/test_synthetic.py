@@ -49,7 +49,7 @@ def test_measured_acceptance_matches_the_set_probability(synthetic_setup, temper
     result = gen.generate(tp, dp, prompts, seeds=list(range(8)), temperature=temperature,
                           synthetic_acceptance=a)
     if before is None:   # the first call compiles; the other probabilities must not
-      before = compile_count.count("generate_loop")
+      before = compile_count.loop_compiles()
     accepted, reached = slot_acceptance(result)
     assert reached > 300, reached
     rate = accepted / reached
@@ -60,7 +60,7 @@ def test_measured_acceptance_matches_the_set_probability(synthetic_setup, temper
     if a == 1.0:   # every step commits K drafts + the target's token (until the cap)
       assert all(len(r.output_ids) == 48 and r.target_calls <= 48 // (K + 1) + 1
                  for r in result.rows), [r.target_calls for r in result.rows]
-  assert compile_count.count("generate_loop") == before
+  assert compile_count.loop_compiles() == before
 
 
 def test_synthetic_outputs_are_not_the_targets(synthetic_setup):

@@ -96,7 +96,7 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   if config.policy == "auto":
     spec_kwargs = dict(spec_kwargs, costs=costs_from_phases(
         spec_costs, spec_gen.verify_widths, config.k))
-  compiles_warm = compile_count.count("generate_loop")
+  compiles_warm = compile_count.loop_compiles()
 
   times = {c: {"baseline": [], "speculative": []} for c in groups}
   base_rows, spec_rows = {}, {}
@@ -115,7 +115,7 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
     eta = elapsed / (repeat + 1) * (config.benchmark.repeats - repeat - 1)
     log(f"repeat {repeat + 1}/{config.benchmark.repeats} done "
         f"({elapsed:.0f}s, ETA {eta:.0f}s)")
-  compiles_after_warmup = compile_count.count("generate_loop") - compiles_warm
+  compiles_after_warmup = compile_count.loop_compiles() - compiles_warm
 
   target_step_s = base_costs["verify_s"]
   cost_ratio_c = spec_costs["draft_s"] / (config.k * target_step_s)
@@ -183,6 +183,7 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
       "exact_rule": config.rule in verify.EXACT_RULES,
       "synthetic_acceptance": (config.synthetic_acceptance if config.rule == "synthetic"
                                else None),
+      "matched_numerics": config.matched_numerics,
       "policy": config.policy, "k": config.k, "k_max": k_slots,
       "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
       "batch_size": config.batch_size, "num_prompts": len(prompts),
@@ -294,6 +295,9 @@ def format_table(summary: dict) -> str:
       f"plain step {1e3 * summary['target_step_s']:.1f} ms = "
       f"{summary['roofline_fraction_plain']:.2f} of it; speculative tokens/s = "
       f"{summary['roofline_fraction_speculative']:.2f} of the plain roofline's")
+  if summary["matched_numerics"]:
+    lines.append("numerics-matched mode: every target call, the baseline's too, is "
+                 f"{summary['k_max'] + 1} tokens wide (the baseline pays for it)")
   if summary["synthetic_acceptance"] is not None:
     lines.append(f"NOT EXACT: rule=synthetic accepts each draft with probability "
                  f"{summary['synthetic_acceptance']} (a systems benchmark; outputs are not "

@@ -52,7 +52,7 @@ def run(config, workdir: str, log=print) -> dict:
   if os.path.exists(results_path) and io.is_writer():
     os.remove(results_path)
   _log_process_split(generator, len(prompts), config.batch_size)
-  compiles_before = compile_count.count("generate_loop")
+  compiles_before = compile_count.loop_compiles()
   rows = []
   t_start = time.perf_counter()
   for start in range(0, len(prompts), config.batch_size):
@@ -79,7 +79,7 @@ def run(config, workdir: str, log=print) -> dict:
       "drafter": config.drafter, "k": config.k if k_max else 0,
       "new_tokens": new_tokens, "load_time_s": load_s,
       "wall_time_s": wall_s,  # includes compilation; job=benchmark times warm runs
-      "compiles": compile_count.count("generate_loop") - compiles_before,
+      "compiles": compile_count.loop_compiles() - compiles_before,
       **metrics.acceptance_summary(rows, k_max),
   }
   io.write_json(os.path.join(workdir, "summary.json"), summary)
