@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.optimized_xla]
 TARGET = Transformer(ModelConfig(vocab_size=VOCAB, num_layers=2, d_model=512, num_heads=8,
                                  num_kv_heads=2, head_dim=64, ffn_dim=1024, dtype="bfloat16"))
 K, MAX_NEW, BATCH = 4, 32, 32
-SEEDS = (0, 1, 2)   # params seeds
+SEEDS = (0, 2)   # params seeds
 
 
 def _prompts():

@@ -7,8 +7,8 @@ ones pass at p 0.4-0.8). K=2 < 3 tokens, so full acceptances put bonus tokens in
 the samples; every exact row asserts that drafts were accepted, rejected and
 bonus tokens drawn. A lossy rule and deliberately broken rejection rules (the
 residual, the acceptance ratio, the bonus position) must be caught by the
-same test (negative controls). Two exact rows and the broken residual run
-with bf16 params and caches as well.
+same test (negative controls). Two exact rows run with bf16 params and
+caches as well.
 """
 
 import jax
@@ -171,16 +171,14 @@ BROKEN = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bug,dtype", [(bug, "float32") for bug in BROKEN]
-                         + [("residual", "bfloat16")])
-def test_broken_rejection_rule_is_caught(monkeypatch, bug, dtype):
+@pytest.mark.parametrize("bug", list(BROKEN))
+def test_broken_rejection_rule_is_caught(monkeypatch, bug):
   """Each deliberate bug in rejection sampling shifts the distribution of
   the samples, and the chi-square test must notice (while drafts are still
-  accepted and bonus tokens drawn, so the bug is exercised); in bf16 too."""
+  accepted and bonus tokens drawn, so the bug is exercised)."""
   name, broken = BROKEN[bug]
   monkeypatch.setattr(verify, name, broken)
-  config = tiny_config(drafter="model", rule="rejection", temperature=1.0,
-                       **{"model.dtype": dtype, "draft.dtype": dtype})
+  config = tiny_config(drafter="model", rule="rejection", temperature=1.0)
   stats = run_fidelity(config, log=quiet)
   assert stats["accepted"] > 0 and stats["bonus_tokens"] > 0, stats
   assert stats["p_value"] < 1e-3, stats
