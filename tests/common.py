@@ -23,6 +23,17 @@ from specdec_jax.models.feature_draft import FeatureDraft
 from specdec_jax.models.transformer import Transformer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# XLA:CPU flag for the tiny models' compiles (set for the test processes and
+# their subprocesses by conftest.py); ``real_model_env`` takes it out again.
+TINY_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def real_model_env(env: dict) -> dict:
+  """``env`` for a subprocess that runs the real model: XLA's optimisation
+  passes and the newer fusion emitters back on (its compiles take half the
+  time and its steps run up to 2.6x faster than with the tiny models' settings)."""
+  return dict(env, JAX_DISABLE_MOST_OPTIMIZATIONS="0",
+              XLA_FLAGS=env.get("XLA_FLAGS", "").replace(TINY_XLA_FLAGS, "").strip())
 
 VOCAB = 259
 TARGET = Transformer(ModelConfig(vocab_size=VOCAB, num_layers=2, d_model=64, num_heads=4,

@@ -56,7 +56,7 @@ os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 # process's backend starts, and by every subprocess; the real model's
 # optimised compiles here switch the newer emitters back on (below), which
 # compile its programs 2.4x faster and run them as fast.
-TINY_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+from common import TINY_XLA_FLAGS  # noqa: E402
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TINY_XLA_FLAGS}".strip()
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from common import REPO_ROOT, run_cli, tiny_config
+from common import REPO_ROOT, real_model_env, run_cli, tiny_config
 from specdec_jax import diagnose
 from specdec_jax.models.tokenizers import ByteTokenizer
 
@@ -37,8 +37,8 @@ BENCH_QUICK = ("--config.benchmark.repeats=1", "--config.benchmark.timing_iters=
 class Job:
   """A CLI subprocess, started on the first ``result()``."""
 
-  def __init__(self, args, workdir):
-    self.args, self.workdir = args, workdir
+  def __init__(self, args, workdir, real_model=False):
+    self.args, self.workdir, self.real_model = args, workdir, real_model
     self._result = None
 
   def result(self):
@@ -46,6 +46,8 @@ class Job:
     if self._result is None:
       env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep
                  + os.environ.get("PYTHONPATH", ""))
+      if self.real_model:
+        env = real_model_env(env)
       proc = subprocess.run([sys.executable, "-m", "specdec_jax.main",
                              f"--workdir={self.workdir}", *self.args], cwd=REPO_ROOT,
                             env=env, capture_output=True, timeout=TIMEOUT_S)
@@ -192,7 +194,7 @@ def test_smollm2_config_from_the_command_line(tmp_path, smollm2_scan, smollm2_ca
   the tiny models, and here it would compile three more 30-layer programs.)"""
   job = Job([f"--config={REPO_ROOT / 'configs' / 'smollm2.py'}",
              f"--config.cache_dir={smollm2_cache_dir}", "--config.max_new_tokens=12",
-             "--config.max_prompts=2", "--config.policy=fixed"], str(tmp_path))
+             "--config.max_prompts=2", "--config.policy=fixed"], str(tmp_path), real_model=True)
   rc, out, err = job.result()
   assert rc == 0, err[-3000:]
   records = job.read_jsonl("results.jsonl")
