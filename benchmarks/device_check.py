@@ -115,10 +115,8 @@ class _Mismatches:
     self.dtype, self.rows, self.tokens, self.found = dtype, 0, 0, []
 
   def add(self, target, params, prompts, plain, spec):
-    for a, b in zip(plain, spec):
-      first = fidelity.first_divergence(a, b)
-      self.rows += first is not None
-      self.tokens += min(len(a), len(b)) if first is None else first + 1
+    rows, tokens = fidelity.divergence_counts(plain, spec)
+    self.rows, self.tokens = self.rows + rows, self.tokens + tokens
     self.found += fidelity.greedy_divergences(target, params, prompts, plain, spec)
 
   def summary(self) -> dict:
@@ -178,7 +176,8 @@ def check(dry_run: bool, shapes: str, layer_loop: str, out_path: str) -> dict:
   prompts, matched = _prompts(batch, prompt_len, vocab, seed=batch), _Mismatches(target.cfg.dtype)
   widths_matched = decode.matched_verify_widths(K)
   row = {}
-  for name, drafter, params, k_max in (("plain", None, None, 0), ("model", ModelDrafter(draft), dp, K)):
+  for name, drafter, params, k_max in (("plain", None, None, 0),
+                                       ("model", ModelDrafter(draft), dp, K)):
     gen = Generator(target, drafter, k_max=k_max, policy="fixed", batch_size=batch,
                     verify_widths=widths_matched, **sizes)
     row[name], outputs, compiles = _timed(gen, tp, params, prompts)
@@ -189,12 +188,14 @@ def check(dry_run: bool, shapes: str, layer_loop: str, out_path: str) -> dict:
   report["matched_numerics"] = dict(
       matched.summary(), batch=batch, plain_tokens_per_s=row["plain"],
       model_tokens_per_s=row["model"],
-      plain_cost_vs_default=report["throughput"][str(batch)]["plain"]["tokens_per_s"] / row["plain"])
+      plain_cost_vs_default=(report["throughput"][str(batch)]["plain"]["tokens_per_s"]
+                             / row["plain"]))
   save()
 
   _log(f"[{time.perf_counter() - t_start:.0f}s] 2. verify cost at widths {widths}, draft cost")
   gen = Generator(target, ModelDrafter(draft), k_max=widths[-1] - 1, policy="fixed",
-                  batch_size=1, verify_widths=widths, max_prompt_len=prompt_len, max_new_tokens=max_new + 64)
+                  batch_size=1, verify_widths=widths, max_prompt_len=prompt_len,
+                  max_new_tokens=max_new + 64)
   phases = gen.phase_costs(tp, dp, _prompts(1, prompt_len, vocab, seed=0),
                            iters=3 if dry_run else 10, k=K)
   step = phases["verify_s_by_width"][1]

@@ -6,6 +6,9 @@ import threading
 import jax
 
 _EVENT = "/jax/core/compile/backend_compile_duration"
+# The name the Generator jits its whole-generation loop under: its compiles
+# are what "no recompiles" counts (``loop_compiles``).
+LOOP = "generate_loop"
 _counts = collections.Counter()
 _lock = threading.Lock()
 _installed = False
@@ -34,11 +37,10 @@ def count(name_contains: str = "") -> int:
 
 
 def loop_compiles() -> int:
-  """Compilations so far of the decode loop (``generation.LOOP``, the name
-  the Generator gives the jitted loop, so renaming code cannot make a
-  "0 recompiles" check count nothing)."""
-  from specdec_jax import generation  # pylint: disable=g-import-not-at-top  (imports this module)
-  return count(generation.LOOP)
+  """Compilations so far of the decode loop (``LOOP``: the Generator names
+  the jitted loop by it, so renaming code cannot make a "0 recompiles"
+  check count nothing)."""
+  return count(LOOP)
 
 
 def snapshot() -> dict[str, int]:

@@ -84,21 +84,21 @@ def check_verify_widths(widths, k_max: int) -> None:
                      f">= k_max + 1 = {k_max + 1}")
 
 
-def matched_verify_widths(k_max: int, width: int | None = None) -> tuple[int, ...]:
-  """The numerics-matched mode's one width (default k_max + 1).
+def matched_verify_widths(k_max: int) -> tuple[int, ...]:
+  """The numerics-matched mode's one width, k_max + 1.
 
   Every target call of the loop then has the same shape, and so does the
   plain baseline's when it is built with the same width (k_max = 0, each
-  step's token padded to ``width`` rows): every token of both decodes comes
+  step's token padded to k_max + 1 rows): every token of both decodes comes
   from the same compiled computation at the same shapes, so greedy (and
   coupled) speculative output equals plain output bit for bit in any dtype,
   where the default widths let bf16 rounding differ between a 1-row and a
   (K+1)-row pass and flip an argmax at a near-tie. (It relies on a row's
   result not depending on which row of the pass it is: true of the kernels
   XLA uses, whose reduction order is set by the shapes.) It costs the plain
-  baseline a ``width``-row pass per token and the speculative loop its
+  baseline a (k_max + 1)-row pass per token and the speculative loop its
   width-1 steps."""
-  return (k_max + 1 if width is None else width,)
+  return (k_max + 1,)
 
 
 @flax.struct.dataclass
@@ -269,12 +269,10 @@ def _accept_synthetic(spec: DecodeSpec, proposal: Proposal, logits_BK1V, state, 
   """rule="synthetic" (greedy or sampled): drafts accepted with probability
   ``run.synthetic_acceptance``, then the target's own token (not exact)."""
   if spec.greedy:
-    target_BK1 = jnp.argmax(logits_BK1V, axis=-1).astype(jnp.int32)
+    target_BK1 = verify.target_argmax(logits_BK1V)
   else:
-    positions_BK1 = state.length_B[:, None] + jnp.arange(logits_BK1V.shape[1])[None, :]
-    target_BK1 = sampling.sample(
-        sampling.warp(logits_BK1V, run.sampling),
-        sampling.position_keys(state.keys_B2, positions_BK1, sampling.TARGET))
+    target_BK1 = verify.target_samples(sampling.warp(logits_BK1V, run.sampling),
+                                       state.keys_B2, state.length_B)
   n_B, x_B = verify.synthetic_accept(target_BK1, proposal.num_proposed_B, state.keys_B2,
                                      state.length_B, run.synthetic_acceptance)
   expected_BK = jnp.full(proposal.draft_BK.shape, run.synthetic_acceptance, jnp.float32)

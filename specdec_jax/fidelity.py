@@ -89,6 +89,17 @@ def first_divergence(expected: list[int], actual: list[int]) -> int | None:
   return next((i for i in range(n) if expected[i] != actual[i]), n)
 
 
+def divergence_counts(expected: list[list[int]], actual: list[list[int]]) -> tuple[int, int]:
+  """(rows that diverge, tokens compared: each row's up to and including its
+  first divergence, all of an equal row's), for a rate per token."""
+  rows = tokens = 0
+  for want, got in zip(expected, actual):
+    first = first_divergence(want, got)
+    rows += first is not None
+    tokens += min(len(want), len(got)) if first is None else first + 1
+  return rows, tokens
+
+
 def greedy_divergences(model: Transformer, params, prompts: list[list[int]],
                        expected: list[list[int]], actual: list[list[int]]) -> list[dict]:
   """Each row whose ``actual`` greedy tokens leave ``expected`` (plain

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specdec_jax import compile_count
 from specdec_jax import decode
 from specdec_jax import policies
 from specdec_jax import sampling
@@ -24,9 +25,7 @@ from specdec_jax.drafters.base import Drafter
 from specdec_jax.models.transformer import Transformer
 
 MIN_BUCKET = 16
-# The jitted whole-generation loop's name: its compiles are what "no
-# recompiles" counts (``compile_count.loop_compiles``).
-LOOP = "generate_loop"
+LOOP = compile_count.LOOP   # the jitted loop's name, counted by compile_count
 # What each jitted phase's arguments are, for sharded jitting (sharding.py).
 _BATCH5 = ("batch",) * 5
 # The phases used one at a time (trace mode, phase timing) take the decode
@@ -144,7 +143,7 @@ class Generator:
     self.eos_ids = tuple(int(e) for e in eos_ids)
     self.buckets = prompt_buckets(max_prompt_len)
     self._typical = (typical_epsilon, typical_alpha)
-    self.verify_widths = (tuple(w for w in verify_widths) if verify_widths
+    self.verify_widths = (tuple(verify_widths) if verify_widths
                           else decode.default_verify_widths(k_max))
     decode.check_verify_widths(self.verify_widths, k_max)
     self.num_slots = max_prompt_len + max_new_tokens + self.verify_widths[-1]

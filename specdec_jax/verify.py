@@ -35,11 +35,31 @@ def _take_row(x_BK_, index_B):
       x_BK_, index_B.reshape((-1, 1) + (1,) * (x_BK_.ndim - 2)), axis=1)[:, 0]
 
 
+def token_identical(rule: str, greedy: bool) -> bool:
+  """Whether speculative output equals plain decoding's token for token:
+  greedy under any rule but synthetic (temperature 0 accepts by argmax),
+  and the coupled rule when sampling."""
+  return rule != "synthetic" and (greedy or rule == "coupled")
+
+
+def target_argmax(logits_BK1V) -> jax.Array:
+  """The target's greedy token per slot [B, K+1] int32."""
+  return jnp.argmax(logits_BK1V, axis=-1).astype(jnp.int32)
+
+
+def target_samples(p_BK1V, keys_B2, length_B) -> jax.Array:
+  """The target's own sample per slot [B, K+1]: slot j is position
+  length + j, drawn with that position's TARGET key, as plain sampling
+  draws it."""
+  positions_BK1 = length_B[:, None] + jnp.arange(p_BK1V.shape[1])[None, :]
+  return sampling.sample(p_BK1V, sampling.position_keys(keys_B2, positions_BK1, sampling.TARGET))
+
+
 def greedy_accept(draft_BK, target_logits_BK1V, num_proposed_B):
   """Temperature 0: accept while draft == argmax p; x = argmax at the stop.
   Returns (n_B, x_B, the target's argmax per slot target_BK1)."""
   k = draft_BK.shape[1]
-  target_BK1 = jnp.argmax(target_logits_BK1V, axis=-1).astype(jnp.int32)
+  target_BK1 = target_argmax(target_logits_BK1V)
   ok_BK = (draft_BK == target_BK1[:, :k]) & _proposed_mask(num_proposed_B, k)
   n_B = _num_leading(ok_BK)
   return n_B, _take_row(target_BK1, n_B), target_BK1
@@ -110,9 +130,7 @@ def coupled_accept(draft_BK, p_BK1V, num_proposed_B, keys_B2, length_B):
   plain sampling with the same request key.
   """
   k = draft_BK.shape[1]
-  positions_BK1 = length_B[:, None] + jnp.arange(k + 1)[None, :]
-  target_BK1 = sampling.sample(
-      p_BK1V, sampling.position_keys(keys_B2, positions_BK1, sampling.TARGET))
+  target_BK1 = target_samples(p_BK1V, keys_B2, length_B)
   ok_BK = (draft_BK == target_BK1[:, :k]) & _proposed_mask(num_proposed_B, k)
   n_B = _num_leading(ok_BK)
   return n_B, _take_row(target_BK1, n_B)

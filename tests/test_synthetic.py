@@ -15,6 +15,7 @@ from common import (TARGET, DRAFTERS, draft_params, init, load_config, make_prom
                     run_cli)
 from specdec_jax import compile_count
 from specdec_jax import runtime
+from specdec_jax import verify
 from specdec_jax.generation import Generator
 from specdec_jax.models.transformer import Transformer
 
@@ -112,3 +113,12 @@ def test_shape_configs_have_the_published_parameter_counts(variant, target, draf
   if draft is not None:
     assert count(config.draft) == PUBLISHED[draft]
   assert config.draft.vocab_size == config.model.vocab_size
+
+
+def test_which_outputs_the_benchmark_compares_with_plain_decoding():
+  """Greedy output is plain greedy's under every rule but synthetic (typical
+  included: temperature 0 accepts by argmax); sampled output only under the
+  coupled rule."""
+  assert {r for r in verify.RULES if verify.token_identical(r, greedy=True)} == (
+      set(verify.RULES) - {"synthetic"})
+  assert {r for r in verify.RULES if verify.token_identical(r, greedy=False)} == {"coupled"}

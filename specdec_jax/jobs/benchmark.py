@@ -125,8 +125,7 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   ordered_base = [base_rows[i] for i in range(len(prompts))]
   ordered_spec = [spec_rows[i] for i in range(len(prompts))]
   greedy = config.temperature == 0
-  # token-identical to plain decoding by construction (synthetic never is)
-  comparable = config.rule in verify.EXACT_RULES and (greedy or config.rule == "coupled")
+  comparable = verify.token_identical(config.rule, greedy)
   identical = [b.output_ids == s.output_ids for b, s in zip(ordered_base, ordered_spec)]
   k_slots = spec_gen.k_max
   acc = metrics.acceptance_summary(ordered_spec, k_slots)
