@@ -23,7 +23,7 @@ from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.feature_draft import FeatureDraft, check_compatible
 from specdec_jax.models.tokenizers import ByteTokenizer, Tokenizer
 from specdec_jax.models import transformer as transformer_lib
-from specdec_jax.models.transformer import LAYER_LOOPS, Transformer
+from specdec_jax.models.transformer import DEFAULT_MIN_WINDOW, LAYER_LOOPS, Transformer
 
 JOBS = ("generate", "benchmark", "fidelity", "sweep", "trace", "diagnose", "distill")
 MODEL_SOURCES = ("random", "gguf", "hf", "orbax", "smollm2")
@@ -173,7 +173,7 @@ def load_model(model_config, config, sharding_fn=None) -> tuple[Transformer, Any
   """
   loop = layer_loop(model_config, sharded=sharding_fn is not None)
   cfg, params, tokenizer = _load_stacked(model_config, config, sharding_fn)
-  model = Transformer(cfg, loop)
+  model = Transformer(cfg, loop, model_config.get("min_window", DEFAULT_MIN_WINDOW))
   return model, model.prepare_params(params), tokenizer
 
 
@@ -291,6 +291,9 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
     draft_model, draft_params, _ = load_model(config.draft, config, sharding_fn)
   # Checkpoints and inits are stacked: the draft runs in its layer loop.
   draft_model = dataclasses.replace(draft_model, layer_loop=loop)
+  if isinstance(draft_model, Transformer):
+    draft_model = dataclasses.replace(
+        draft_model, min_window=config.draft.get("min_window", DEFAULT_MIN_WINDOW))
   draft_params = draft_model.prepare_params(draft_params)
   if draft_model.cfg.vocab_size != target.cfg.vocab_size:
     raise ValueError(

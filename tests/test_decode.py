@@ -1,6 +1,8 @@
 """The decode loop through the Generator API: compile counts, EOS and length
 limits per row, and input validation before anything compiles."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from specdec_jax import compile_count
 from specdec_jax import runtime
 from specdec_jax.drafters import ModelDrafter, NgramDrafter
 from specdec_jax.generation import Generator
+from specdec_jax.models import transformer
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +97,33 @@ def test_speculative_no_recompiles_after_warmup(params):
   assert loop_compiles() == before
   assert compile_count.count("") == before_all, compile_count.snapshot()
   assert len(accepted_patterns) > 10 and len(lengths) > 5
+
+
+def test_windowed_attention_in_the_loop_is_exact_and_compiles_once(params):
+  """Target and draft read 8, 16 or all 61 cache slots as the rows grow
+  (``Transformer.min_window``): greedy speculative decoding equals plain
+  greedy decoding over the whole cache, and crossing windows never recompiles."""
+  tp, dp = params
+  windowed = lambda model: dataclasses.replace(model, min_window=8)
+  plain_whole = Generator(TARGET, max_prompt_len=16, max_new_tokens=40, batch_size=2)
+  gens = {"plain": Generator(windowed(TARGET), max_prompt_len=16, max_new_tokens=40,
+                             batch_size=2),
+          "model": Generator(windowed(TARGET), ModelDrafter(windowed(DRAFT)), k_max=4,
+                             max_prompt_len=16, max_new_tokens=40, batch_size=2)}
+  assert transformer.attention_windows(gens["model"].num_slots, 8) == (8, 16, 61)
+  rng = np.random.default_rng(11)
+  compiles = {}
+  for i in range(3):
+    prompts = random_prompts(rng, [3, 14])
+    prompts[1] = (prompts[1][:5] * 3)[:14]   # copy-heavy: drafts accepted
+    ref = [r.output_ids for r in plain_whole.generate(tp, None, prompts).rows]
+    assert [len(o) for o in ref] == [40, 40]
+    for name, gen in gens.items():
+      result = gen.generate(tp, dp if name == "model" else None, prompts)
+      assert [r.output_ids for r in result.rows] == ref, f"{name}, round {i}"
+    if i == 0:
+      compiles = loop_compiles()
+  assert loop_compiles() == compiles
 
 
 # ----------------------------------------------------------------------------

@@ -189,6 +189,61 @@ def test_unknown_layer_loop_is_refused():
 
 
 # ----------------------------------------------------------------------------
+# Attention windows: a step reads the cache slots the text has reached.
+
+def test_attention_windows_hand_values():
+  assert transformer.attention_windows(2117, 256) == (256, 512, 1024, 2117)
+  assert transformer.attention_windows(581, 256) == (256, 581)
+  assert transformer.attention_windows(325, 256) == (325,)     # too small to halve
+  assert transformer.attention_windows(2117, 0) == (2117,)     # windows off
+  windows = (4, 8, 16, 40)
+  index = lambda positions: int(transformer.window_index(windows, jnp.asarray(positions)))
+  # The largest position of any row picks the window: slots <= it must be inside.
+  assert [index([[p]]) for p in (0, 3, 4, 7, 8, 15, 16, 39)] == [0, 0, 1, 1, 2, 2, 3, 3]
+  assert index([[1, 2, 3, 4]]) == 1 and index([[2], [9]]) == 2
+  with pytest.raises(ValueError, match="min_window"):
+    Transformer(make_model().cfg, min_window=-1)
+
+
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+def test_windowed_attention_equals_the_whole_cache(layer_loop, monkeypatch):
+  """Ragged rows decoded through every window boundary (4, 8, 16, then the
+  whole 40-slot cache) give the whole-cache logits; a chooser that picks too
+  small a window (the negative control) does not."""
+  whole = make_model(layer_loop=layer_loop)
+  assert whole.min_window == transformer.DEFAULT_MIN_WINDOW   # 40 slots: no windows
+  windowed = Transformer(whole.cfg, layer_loop, min_window=4)
+  params = whole.prepare_params(init(make_model(), 5))
+  rng = np.random.default_rng(4)
+  prompt_lens, total, num_slots = (3, 6), 30, 40
+  seqs = rng.integers(0, VOCAB, size=(2, total)).astype(np.int32)
+
+  def decode(model):
+    apply = jax.jit(model.apply)
+    prompt = np.where(np.arange(6) < np.array(prompt_lens)[:, None], seqs[:, :6], PAD_TOKEN)
+    logits, cache = apply(params, jnp.asarray(prompt, jnp.int32),
+                          jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), (2, 6)),
+                          model.init_cache(2, num_slots))
+    steps = [np.asarray(logits)]
+    for i in range(total - max(prompt_lens)):
+      # Each row at its own length; a 2-token block as a verify pass has.
+      pos = np.array([[p + 2 * i, p + 2 * i + 1] for p in prompt_lens], np.int32)
+      pos = np.minimum(pos, total - 1)
+      tok = np.take_along_axis(seqs, pos, axis=1)
+      logits, cache = apply(params, jnp.asarray(tok), jnp.asarray(pos), cache)
+      steps.append(np.asarray(logits))
+    return steps
+
+  ref = decode(whole)
+  for i, (a, b) in enumerate(zip(decode(windowed), ref)):
+    assert_close_in_float32(a, b, what=f"windowed vs whole cache, call {i}")
+  monkeypatch.setattr(transformer, "window_index",
+                      lambda windows, positions: jnp.int32(0))   # always 4 slots
+  wrong = decode(windowed)
+  assert max(np.max(np.abs(a - b)) for a, b in zip(wrong, ref)) > 1e-2
+
+
+# ----------------------------------------------------------------------------
 # Causality.
 
 @pytest.mark.parametrize("change_at", [0, 4, 9])

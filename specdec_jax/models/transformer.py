@@ -35,6 +35,7 @@ docs/design.md: slot j holds position j, a block writes before it attends.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,9 @@ from specdec_jax.models.config import ModelConfig
 
 _MASKED = -1e30
 LAYER_LOOPS = ("scan", "unrolled")
+# Smallest attention window (``attention_windows``): a step's attention reads
+# 256, 512, ... slots as the text grows, not the whole cache.
+DEFAULT_MIN_WINDOW = 256
 
 
 # ----------------------------------------------------------------------------
@@ -90,11 +94,37 @@ def attention_inputs(cfg: ModelConfig, p: dict, x_BTD: jax.Array, positions_BT: 
   return q_BTNH, k_BTGH, v.reshape(batch, seq, g, h)
 
 
-def attend(cfg: ModelConfig, q_BTNH, keys_BSGH, values_BSGH, positions_BT) -> jax.Array:
-  """Causal attention over the cache (a query at position t sees slots <= t).
-  Returns [B, T, N*H]."""
+def attention_windows(num_slots: int, smallest: int) -> tuple[int, ...]:
+  """The static key windows attention chooses from for a cache of ``num_slots``:
+  smallest, 2 * smallest, ... while a window is at most half the cache, then
+  the whole cache. ``smallest <= 0`` (or a cache too small to halve) gives
+  the one window ``(num_slots,)``: no switch."""
+  windows = []
+  width = smallest
+  while 0 < width and 2 * width <= num_slots:
+    windows.append(width)
+    width *= 2
+  return tuple(windows) + (num_slots,)
+
+
+def window_index(windows: tuple[int, ...], positions_BT: jax.Array) -> jax.Array:
+  """Index of the smallest window holding every query's visible slots
+  (slots <= the largest position in the block, over all rows)."""
+  needed = jnp.max(positions_BT) + 1
+  index = jnp.sum(jnp.asarray(windows[:-1], jnp.int32) < needed)
+  return index.astype(jnp.int32)
+
+
+def attend(cfg: ModelConfig, q_BTNH, keys_BSGH, values_BSGH, positions_BT,
+           window: int | None = None) -> jax.Array:
+  """Causal attention over the cache (a query at position t sees slots <= t),
+  reading only its first ``window`` slots (default: all; every visible slot
+  must lie inside: ``window_index``). Slots past the window are masked
+  anyway, so the result is the same. Returns [B, T, N*H]."""
   batch, seq, n, h = q_BTNH.shape
   g = cfg.num_kv_heads
+  if window is not None:
+    keys_BSGH, values_BSGH = keys_BSGH[:, :window], values_BSGH[:, :window]
   q_BTGMH = q_BTNH.reshape(batch, seq, g, n // g, h)
   scores = jnp.einsum("btgmh,bsgh->bgmts", q_BTGMH, keys_BSGH,
                       preferred_element_type=jnp.float32) * (h ** -0.5)
@@ -105,12 +135,26 @@ def attend(cfg: ModelConfig, q_BTNH, keys_BSGH, values_BSGH, positions_BT) -> ja
   return out_BTGMH.reshape(batch, seq, n * h)
 
 
+def windowed_attend(cfg: ModelConfig, windows, index, q_BTNH, keys_BSGH, values_BSGH,
+                    positions_BT) -> jax.Array:
+  """``attend`` over the window ``windows[index]`` (one ``lax.switch`` over
+  the static windows; a single window needs none). A step's attention then
+  reads the slots the text has reached, not the whole buffer."""
+  if len(windows) == 1:
+    return attend(cfg, q_BTNH, keys_BSGH, values_BSGH, positions_BT)
+  branches = [functools.partial(attend, cfg, window=w) for w in windows]
+  return jax.lax.switch(index, branches, q_BTNH, keys_BSGH, values_BSGH, positions_BT)
+
+
 def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSGH,
-                 positions_BT) -> jax.Array:
-  """The rest of the block once its keys are in the cache: attention, output
-  projection, MLP (fused or separate gate/up), both residuals."""
-  x_BTD = x_BTD + _dense(p["attn"]["o"], attend(cfg, q_BTNH, keys_BSGH, values_BSGH,
-                                                positions_BT))
+                 positions_BT, windows=None, which_window=None) -> jax.Array:
+  """The rest of the block once its keys are in the cache: attention (over
+  ``windows[which_window]`` when given), output projection, MLP (fused or
+  separate gate/up), both residuals."""
+  windows = windows or (keys_BSGH.shape[1],)
+  attended = windowed_attend(cfg, windows, which_window, q_BTNH, keys_BSGH, values_BSGH,
+                             positions_BT)
+  x_BTD = x_BTD + _dense(p["attn"]["o"], attended)
   h_BTD = rms_norm(x_BTD, p["mlp_norm"]["scale"], cfg.rms_eps)
   mlp = p["mlp"]
   if "gate_up" in mlp:
@@ -121,10 +165,16 @@ def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSG
   return x_BTD + _dense(mlp["down"], jax.nn.silu(gate) * up)
 
 
-def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Array, cache):
+def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Array, cache,
+               min_window: int = 0):
   """The stack of blocks. ``layers`` stacked on L (a dict, with a
   ``KVCache``): ``lax.scan``; a tuple of per-layer dicts (with
-  ``LayerCaches``): a Python loop. Returns (x_BTD, updated cache)."""
+  ``LayerCaches``): a Python loop. ``min_window`` > 0: attention reads the
+  smallest of ``attention_windows(num_slots, min_window)`` that holds the
+  block's positions, chosen once for every layer. Returns (x_BTD, updated
+  cache)."""
+  windows = attention_windows(cache.num_slots, min_window)
+  index = window_index(windows, positions_BT)
   if isinstance(layers, (tuple, list)):
     if not isinstance(cache, kv_cache_lib.LayerCaches):
       raise TypeError("unrolled layers need LayerCaches (Transformer.init_cache)")
@@ -133,7 +183,7 @@ def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Arr
       q_BTNH, k_BTGH, v_BTGH = attention_inputs(cfg, p, x_BTD, positions_BT)
       k_BSGH = kv_cache_lib.write(k_BSGH, k_BTGH, positions_BT)
       v_BSGH = kv_cache_lib.write(v_BSGH, v_BTGH, positions_BT)
-      x_BTD = block_output(cfg, p, x_BTD, q_BTNH, k_BSGH, v_BSGH, positions_BT)
+      x_BTD = block_output(cfg, p, x_BTD, q_BTNH, k_BSGH, v_BSGH, positions_BT, windows, index)
       keys.append(k_BSGH)
       values.append(v_BSGH)
     return x_BTD, kv_cache_lib.LayerCaches(tuple(keys), tuple(values))
@@ -147,7 +197,8 @@ def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Arr
     # One scatter into the loop-carried buffer, updated in place.
     k_all = kv_cache_lib.write_layer(k_all, layer, k_BTGH, positions_BT)
     v_all = kv_cache_lib.write_layer(v_all, layer, v_BTGH, positions_BT)
-    x = block_output(cfg, p, x, q_BTNH, k_all[layer], v_all[layer], positions_BT)
+    x = block_output(cfg, p, x, q_BTNH, k_all[layer], v_all[layer], positions_BT, windows,
+                     index)
     return (x, k_all, v_all), None
 
   (x_BTD, k_LBSGH, v_LBSGH), _ = jax.lax.scan(
@@ -232,10 +283,16 @@ class Transformer:
 
   cfg: ModelConfig
   layer_loop: str = "scan"
+  # Attention reads a window of the cache, the smallest of ``min_window``,
+  # 2 * min_window, ... and the whole cache that holds the block's positions
+  # (``attention_windows``); 0 always reads the whole cache.
+  min_window: int = DEFAULT_MIN_WINDOW
 
   def __post_init__(self):
     if self.layer_loop not in LAYER_LOOPS:
       raise ValueError(f"layer_loop={self.layer_loop!r}; expected one of {LAYER_LOOPS}")
+    if not isinstance(self.min_window, int) or self.min_window < 0:
+      raise ValueError(f"min_window={self.min_window!r} must be an int >= 0 (0: no windows)")
 
   def init_params(self, key: jax.Array, init_scale: float = 0.2,
                   logit_scale: float = 4.0) -> dict:
@@ -319,7 +376,8 @@ class Transformer:
     cfg = self.cfg
     embedding_VD = params["embed"]["embedding"]
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(cfg.jnp_dtype)
-    x_BTD, cache = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache)
+    x_BTD, cache = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache,
+                              self.min_window)
     hidden_BTD = rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_eps)
     return self.head_logits(params, hidden_BTD, full_vocab), hidden_BTD, cache
 

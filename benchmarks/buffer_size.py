@@ -1,0 +1,68 @@
+"""What a plain decode step costs as the cache buffer grows, text held fixed.
+
+A step's cache is max_prompt_len + max_new_tokens + the widest verify width
+slots long, whatever the text's length. With attention windows
+(``Transformer.min_window``, default 256) a step reads the smallest window
+that holds the text; with ``min_window=0`` it reads every slot. In one
+process, on SmolLM2 (float32, batch 1, the same short chat prompt), this
+times a plain step (a warm width-1 verify pass) for each buffer size, with
+and without windows, alternating the setups round by round, and prints the
+medians and each one's ratio to the smallest buffer with windows:
+
+  python benchmarks/buffer_size.py --max_prompt_lens=256,2048 --rounds=5
+"""
+
+import os
+
+from absl import app
+from absl import flags
+import numpy as np
+
+_LENS = flags.DEFINE_list("max_prompt_lens", ["256", "2048"], "Buffer sizes (prompt slots).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "New-token slots of the buffer.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds (median over them).")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed steps per round (median).")
+_CACHE = flags.DEFINE_string("cache_dir", "", "Converted-weights cache.")
+
+
+def main(argv):
+  del argv
+  import dataclasses
+
+  from specdec_jax.generation import Generator
+  from specdec_jax.models import checkpoint
+  from specdec_jax.models import transformer as transformer_lib
+
+  cache = os.path.abspath(_CACHE.value or os.path.expanduser("~/.cache/specdec_jax"))
+  cfg, params, tokenizer = checkpoint.load_smollm2(cache)
+  windowed = transformer_lib.Transformer(cfg, "unrolled")
+  params = windowed.prepare_params(params)
+  whole = dataclasses.replace(windowed, min_window=0)
+  prompt = tokenizer.encode(tokenizer.apply_chat_template(
+      [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+      add_generation_prompt=True))
+  setups = {}
+  for length in (int(x) for x in _LENS.value):
+    for name, model in (("windows", windowed), ("whole cache", whole)):
+      gen = Generator(model, None, max_prompt_len=length, max_new_tokens=_MAX_NEW.value,
+                      eos_ids=tokenizer.eos_ids)
+      setups[(length, name)] = gen
+      gen.phase_costs(params, {}, [prompt], iters=2)   # compile + warm
+      print(f"compiled: max_prompt_len={length} {name} ({gen.num_slots} slots, windows "
+            f"{transformer_lib.attention_windows(gen.num_slots, model.min_window)})",
+            flush=True)
+  times = {key: [] for key in setups}
+  for r in range(_ROUNDS.value):
+    for key, gen in setups.items():
+      times[key].append(gen.phase_costs(params, {}, [prompt], iters=_ITERS.value)["verify_s"])
+    print(f"round {r + 1}/{_ROUNDS.value} done", flush=True)
+  base = np.median(times[(min(int(x) for x in _LENS.value), "windows")])
+  print(f"\nplain step, prompt of {len(prompt)} tokens, median of {_ROUNDS.value} rounds:")
+  print(f"{'max_prompt_len':>14} {'slots':>6} {'attention':>12} {'step ms':>8} {'vs smallest':>12}")
+  for (length, name), gen in setups.items():
+    step = np.median(times[(length, name)])
+    print(f"{length:>14} {gen.num_slots:>6} {name:>12} {step * 1e3:>8.1f} {step / base:>11.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)
