@@ -29,10 +29,13 @@ def main(argv):
   del argv
   import dataclasses
 
+  from specdec_jax import main as main_lib
+  from specdec_jax import phase_timing
   from specdec_jax.generation import Generator
   from specdec_jax.models import checkpoint
   from specdec_jax.models import transformer as transformer_lib
 
+  main_lib.quiet_libraries()
   cache = os.path.abspath(_CACHE.value or os.path.expanduser("~/.cache/specdec_jax"))
   cfg, params, tokenizer = checkpoint.load_smollm2(cache)
   windowed = transformer_lib.Transformer(cfg, "unrolled")
@@ -47,14 +50,14 @@ def main(argv):
       gen = Generator(model, None, max_prompt_len=length, max_new_tokens=_MAX_NEW.value,
                       eos_ids=tokenizer.eos_ids)
       setups[(length, name)] = gen
-      gen.phase_costs(params, {}, [prompt], iters=2)   # compile + warm
+      phase_timing.measure(gen, params, {}, [prompt], iters=2)   # compile + warm
       print(f"compiled: max_prompt_len={length} {name} ({gen.num_slots} slots, windows "
             f"{transformer_lib.attention_windows(gen.num_slots, model.min_window)})",
             flush=True)
   times = {key: [] for key in setups}
   for r in range(_ROUNDS.value):
     for key, gen in setups.items():
-      times[key].append(gen.phase_costs(params, {}, [prompt], iters=_ITERS.value)["verify_s"])
+      times[key].append(phase_timing.measure(gen, params, {}, [prompt], iters=_ITERS.value).verify_s)
     print(f"round {r + 1}/{_ROUNDS.value} done", flush=True)
   base = np.median(times[(min(int(x) for x in _LENS.value), "windows")])
   print(f"\nplain step, prompt of {len(prompt)} tokens, median of {_ROUNDS.value} rounds:")

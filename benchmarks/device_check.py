@@ -44,6 +44,7 @@ from specdec_jax import compile_count  # noqa: E402
 from specdec_jax import config_defaults  # noqa: E402
 from specdec_jax import decode  # noqa: E402
 from specdec_jax import fidelity  # noqa: E402
+from specdec_jax import phase_timing  # noqa: E402
 from specdec_jax import runtime  # noqa: E402
 from specdec_jax.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 from specdec_jax.generation import Generator  # noqa: E402
@@ -196,13 +197,13 @@ def check(dry_run: bool, shapes: str, layer_loop: str, out_path: str) -> dict:
   gen = Generator(target, ModelDrafter(draft), k_max=widths[-1] - 1, policy="fixed",
                   batch_size=1, verify_widths=widths, max_prompt_len=prompt_len,
                   max_new_tokens=max_new + 64)
-  phases = gen.phase_costs(tp, dp, _prompts(1, prompt_len, vocab, seed=0),
-                           iters=3 if dry_run else 10, k=K)
-  step = phases["verify_s_by_width"][1]
+  phases = phase_timing.measure(gen, tp, dp, _prompts(1, prompt_len, vocab, seed=0),
+                                iters=3 if dry_run else 10, k=K)
+  step = phases.verify_s_by_width[1]
   report["verify_cost_by_width"] = {str(w): s / step for w, s in
-                                    phases["verify_s_by_width"].items()}
+                                    phases.verify_s_by_width.items()}
   report["plain_step_ms"] = 1e3 * step
-  report["draft_cost_c"] = phases["draft_s"] / K / step
+  report["draft_cost_c"] = phases.draft_s / K / step
   save()
 
   _log(f"[{time.perf_counter() - t_start:.0f}s] 3. synthetic acceptance {ACCEPTANCES}")

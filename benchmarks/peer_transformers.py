@@ -42,6 +42,7 @@ def main(argv):
   import torch
   from transformers import AutoModelForCausalLM
 
+  from specdec_jax import phase_timing
   from specdec_jax import prompts as prompts_lib
   from specdec_jax.drafters import NgramDrafter
   from specdec_jax.generation import Generator
@@ -83,7 +84,7 @@ def main(argv):
                     pad_token_id=eos[0])
   base.generate(params, {}, prompt_ids)
   spec.generate(params, {}, prompt_ids)
-  costs = spec.measure_costs(params, {}, prompt_ids[:1])
+  costs = phase_timing.measure_policy_costs(spec, params, {}, prompt_ids[:1])
 
   def ours(generator, ids, **extra):
     return generator.generate(params, {}, [ids], **extra).rows[0].output_ids

@@ -102,6 +102,25 @@ def matched_verify_widths(k_max: int) -> tuple[int, ...]:
 
 
 @flax.struct.dataclass
+class Batch:
+  """One compiled call's requests, right-padded to static shapes (rows past
+  the real requests are inactive).
+
+  prompt_BT: int32 prompts, padded to the bucket length T.
+  prompt_len_B: int32 prompt lengths (1 for padding rows).
+  max_new_B: int32 new-token budget per row.
+  keys_B2: per-request PRNG keys (``sampling.position_keys``).
+  active_B: bool, True for real requests.
+  """
+
+  prompt_BT: jax.Array
+  prompt_len_B: jax.Array
+  max_new_B: jax.Array
+  keys_B2: jax.Array
+  active_B: jax.Array
+
+
+@flax.struct.dataclass
 class RunParams:
   """Traced run-time settings: changing any of them never recompiles."""
 
@@ -176,13 +195,13 @@ def _init_stats(spec: DecodeSpec) -> Stats:
 
 
 def prefill(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
-            target_params, draft_params, prompt_BT, prompt_len_B, max_new_B,
-            keys_B2, active_B, run: RunParams) -> DecodeState:
+            target_params, draft_params, requests: Batch, run: RunParams) -> DecodeState:
   """Writes the right-padded prompts into both caches; no token is sampled.
 
   Padding tokens land in slots >= prompt_len, which the invariant treats as
   stale. The first step re-feeds the last prompt token to get its logits.
   """
+  prompt_BT = requests.prompt_BT
   batch, prompt_slots = prompt_BT.shape
   positions_BT = jnp.broadcast_to(jnp.arange(prompt_slots, dtype=jnp.int32), prompt_BT.shape)
   cache = target.init_cache(batch, spec.num_slots)
@@ -195,10 +214,10 @@ def prefill(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
     drafter_state = drafter.prefill(draft_params, drafter_state, prompt_BT, positions_BT)
   tokens_BS = jnp.zeros((batch, spec.num_slots), jnp.int32)
   tokens_BS = tokens_BS.at[:, :prompt_slots].set(prompt_BT)
-  finish_B = jnp.where(active_B, RUNNING, FINISHED_LENGTH).astype(jnp.int32)
+  finish_B = jnp.where(requests.active_B, RUNNING, FINISHED_LENGTH).astype(jnp.int32)
   return DecodeState(
-      tokens_BS=tokens_BS, length_B=prompt_len_B, prompt_len_B=prompt_len_B,
-      max_new_B=max_new_B, finish_B=finish_B, keys_B2=keys_B2,
+      tokens_BS=tokens_BS, length_B=requests.prompt_len_B, prompt_len_B=requests.prompt_len_B,
+      max_new_B=requests.max_new_B, finish_B=finish_B, keys_B2=requests.keys_B2,
       target_cache=cache, drafter_state=drafter_state,
       policy_state=policies.init_state(batch, run.k), step=jnp.int32(0),
       stats=_init_stats(spec))
@@ -207,7 +226,7 @@ def prefill(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
 def reads_target_features(drafter: Drafter | None) -> bool:
   """Whether the drafter conditions on the target's hidden states (EAGLE-style):
   the loop then hands it every target pass's ``hidden_BTD``."""
-  return bool(getattr(drafter, "reads_target_features", False))
+  return drafter is not None and drafter.reads_target_features
 
 
 def _draft_purpose(spec: DecodeSpec) -> int:
@@ -406,11 +425,10 @@ def step(spec, target, drafter, target_params, draft_params, state, run) -> Deco
 
 
 def generate_loop(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
-                  target_params, draft_params, prompt_BT, prompt_len_B, max_new_B,
-                  keys_B2, active_B, run: RunParams) -> DecodeOutput:
+                  target_params, draft_params, requests: Batch,
+                  run: RunParams) -> DecodeOutput:
   """Prefill + the whole generation as one ``lax.while_loop``."""
-  state = prefill(spec, target, drafter, target_params, draft_params, prompt_BT,
-                  prompt_len_B, max_new_B, keys_B2, active_B, run)
+  state = prefill(spec, target, drafter, target_params, draft_params, requests, run)
 
   def not_done(state):
     return jnp.any(state.finish_B == RUNNING) & (state.step < spec.max_new_tokens)

@@ -30,6 +30,8 @@ one can. With verify_cost = 1, *some* K beats plain decoding iff a > c.
 
 import dataclasses
 
+from specdec_jax import phase_timing
+
 # Ordered by severity: correctness first, then compile-time problems, then
 # model-level limits, then systems overhead. Findings are sorted in this order.
 BOTTLENECKS = (
@@ -460,15 +462,6 @@ def _fmt(value, spec: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class PhaseCosts:
-  """Measured seconds of the compiled phases (``Generator.phase_costs``)."""
-
-  prefill_s: float
-  draft_s: float
-  verify_s_by_width: dict     # {verify width: seconds of one verify phase}
-
-
-@dataclasses.dataclass(frozen=True)
 class LoopCounts:
   """What a benchmark run did, in compiled-loop iterations (a batch runs
   until its slowest row is done)."""
@@ -482,7 +475,8 @@ class LoopCounts:
 WHAT_IFS = ("verify at one step's cost", "a free draft", "perfect acceptance", "no prefill")
 
 
-def model_speedup(counts: LoopCounts, base: PhaseCosts, spec: PhaseCosts,
+def model_speedup(counts: LoopCounts, base: phase_timing.PhaseCosts,
+                  spec: phase_timing.PhaseCosts,
                   what_if: str | None = None) -> float:
   """Plain model time / speculative model time, from phase costs and counts:
   prefill per batch, then per iteration one draft phase and one verify pass
@@ -508,7 +502,8 @@ def model_speedup(counts: LoopCounts, base: PhaseCosts, spec: PhaseCosts,
   return plain / speculative
 
 
-def what_ifs(counts: LoopCounts, base: PhaseCosts, spec: PhaseCosts) -> dict:
+def what_ifs(counts: LoopCounts, base: phase_timing.PhaseCosts,
+             spec: phase_timing.PhaseCosts) -> dict:
   """{what-if: predicted speedup} for each of ``WHAT_IFS``."""
   return {name: model_speedup(counts, base, spec, name) for name in WHAT_IFS}
 

@@ -8,7 +8,7 @@ streaming and traces.
 """
 
 import dataclasses
-import functools
+import inspect
 import time
 from typing import Iterator, Sequence
 
@@ -26,18 +26,15 @@ from specdec_jax.models.transformer import Transformer
 
 MIN_BUCKET = 16
 LOOP = compile_count.LOOP   # the jitted loop's name, counted by compile_count
-# What each jitted phase's arguments are, for sharded jitting (sharding.py).
-_BATCH5 = ("batch",) * 5
+# What each jitted phase's arguments are, by parameter name, for sharded
+# jitting (sharding.py): a phase whose parameter is not named here fails to
+# jit, rather than being sharded by the wrong argument's rules.
+ARG_KINDS = {"tp": "target_params", "dp": "draft_params", "requests": "batch",
+             "state": "state", "proposal": "state", "run": "replicated"}
 # The phases used one at a time (trace mode, phase timing) take the decode
 # state by donation: the caches inside are updated in place instead of being
 # copied on every call, as inside the fused loop.
 _DONATE = {"draft_phase": (1,), "verify_phase": (1,)}
-_ARG_KINDS = {
-    LOOP: ("target_params", "draft_params", *_BATCH5, "replicated"),
-    "prefill": ("target_params", "draft_params", *_BATCH5, "replicated"),
-    "draft_phase": ("draft_params", "state", "replicated"),
-    "verify_phase": ("target_params", "state", "state", "replicated"),
-}
 
 
 def prompt_buckets(max_prompt_len: int) -> tuple[int, ...]:
@@ -73,6 +70,18 @@ class GenerationResult:
 
 
 @dataclasses.dataclass
+class Request:
+  """One compiled call's input (``Generator.request``): the packed requests,
+  the run params, the greedy flag that picks the compiled phases and how
+  many rows are real."""
+
+  requests: decode.Batch
+  run: decode.RunParams
+  greedy: bool
+  num_rows: int
+
+
+@dataclasses.dataclass
 class StepTrace:
   """One Python-driven step: what each row proposed and committed."""
 
@@ -83,6 +92,7 @@ class StepTrace:
   finished: list[bool]
   draft_time_s: float
   verify_time_s: float
+  rows: list[RowResult] | None = None   # the final rows, on the last step only
 
 
 class Generator:
@@ -161,26 +171,25 @@ class Generator:
         rule=self.rule, policy=self.policy, typical_epsilon=self._typical[0],
         typical_alpha=self._typical[1], verify_widths=self.verify_widths)
 
-  def _to_host(self, tree):
+  def to_host(self, tree):
     """Host (numpy) copy of a state or proposal, gathered from every process
     on several hosts (caches dropped; see ``Shardings.fetch``)."""
     return jax.device_get(tree) if self.shardings is None else self.shardings.fetch(tree)
 
-  def _fn(self, name: str, greedy: bool):
-    """Jitted functions, one per (phase, greedy); shapes pick the bucket."""
+  def compiled(self, name: str, greedy: bool):
+    """The jitted phase ``name`` (``LOOP``, "prefill", "draft_phase",
+    "verify_phase"), one per (phase, greedy); shapes pick the bucket."""
     key = (name, greedy)
     if key not in self._jitted:
       spec, target, drafter = self.spec(greedy), self.target, self.drafter
       if self.shardings is not None:
         target, drafter = self.shardings.constrain(target, drafter)
 
-      def generate_loop(tp, dp, prompt, plen, max_new, keys, active, run):
-        return decode.generate_loop(spec, target, drafter, tp, dp, prompt, plen,
-                                    max_new, keys, active, run)
+      def generate_loop(tp, dp, requests, run):
+        return decode.generate_loop(spec, target, drafter, tp, dp, requests, run)
 
-      def prefill(tp, dp, prompt, plen, max_new, keys, active, run):
-        return decode.prefill(spec, target, drafter, tp, dp, prompt, plen,
-                              max_new, keys, active, run)
+      def prefill(tp, dp, requests, run):
+        return decode.prefill(spec, target, drafter, tp, dp, requests, run)
 
       def draft_phase(dp, state, run):
         return decode.draft_phase(spec, drafter, dp, state, run)
@@ -196,7 +205,8 @@ class Generator:
       if self.shardings is None:
         self._jitted[key] = jax.jit(fn, donate_argnums=donate)
       else:
-        self._jitted[key] = self.shardings.jit(fn, _ARG_KINDS[name], donate)
+        kinds = [ARG_KINDS[arg] for arg in inspect.signature(fn).parameters]
+        self._jitted[key] = self.shardings.jit(fn, kinds, donate)
     return self._jitted[key]
 
   # ----- validation and batching --------------------------------------------
@@ -255,8 +265,9 @@ class Generator:
       active_B[row] = True
       seeds_B[row] = seed
     keys_B2 = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds_B))
-    return (jnp.asarray(prompt_BT), jnp.asarray(prompt_len_B), jnp.asarray(max_new_B),
-            keys_B2, jnp.asarray(active_B))
+    return decode.Batch(prompt_BT=jnp.asarray(prompt_BT), prompt_len_B=jnp.asarray(prompt_len_B),
+                        max_new_B=jnp.asarray(max_new_B), keys_B2=keys_B2,
+                        active_B=jnp.asarray(active_B))
 
   def _run_params(self, k, temperature, top_k, top_p, tau, budget, costs=None,
                   synthetic_acceptance=0.0):
@@ -304,6 +315,30 @@ class Generator:
       raise ValueError(f"k={k!r} must be an int in [1, k_max={self.k_max}]")
     return checked, [int(m) for m in max_new_tokens], list(seeds), int(k)
 
+  def _prepare(self, prompts, max_new_tokens, seeds, k, temperature, top_k, top_p, tau,
+               budget, costs, synthetic_acceptance):
+    """Checked per-prompt lists and the run params of one call (every prompt
+    validated before anything compiles)."""
+    prompts, max_new, seeds, k = self._normalise(prompts, max_new_tokens, seeds, k)
+    self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget,
+                  synthetic_acceptance)
+    run = self._run_params(k, temperature, top_k, top_p, tau, budget, costs,
+                           synthetic_acceptance)
+    return prompts, max_new, seeds, run
+
+  def request(self, prompts, *, max_new_tokens=None, seeds=None, k=None, temperature=0.0,
+              top_k=0, top_p=1.0, tau=0.0, budget=1, costs=None,
+              synthetic_acceptance=0.0) -> Request:
+    """At most batch_size prompts, checked and packed for the compiled phases
+    (``compiled``); arguments as for ``generate``."""
+    prompts, max_new, seeds, run = self._prepare(
+        prompts, max_new_tokens, seeds, k, temperature, top_k, top_p, tau, budget, costs,
+        synthetic_acceptance)
+    if len(prompts) > self.batch_size:
+      raise ValueError(f"{len(prompts)} prompts for one call of batch_size={self.batch_size}")
+    return Request(requests=self._pack(prompts, max_new, seeds), run=run,
+                   greedy=temperature == 0, num_rows=len(prompts))
+
   # ----- running --------------------------------------------------------------
 
   def generate(self, target_params, draft_params, prompts: Sequence[Sequence[int]], *,
@@ -322,130 +357,37 @@ class Generator:
       synthetic_acceptance: rule="synthetic" only: each draft's acceptance
         probability in [0, 1] (traced: a sweep over it never recompiles).
     """
-    prompts, max_new, seeds, k = self._normalise(prompts, max_new_tokens, seeds, k)
-    self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget,
-                  synthetic_acceptance)
-    run = self._run_params(k, temperature, top_k, top_p, tau, budget, costs,
-                           synthetic_acceptance)
-    fn = self._fn(LOOP, temperature == 0)
+    prompts, max_new, seeds, run = self._prepare(
+        prompts, max_new_tokens, seeds, k, temperature, top_k, top_p, tau, budget, costs,
+        synthetic_acceptance)
+    fn = self.compiled(LOOP, temperature == 0)
     rows, wall = [], 0.0
     for start in range(0, len(prompts), self.batch_size):
       chunk = slice(start, start + self.batch_size)
-      packed = self._pack(prompts[chunk], max_new[chunk], seeds[chunk])
+      requests = self._pack(prompts[chunk], max_new[chunk], seeds[chunk])
       t0 = time.perf_counter()
-      state = fn(target_params, draft_params, *packed, run)
-      state = self._to_host(state)
+      state = self.to_host(fn(target_params, draft_params, requests, run))
       wall += time.perf_counter() - t0
       rows.extend(_unpack(state, len(prompts[chunk])))
     return GenerationResult(rows=rows, wall_time_s=wall)
-
-  def phase_costs(self, target_params, draft_params, prompts, *, iters=10,
-                  k=None, temperature=0.0, top_k=0, top_p=1.0, tau=0.0,
-                  budget=1, synthetic_acceptance=0.0) -> dict:
-    """Median seconds of one prefill, one draft phase and one verify phase
-    (warm), on the compiled phases the loop runs: keys prefill_s, draft_s,
-    verify_s (at the width the drafts asked for) and verify_s_by_width
-    ({width: seconds} for every static verify width).
-
-    Draft and verify run repeatedly from a freshly prefilled state, which
-    each call takes by donation and passes on (as the fused loop updates its
-    caches in place, a copy of them would be timed otherwise); the verify
-    calls re-check the same proposal, the same work as a real step. A width
-    is timed by giving every row that many drafts minus one; the state is
-    prefilled again (untimed) before a row could run out of its budget.
-    """
-    prompts, max_new, seeds, k = self._normalise(prompts[:self.batch_size], None, None, k)
-    self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget,
-                  synthetic_acceptance)
-    run = self._run_params(k, temperature, top_k, top_p, tau, budget,
-                           synthetic_acceptance=synthetic_acceptance)
-    greedy = temperature == 0
-    packed = self._pack(prompts, max_new, seeds)
-    prefill_fn = self._fn("prefill", greedy)
-    prefill = lambda: prefill_fn(target_params, draft_params, *packed, run)
-    call = lambda: jax.block_until_ready(prefill())
-    call()
-    prefill_s = median_time(call, max(1, iters // 4))
-    box = {"state": prefill()}
-    if self.drafter is None:
-      box["proposal"] = decode.empty_proposal(self.batch_size)
-      draft_s = 0.0
-    else:
-      draft_fn = self._fn("draft_phase", greedy)
-
-      def draft_call():
-        box["proposal"], box["state"] = jax.block_until_ready(
-            draft_fn(draft_params, box["state"], run))
-
-      draft_call()
-      draft_s = median_time(draft_call, iters)
-    verify_fn = self._fn("verify_phase", greedy)
-    proposal = box["proposal"]
-
-    def verify_call(proposal):
-      def timed():
-        box["state"] = jax.block_until_ready(
-            verify_fn(target_params, box["state"], proposal, run))
-      return timed
-
-    def room_for(width):
-      """Re-prefills (untimed) unless every row can still commit ``width`` tokens."""
-      state = self._to_host(box["state"])
-      used = state.length_B - state.prompt_len_B
-      if np.any(used + width > state.max_new_B[:len(prompts)]) or np.any(
-          state.finish_B[:len(prompts)] != decode.RUNNING):
-        box["state"] = jax.block_until_ready(prefill())
-
-    def timed_with_room(fn, width):
-      def run_once():
-        room_for(width)
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-      return run_once
-
-    natural = int(np.max(self._to_host(proposal).num_proposed_B)) + 1
-    verify_s = median_seconds(timed_with_room(verify_call(proposal), natural), iters, warmup=1)
-    by_width = {}
-    for width in self.verify_widths:
-      forced = proposal.replace(num_proposed_B=jnp.full_like(proposal.num_proposed_B, width - 1))
-      by_width[width] = median_seconds(timed_with_room(verify_call(forced), width), iters,
-                                       warmup=1)
-    return {"prefill_s": prefill_s, "draft_s": draft_s, "verify_s": verify_s,
-            "verify_s_by_width": by_width}
-
-  def measure_costs(self, target_params, draft_params, prompts, *, iters=5, k=None,
-                    temperature=0.0, top_k=0, top_p=1.0) -> policies.Costs:
-    """The costs the ``auto`` policy weighs, measured on this machine: a verify
-    pass at each static width and one draft token, in width-1 verify passes."""
-    costs = self.phase_costs(target_params, draft_params, prompts, iters=iters, k=k,
-                             temperature=temperature, top_k=top_k, top_p=top_p)
-    return costs_from_phases(costs, self.verify_widths, k or self.k_max)
 
   def iterate(self, target_params, draft_params, prompts, *, max_new_tokens=None,
               seeds=None, k=None, temperature=0.0, top_k=0, top_p=1.0, tau=0.0,
               budget=1, costs=None, synthetic_acceptance=0.0) -> Iterator[StepTrace]:
     """Python-driven loop over the same jitted phases, one batch (<= batch_size).
 
-    Yields a StepTrace after every step (for streaming and traces); the final
-    state's rows are available as ``self.last_rows`` once exhausted.
+    Yields a StepTrace after every step (for streaming and traces); the last
+    one carries the final rows (``StepTrace.rows``, the ``RowResult``s that
+    ``generate`` would return).
     """
-    prompts, max_new, seeds, k = self._normalise(prompts, max_new_tokens, seeds, k)
-    if len(prompts) > self.batch_size:
-      raise ValueError(f"iterate takes at most batch_size={self.batch_size} prompts")
-    self.validate(prompts, max_new, k, temperature, top_k, top_p, seeds, tau, budget,
-                  synthetic_acceptance)
-    run = self._run_params(k, temperature, top_k, top_p, tau, budget, costs,
-                           synthetic_acceptance)
-    greedy = temperature == 0
-    packed = self._pack(prompts, max_new, seeds)
-    state = self._fn("prefill", greedy)(target_params, draft_params, *packed, run)
-    draft_fn, verify_fn = self._fn("draft_phase", greedy), self._fn("verify_phase", greedy)
-    n = len(prompts)
-    for step_index in range(self.max_new_tokens):
-      finish = np.asarray(state.finish_B)
-      if not (finish[:n] == decode.RUNNING).any():
-        break
+    req = self.request(prompts, max_new_tokens=max_new_tokens, seeds=seeds, k=k,
+                       temperature=temperature, top_k=top_k, top_p=top_p, tau=tau,
+                       budget=budget, costs=costs, synthetic_acceptance=synthetic_acceptance)
+    run, n = req.run, req.num_rows
+    state = self.compiled("prefill", req.greedy)(target_params, draft_params, req.requests, run)
+    draft_fn = self.compiled("draft_phase", req.greedy)
+    verify_fn = self.compiled("verify_phase", req.greedy)
+    for step_index in range(self.max_new_tokens):   # every row runs until the last
       old_length = np.asarray(state.length_B)
       t0 = time.perf_counter()
       if self.drafter is None:
@@ -461,14 +403,18 @@ class Generator:
       drafts = np.asarray(proposal.draft_BK)
       num = np.asarray(proposal.num_proposed_B)
       accepted = np.asarray(state.stats.accepted_TB[step_index])
+      finished = np.asarray(state.finish_B)[:n] != decode.RUNNING
+      last = bool(finished.all()) or step_index == self.max_new_tokens - 1
       yield StepTrace(
           step=step_index,
           drafts=[drafts[b, :num[b]].tolist() for b in range(n)],
           accepted=accepted[:n].tolist(),
           emitted=[tokens[b, old_length[b]:length[b]].tolist() for b in range(n)],
-          finished=(np.asarray(state.finish_B)[:n] != decode.RUNNING).tolist(),
-          draft_time_s=t1 - t0, verify_time_s=t2 - t1)
-    self.last_rows = _unpack(jax.device_get(state), n)
+          finished=finished.tolist(),
+          draft_time_s=t1 - t0, verify_time_s=t2 - t1,
+          rows=_unpack(jax.device_get(state), n) if last else None)
+      if last:
+        return
 
 
 def validate_synthetic_acceptance(value) -> None:
@@ -485,33 +431,6 @@ def _is_sequence(value) -> bool:
 def _is_int(value) -> bool:
   """An integer, not a bool or a float that happens to be whole."""
   return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def median_time(fn, iters: int) -> float:
-  """Median wall time of ``fn()`` (which must block on its result)."""
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
-def median_seconds(run_once, iters: int, warmup: int = 0) -> float:
-  """Median of ``run_once()``'s returned seconds over ``iters`` runs."""
-  for _ in range(warmup):
-    run_once()
-  return float(np.median([run_once() for _ in range(iters)]))
-
-
-def costs_from_phases(phases: dict, widths, k: int) -> policies.Costs:
-  """``policies.Costs`` from ``Generator.phase_costs``: every width's verify
-  pass and one draft token (draft phase / k), in width-1 passes."""
-  by_width = phases["verify_s_by_width"]
-  step_s = by_width[widths[0]] if widths[0] == 1 else phases["verify_s"]
-  return policies.Costs(
-      verify_W=jnp.asarray([by_width[w] / step_s for w in widths], jnp.float32),
-      draft=jnp.float32(phases["draft_s"] / (max(k, 1) * step_s)))
 
 
 def _unpack(state: decode.DecodeState, num_rows: int) -> list[RowResult]:

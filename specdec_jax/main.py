@@ -37,7 +37,7 @@ def run_job(config, workdir: str, log=print):
   return module.run(config, workdir, log=log)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
   """WARNING and above from libraries, unless the user asked for --verbosity."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
@@ -47,7 +47,7 @@ def _quiet_libraries() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  _quiet_libraries()
+  quiet_libraries()
   from specdec_jax import compile_count
   compile_count.install()
   config = _CONFIG.value

@@ -14,15 +14,16 @@ import ml_collections
 import numpy as np
 
 from specdec_jax import decode
+from specdec_jax import phase_timing
 from specdec_jax import policies
 from specdec_jax import sampling
 from specdec_jax import verify
-from specdec_jax.drafters import DRAFTERS, HybridDrafter, NgramDrafter, for_draft_model, model_kind
+from specdec_jax import drafters as drafters_lib
+from specdec_jax.drafters import NgramDrafter
 from specdec_jax.generation import Generator, validate_synthetic_acceptance
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.feature_draft import FeatureDraft, check_compatible
 from specdec_jax.models.tokenizers import ByteTokenizer, Tokenizer
-from specdec_jax.models import transformer as transformer_lib
 from specdec_jax.models.transformer import DEFAULT_MIN_WINDOW, LAYER_LOOPS, Transformer
 
 JOBS = ("generate", "benchmark", "fidelity", "sweep", "trace", "diagnose", "distill")
@@ -30,7 +31,7 @@ MODEL_SOURCES = ("random", "gguf", "hf", "orbax", "smollm2")
 
 
 def effective_k_max(config) -> int:
-  if config.drafter == "none":
+  if not drafters_lib.kind(config.drafter).speculative:
     return 0
   return int(config.k_max) if config.k_max else int(config.k)
 
@@ -53,8 +54,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every field a job reads; raises ValueError naming the field."""
   if config.job not in JOBS:
     raise ValueError(f"config.job={config.job!r}; expected one of {JOBS}")
-  if config.drafter not in DRAFTERS:
-    raise ValueError(f"config.drafter={config.drafter!r}; expected one of {DRAFTERS}")
+  try:
+    drafter = drafters_lib.kind(config.drafter)
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
   if config.rule not in verify.RULES:
     raise ValueError(f"config.rule={config.rule!r}; expected one of {verify.RULES}")
   if config.rule == "greedy" and config.temperature > 0:
@@ -85,8 +88,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     policies.validate(config.policy, config.tau, config.budget)
   except ValueError as e:
     raise ValueError(f"config: {e}") from None
-  if config.drafter.startswith("ngram"):
-    validate_lookup(config, hybrid=config.drafter.startswith("ngram+"))
+  if drafter.lookup:
+    validate_lookup(config, hybrid=drafter.draft_model is not None)
   for name in ("model", "draft"):
     source = config[name].source
     if source not in MODEL_SOURCES:
@@ -215,22 +218,22 @@ class Runtime:
     c = self.config
     kwargs = dict(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
                   tau=c.tau, budget=c.budget)
-    if not baseline and c.drafter != "none":
+    if not baseline and self.drafter is not None:
       kwargs["k"] = c.k
       if c.rule == "synthetic":
         kwargs["synthetic_acceptance"] = c.synthetic_acceptance
     return kwargs
 
   def measure_costs(self, generator: Generator, prompt_ids, log=None):
-    """The costs the auto policy weighs (``Generator.measure_costs``) on this
+    """The costs the auto policy weighs (``phase_timing.measure_policy_costs``) on this
     machine, for ``config.policy == "auto"``; None otherwise (and for plain
     decoding). Costs one compile of each phase and a few timed calls."""
     c = self.config
     if c.policy != "auto" or generator.k_max == 0:
       return None
-    costs = generator.measure_costs(self.target_params, self.draft_params,
-                                    prompt_ids[:generator.batch_size], k=c.k,
-                                    temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+    costs = phase_timing.measure_policy_costs(
+        generator, self.target_params, self.draft_params, prompt_ids, k=c.k,
+        temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
     if jax.process_count() > 1:
       # every process times its own calls; the compiled loop needs one value
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -267,12 +270,12 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
   embedding (tests, smoke runs), which needs ``target_params``.
   ``ngram+model`` / ``ngram+feature`` wrap that draft in a HybridDrafter.
   """
-  lookup = lambda: NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n)
-  if config.drafter == "ngram":
-    return lookup(), {}
-  kind = model_kind(config.drafter)
+  entry = drafters_lib.kind(config.drafter)
+  lookup = (NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n)
+            if entry.lookup else None)
+  kind = entry.draft_model
   if kind is None:
-    return None, {}
+    return drafters_lib.build(config.drafter, lookup=lookup), {}
   if sharded is None:
     sharded = sharding_fn is not None
   loop = layer_loop(config.draft, sharded)
@@ -301,9 +304,8 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
         f"{target.cfg.vocab_size}; drafter and target must share a tokenizer")
   if isinstance(draft_model, FeatureDraft):
     check_compatible(draft_model.cfg, target.cfg)
-  drafter = for_draft_model(draft_model)
-  if config.drafter.startswith("ngram+"):
-    drafter = HybridDrafter(lookup(), drafter, min_match=int(config.lookup_min_match))
+  drafter = drafters_lib.build(config.drafter, lookup=lookup, draft_model=draft_model,
+                               min_match=int(config.lookup_min_match))
   return drafter, draft_params
 
 

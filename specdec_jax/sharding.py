@@ -341,8 +341,8 @@ class GenerationShardings:
       return param_shardings(value, self.target)
     if kind == "draft_params":
       return param_shardings(value, self.draft)
-    if kind == "batch":
-      return self.batch(np.ndim(value))
+    if kind == "batch":   # a decode.Batch: every array's rows over data
+      return jax.tree.map(lambda x: self.batch(np.ndim(x)), value)
     if kind == "state":
       return self.state(value)
     return jax.tree.map(lambda _: self.replicated, value)
@@ -359,14 +359,10 @@ class GenerationShardings:
     (e.g. split replicated KV heads along with the query heads), so that the
     loop carry is resharded on every step.
     """
-    inner = getattr(drafter, "draft", None)   # a HybridDrafter's draft-model drafter
-    if inner is not None:
-      target, inner = self.constrain(target, inner)
-      return target, dataclasses.replace(drafter, draft=inner)
     target = ConstrainedModel(target, self.cache("target"))
-    model = getattr(drafter, "model", None)
-    if isinstance(model, Transformer) and dataclasses.is_dataclass(drafter):
-      drafter = dataclasses.replace(drafter, model=ConstrainedModel(model, self.cache("draft")))
+    model = None if drafter is None else drafter.draft_model
+    if isinstance(model, Transformer):
+      drafter = drafter.with_draft_model(ConstrainedModel(model, self.cache("draft")))
     return target, drafter
 
   def jit(self, fn: Callable, kinds: Sequence[str], donate: Sequence[int] = ()) -> "ShardedJit":
@@ -495,6 +491,6 @@ class RuntimeSharding:
     return lambda cfg: param_shardings(cfg, self.plan(cfg, which))
 
   def generation(self, target: Transformer, drafter) -> GenerationShardings:
-    model = getattr(drafter, "model", None)
-    return GenerationShardings.create(self.mesh, target.cfg, getattr(model, "cfg", None),
+    model = None if drafter is None else drafter.draft_model
+    return GenerationShardings.create(self.mesh, target.cfg, None if model is None else model.cfg,
                                       self.rules, self.draft_sharding)

@@ -56,8 +56,8 @@ DRAFTERS = {
     "model": ModelDrafter(DRAFT),
     "self": ModelDrafter(TARGET),           # the target drafting for itself
     "feature": FeatureDrafter(FEATURE_DRAFT),
-    "ngram+model": HybridDrafter(LOOKUP, ModelDrafter(DRAFT), min_match=2),
-    "ngram+feature": HybridDrafter(LOOKUP, FeatureDrafter(FEATURE_DRAFT), min_match=2),
+    "ngram+model": HybridDrafter.wrap(LOOKUP, ModelDrafter(DRAFT), min_match=2),
+    "ngram+feature": HybridDrafter.wrap(LOOKUP, FeatureDrafter(FEATURE_DRAFT), min_match=2),
 }
 
 

@@ -37,14 +37,14 @@ def test_phase_functions_take_the_state_by_donation(params):
   tp, dp = params
   gen = Generator(TARGET, ModelDrafter(DRAFT), k_max=3, max_prompt_len=16, max_new_tokens=8,
                   batch_size=2)
-  packed = gen._pack([[1, 2, 3], [4, 5]], [8, 8], [0, 1])
-  run = gen._run_params(3, 0.0, 0, 1.0, 0.0, 1)
-  state = gen._fn("prefill", True)(tp, dp, *packed, run)
-  proposal, after_draft = gen._fn("draft_phase", True)(dp, state, run)
+  req = gen.request([[1, 2, 3], [4, 5]], max_new_tokens=8, k=3)
+  run = req.run
+  state = gen.compiled("prefill", True)(tp, dp, req.requests, run)
+  proposal, after_draft = gen.compiled("draft_phase", True)(dp, state, run)
   assert state.target_cache.k_LBSGH.is_deleted()
-  after_verify = gen._fn("verify_phase", True)(tp, after_draft, proposal, run)
+  after_verify = gen.compiled("verify_phase", True)(tp, after_draft, proposal, run)
   assert after_draft.target_cache.k_LBSGH.is_deleted()
-  assert (np.asarray(after_verify.length_B) > np.asarray(packed[1])).all()
+  assert (np.asarray(after_verify.length_B) > np.asarray(req.requests.prompt_len_B)).all()
 
 
 # ----------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_nothing_written_after_eos(params, eos_setup):
   tp, _ = params
   _, eos_gen, prompts, _, eos = eos_setup
   traces = list(eos_gen.iterate(tp, None, prompts))
-  rows = eos_gen.last_rows
+  rows = traces[-1].rows
   for b in range(3):
     emitted = [t.emitted[b] for t in traces]
     finished = [t.finished[b] for t in traces]

@@ -3,6 +3,7 @@
 import pytest
 
 from specdec_jax import diagnose as dg
+from specdec_jax.phase_timing import PhaseCosts
 
 
 # ---------------------------------------------------------------- formulas
@@ -234,8 +235,8 @@ def test_model_speedup_and_what_ifs_hand_values():
   width 5 (0.016 + 0.001) = 0.2 + 0.44 + 0.34 = 0.98 s."""
   counts = dg.LoopCounts(batches=2, plain_steps=100, steps_by_width={1: 40, 5: 20},
                                perfect_steps=21)
-  base = dg.PhaseCosts(prefill_s=0.1, draft_s=0.0, verify_s_by_width={1: 0.01})
-  spec = dg.PhaseCosts(prefill_s=0.1, draft_s=0.001,
+  base = PhaseCosts(prefill_s=0.1, draft_s=0.0, verify_s_by_width={1: 0.01})
+  spec = PhaseCosts(prefill_s=0.1, draft_s=0.001,
                              verify_s_by_width={1: 0.01, 5: 0.016})
   assert dg.model_speedup(counts, base, spec) == pytest.approx(1.2 / 0.98)
   what_if = dg.what_ifs(counts, base, spec)

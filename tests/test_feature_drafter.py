@@ -165,10 +165,10 @@ def test_features_and_draft_cache_match_teacher_forcing():
   g = gen("feature", batch)
   spec = g.spec(greedy=True)
   drafter = g.drafter
-  packed = g._pack(prompts, [MAX_NEW] * batch, list(range(batch)))
-  run = g._run_params(3, 0.0, 0, 1.0, 0.5, 8)
+  req = g.request(prompts, max_new_tokens=MAX_NEW, k=3, tau=0.5, budget=8)
+  run = req.run
   state = jax.jit(functools.partial(decode.prefill, spec, TARGET, drafter))(
-      tp, dp, *packed, run)
+      tp, dp, req.requests, run)
   draft_fn = jax.jit(functools.partial(decode.draft_phase, spec, drafter))
   verify_fn = jax.jit(functools.partial(decode.verify_phase, spec, TARGET, drafter))
   for step in range(4):
@@ -191,7 +191,7 @@ def test_features_and_draft_cache_match_teacher_forcing():
           f"drafts, step {step} row {b}")
     proposal, state = draft_fn(dp, state, run)
     state = verify_fn(tp, state, proposal, run)
-  assert (np.asarray(state.length_B) >= np.asarray(packed[1]) + 4).all()
+  assert (np.asarray(state.length_B) >= np.asarray(req.requests.prompt_len_B) + 4).all()
 
 
 # ----------------------------------------------------------------------------

@@ -230,3 +230,28 @@ def test_config_checks():
   drafter, _ = runtime.build_drafter(c, TARGET)
   assert isinstance(drafter, HybridDrafter) and drafter.name == "ngram+model"
   assert isinstance(drafter.draft, ModelDrafter) and drafter.min_match == 2
+  assert drafter.draft.resync_all_drafts     # it re-feeds the lookup's commits
+  with pytest.raises(ValueError, match="HybridDrafter.wrap"):
+    HybridDrafter(LOOKUP, ModelDrafter(DRAFT))
+
+
+def test_registry_builds_what_each_name_runs():
+  from specdec_jax import drafters
+  from common import FEATURE_DRAFT
+  built = {name: drafters.build(name, lookup=LOOKUP,
+                                draft_model=FEATURE_DRAFT if "feature" in name else DRAFT)
+           for name in drafters.DRAFTERS}
+  assert built["none"] is None and built["ngram"] is LOOKUP
+  assert {name: type(d).__name__ for name, d in built.items() if d is not None} == {
+      "model": "ModelDrafter", "feature": "FeatureDrafter", "ngram": "NgramDrafter",
+      "ngram+model": "HybridDrafter", "ngram+feature": "HybridDrafter"}
+  for name, d in built.items():
+    if d is not None:
+      assert d.name == name
+      assert d.reads_target_features == ("feature" in name)
+      assert (d.draft_model is None) == (drafters.kind(name).draft_model is None)
+  assert built["ngram+model"].with_draft_model(TARGET).draft_model is TARGET
+  with pytest.raises(ValueError, match="expected one of"):
+    drafters.build("eagle")
+  with pytest.raises(ValueError, match="needs a 'feature' draft"):
+    drafters.build("feature", draft_model=DRAFT)

@@ -17,6 +17,7 @@ import pytest
 
 from common import REPO_ROOT, real_model_env, run_cli, tiny_config
 from specdec_jax import diagnose
+from specdec_jax import phase_timing
 from specdec_jax.models.tokenizers import ByteTokenizer
 
 TIMEOUT_S = 600
@@ -151,7 +152,7 @@ def test_bad_config_exits_with_short_error(tmp_path, capsys, name):
 
 
 def test_phase_costs_time_the_loops_own_phases():
-  """Generator.phase_costs: positive medians for prefill and verify; no draft
+  """phase_timing.measure: positive medians for prefill and verify; no draft
   phase for plain decoding; and timing leaves the outputs untouched (the
   phases take the state by donation, nothing is shared with generate)."""
   from common import DRAFT, TARGET, init, make_prompts
@@ -160,14 +161,13 @@ def test_phase_costs_time_the_loops_own_phases():
   prompts = make_prompts(72)
   plain, spec = gen("plain", 5), gen("model", 5)
   before = [r.output_ids for r in spec.generate(tp, dp, prompts).rows]
-  base = plain.phase_costs(tp, None, prompts, iters=3)
-  costs = spec.phase_costs(tp, dp, prompts, iters=3, k=3)
-  assert set(base) == set(costs) == {"prefill_s", "draft_s", "verify_s", "verify_s_by_width"}
-  assert base["draft_s"] == 0.0 and base["verify_s"] > 0 and base["prefill_s"] > 0
-  assert set(base["verify_s_by_width"]) == {1}
-  assert costs["draft_s"] > 0 and costs["verify_s"] > 0
-  assert set(costs["verify_s_by_width"]) == set(spec.verify_widths)
-  assert all(v > 0 for v in costs["verify_s_by_width"].values())
+  base = phase_timing.measure(plain, tp, None, prompts, iters=3)
+  costs = phase_timing.measure(spec, tp, dp, prompts, iters=3, k=3)
+  assert base.draft_s == 0.0 and base.verify_s > 0 and base.prefill_s > 0
+  assert set(base.verify_s_by_width) == {1}
+  assert costs.draft_s > 0 and costs.verify_s > 0
+  assert set(costs.verify_s_by_width) == set(spec.verify_widths)
+  assert all(v > 0 for v in costs.verify_s_by_width.values())
   assert [r.output_ids for r in spec.generate(tp, dp, prompts).rows] == before
 
 

@@ -95,7 +95,7 @@ EQUIVALENCE = """
     prompts[2] = [9, 10, 11] * 9
     CASES = {"plain": (None, 0, 0.0), "model": (ModelDrafter(draft), 4, 0.0),
              "feature_sampled": (FeatureDrafter(feature_draft), 4, 1.0),
-             "ngram+model_sampled": (HybridDrafter(NgramDrafter(), ModelDrafter(draft)), 4, 1.0)}
+             "ngram+model_sampled": (HybridDrafter.wrap(NgramDrafter(), ModelDrafter(draft)), 4, 1.0)}
 
     def generator(case, shardings):
       drafter, k, _ = CASES[case]
@@ -143,14 +143,14 @@ EQUIVALENCE = """
       # Outside the loop: placed params, the prefill state's caches, the
       # output (the model case's generator: nothing new compiles but prefill).
       gen = gens["model"]
-      fn = gen._fn("generate_loop", True)
-      packed = gen._pack(prompts, [12] * 8, list(range(8)))
-      run = gen._run_params(4, 0.0, 0, 1.0, 0.0, 1)
+      fn = gen.compiled(compile_count.LOOP, True)
+      req = gen.request(prompts, max_new_tokens=12, seeds=list(range(8)), k=4)
+      run = req.run
       before = compile_count.loop_compiles()
-      out_state = fn(tp, dp, *packed, run)
+      out_state = fn(tp, dp, req.requests, run)
       res["compiles_outside"] = compile_count.loop_compiles() - before
-      placed_tp = fn.place((tp, dp) + packed + (run,))[0]
-      state = gen._fn("prefill", True)(tp, dp, *packed, run)
+      placed_tp = fn.place((tp, dp, req.requests, run))[0]
+      state = gen.compiled("prefill", True)(tp, dp, req.requests, run)
       spec = lambda a: [str(x) for x in a.sharding.spec]
       shard_shape = lambda a: list(a.addressable_shards[0].data.shape)
       layers = placed_tp["layers"]
@@ -162,7 +162,7 @@ EQUIVALENCE = """
           "norm": spec(layers["attn_norm"]["scale"]),
           "final_norm": spec(placed_tp["final_norm"]["scale"]),
           "q_shard": shard_shape(layers["attn"]["q"]["kernel"]),
-          "prompt": spec(fn.place((tp, dp) + packed + (run,))[2]),
+          "prompt": spec(fn.place((tp, dp, req.requests, run))[2].prompt_BT),
       }
       res["state"] = {
           "target_cache": spec(state.target_cache.k_LBSGH),

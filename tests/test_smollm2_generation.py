@@ -146,7 +146,7 @@ def test_model_and_feature_drafts_equal_plain_greedy_at_batch_3(smollm2_scan, pr
     drafter = ModelDrafter(draft)
   else:
     draft, dp = feature_draft(target, params)
-    drafter = HybridDrafter(NgramDrafter(), FeatureDrafter(draft))
+    drafter = HybridDrafter.wrap(NgramDrafter(), FeatureDrafter(draft))
   result = generator(smollm2, drafter, 3).generate(params, dp, prompts)
   assert [r.output_ids for r in result.rows] == [r.output_ids for r in plain_greedy_scan]
   accepted = [sum(r.accepted_per_step) for r in result.rows]
@@ -166,7 +166,7 @@ def test_coupled_equals_plain_sampling_at_batch_3(smollm2_scan, prompts):
   assert [r.output_ids for r in plain.rows] != [r.output_ids for r in other_seeds.rows]
   draft, dp = layer_skip_draft(target, params)
   for name, drafter, d in (("ngram", NgramDrafter(), {}),
-                           ("ngram+model", HybridDrafter(NgramDrafter(), ModelDrafter(draft)), dp)):
+                           ("ngram+model", HybridDrafter.wrap(NgramDrafter(), ModelDrafter(draft)), dp)):
     result = generator(smollm2, drafter, 3, rule="coupled", max_new=24).generate(
         params, d, prompts, seeds=seeds, **warp)
     assert [r.output_ids for r in result.rows] == [r.output_ids for r in plain.rows], name

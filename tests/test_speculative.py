@@ -19,6 +19,7 @@ from common import (DRAFT, DRAFTERS, K_MAX, MAX_NEW, MAX_PROMPT, TARGET, VOCAB, 
 from common import generator as gen
 from specdec_jax import compile_count
 from specdec_jax import metrics
+from specdec_jax import phase_timing
 from specdec_jax.drafters import NgramDrafter
 from specdec_jax.generation import Generator
 
@@ -382,7 +383,8 @@ def test_statistics_match_an_independent_replay(kind, temperature):
   spec = gen(kind, 5, rule=rule)
   rows = spec.generate(tp, d, prompts, **kwargs).rows
   traces = list(spec.iterate(tp, d, prompts, **kwargs))
-  assert [r.output_ids for r in spec.last_rows] == ref == outputs_of(rows)
+  assert all(t.rows is None for t in traces[:-1])
+  assert [r.output_ids for r in traces[-1].rows] == ref == outputs_of(rows)
   proposed_any = accepted_any = 0
   for b, row in enumerate(rows):
     check_stats(row)
@@ -671,7 +673,7 @@ def test_auto_policy_drafts_where_it_pays_and_stays_exact(temperature):
 def test_measure_costs_shapes_and_values():
   tp, dp = init(TARGET, 92), init(DRAFT, 93)
   g = gen("model", 5, policy="auto")
-  costs = g.measure_costs(tp, dp, make_prompts(94), iters=2)
+  costs = phase_timing.measure_policy_costs(g, tp, dp, make_prompts(94), iters=2)
   assert costs.verify_W.shape == (len(g.verify_widths),)
   assert float(costs.verify_W[0]) == pytest.approx(1.0)
   assert float(costs.verify_W[-1]) > 0 and float(costs.draft) > 0

@@ -23,7 +23,6 @@ from specdec_jax.distill import losses
 from specdec_jax.distill.data import TrainData
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.feature_draft import FeatureDraft
-from specdec_jax.models.transformer import Transformer
 
 
 def frozen_paths(draft_cfg: ModelConfig, d) -> list[tuple[str, ...]]:

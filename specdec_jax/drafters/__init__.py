@@ -1,4 +1,8 @@
-"""Draft sources behind one interface (see ``base.Drafter``)."""
+"""Draft sources behind one interface (``base.Drafter``), built from one
+registry: ``KINDS`` says what each ``config.drafter`` name runs, ``build``
+makes it."""
+
+import dataclasses
 
 from specdec_jax.drafters.base import DraftContext, Drafter, Proposal
 from specdec_jax.drafters.feature_drafter import FeatureDrafter
@@ -7,9 +11,42 @@ from specdec_jax.drafters.model_drafter import ModelDrafter
 from specdec_jax.drafters.ngram import NgramDrafter
 from specdec_jax.models.feature_draft import FeatureDraft
 
+
+@dataclasses.dataclass(frozen=True)
+class DrafterKind:
+  """What a ``config.drafter`` name runs.
+
+  lookup: prompt lookup (``NgramDrafter``), alone or in front of a draft model.
+  draft_model: "model" (a Transformer), "feature" (a FeatureDraft) or None.
+  """
+
+  name: str
+  lookup: bool
+  draft_model: str | None
+
+  @property
+  def speculative(self) -> bool:
+    return self.lookup or self.draft_model is not None
+
+
 # "ngram+model" / "ngram+feature": prompt lookup where the text ends in a
 # repeated n-gram, the draft model elsewhere (drafters/hybrid.py).
-DRAFTERS = ("none", "model", "feature", "ngram", "ngram+model", "ngram+feature")
+KINDS = {kind.name: kind for kind in (
+    DrafterKind("none", lookup=False, draft_model=None),
+    DrafterKind("model", lookup=False, draft_model="model"),
+    DrafterKind("feature", lookup=False, draft_model="feature"),
+    DrafterKind("ngram", lookup=True, draft_model=None),
+    DrafterKind("ngram+model", lookup=True, draft_model="model"),
+    DrafterKind("ngram+feature", lookup=True, draft_model="feature"),
+)}
+DRAFTERS = tuple(KINDS)
+
+
+def kind(name: str) -> DrafterKind:
+  """The registry entry of a drafter name; ValueError naming the choices."""
+  if name not in KINDS:
+    raise ValueError(f"drafter={name!r}; expected one of {DRAFTERS}")
+  return KINDS[name]
 
 
 def for_draft_model(model) -> Drafter:
@@ -18,11 +55,24 @@ def for_draft_model(model) -> Drafter:
   return FeatureDrafter(model) if isinstance(model, FeatureDraft) else ModelDrafter(model)
 
 
-def model_kind(drafter_name: str) -> str | None:
-  """The draft model a ``config.drafter`` value runs: 'model', 'feature' or None."""
-  kind = drafter_name.removeprefix("ngram+")
-  return kind if kind in ("model", "feature") else None
+def build(name: str, *, lookup: NgramDrafter | None = None, draft_model=None,
+          min_match: int = 2) -> Drafter | None:
+  """The drafter a name runs (None for "none"), from its parts: ``lookup``
+  for the names with prompt lookup, ``draft_model`` (a Transformer or
+  FeatureDraft of the named kind) for those with a draft model."""
+  entry = kind(name)
+  if entry.lookup and lookup is None:
+    raise ValueError(f"drafter={name!r} needs an NgramDrafter")
+  if entry.draft_model is None:
+    return lookup if entry.lookup else None
+  stored = "feature" if isinstance(draft_model, FeatureDraft) else "model"
+  if draft_model is None or stored != entry.draft_model:
+    raise ValueError(f"drafter={name!r} needs a {entry.draft_model!r} draft, got "
+                     f"{type(draft_model).__name__}")
+  draft = for_draft_model(draft_model)
+  return HybridDrafter.wrap(lookup, draft, min_match) if entry.lookup else draft
 
 
-__all__ = ["DraftContext", "Drafter", "Proposal", "FeatureDrafter", "HybridDrafter",
-           "ModelDrafter", "NgramDrafter", "DRAFTERS", "for_draft_model", "model_kind"]
+__all__ = ["DraftContext", "Drafter", "DrafterKind", "Proposal", "FeatureDrafter",
+           "HybridDrafter", "ModelDrafter", "NgramDrafter", "DRAFTERS", "KINDS", "build",
+           "for_draft_model", "kind"]

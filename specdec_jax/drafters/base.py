@@ -1,6 +1,6 @@
 """The drafter interface: what every draft source gets and returns."""
 
-from typing import Any, Protocol
+from typing import Any
 
 import flax.struct
 import jax
@@ -50,24 +50,39 @@ class Proposal:
   shadow_B: jax.Array | None = None
 
 
-class Drafter(Protocol):
-  """A draft source. Params and state are pytrees; every method is pure.
+class Drafter:
+  """A draft source: the base class of every drafter. Params and state are
+  pytrees; every method is pure.
 
-  A drafter that conditions on the target's hidden states (EAGLE-style,
-  ``FeatureDrafter``) also sets ``reads_target_features = True`` and has
-  ``record_features(state, hidden_BTD, positions_BT) -> state``: the decode
-  loop calls it after every target pass (prefill, before ``prefill``; each
-  verify) with that pass's final-normed hidden states.
+  Subclasses (frozen dataclasses) implement ``init_state``, ``prefill`` and
+  ``propose``; the rest has defaults that a drafter overrides when it has
+  the capability:
+
+  - ``reads_target_features`` / ``record_features``: a drafter that
+    conditions on the target's hidden states (EAGLE-style,
+    ``FeatureDrafter``) sets it True; the decode loop then calls
+    ``record_features(state, hidden_BTD, positions_BT)`` after every target
+    pass (at prefill before ``prefill``; each verify) with that pass's
+    final-normed hidden states.
+  - ``draft_model`` / ``with_draft_model``: the draft model a drafter runs
+    (None for prompt lookup), and the same drafter running another one (the
+    sharding hook wraps it to pin its cache's layout).
+  - ``refeeding_all_drafts``: the same drafter, made to re-feed every token
+    the last step committed, for a wrapper (``HybridDrafter``) whose steps
+    commit drafts this drafter never saw.
   """
 
-  name: str
+  name: str = "drafter"
+  reads_target_features: bool = False
 
   def init_state(self, batch_size: int, num_slots: int) -> Any:
     """Drafter state (e.g. a KV cache) for B rows and S slots."""
+    raise NotImplementedError
 
   def prefill(self, params: Any, state: Any, prompt_BT: jax.Array,
               positions_BT: jax.Array) -> Any:
     """Ingests the (right-padded) prompts."""
+    raise NotImplementedError
 
   def propose(self, params: Any, state: Any, ctx: DraftContext, k: int, *,
               greedy: bool, purpose: int) -> tuple[Proposal, Any]:
@@ -78,3 +93,25 @@ class Drafter(Protocol):
     the drafter must ingest them. ``purpose`` is the sampling purpose of the
     draft's random draws (TARGET for the coupled rule, DRAFT otherwise).
     """
+    raise NotImplementedError
+
+  def record_features(self, state: Any, hidden_BTD: jax.Array,
+                      positions_BT: jax.Array) -> Any:
+    """Takes the target's hidden states of a pass (default: not read)."""
+    del hidden_BTD, positions_BT
+    return state
+
+  @property
+  def draft_model(self) -> Any:
+    """The draft model this drafter runs, or None (default: none)."""
+    return None
+
+  def with_draft_model(self, model: Any) -> "Drafter":
+    """This drafter running ``model`` instead (default: it runs none)."""
+    del model
+    return self
+
+  def refeeding_all_drafts(self) -> "Drafter":
+    """This drafter re-feeding every committed token of the last step
+    (default: it keeps no per-token state, so itself)."""
+    return self

@@ -26,7 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from specdec_jax.drafters.base import DraftContext
+from specdec_jax.drafters.base import DraftContext, Drafter
 from specdec_jax.drafters.chain import draft_chain
 from specdec_jax.models.feature_draft import FeatureDraft
 from specdec_jax.models.kv_cache import KVCache
@@ -48,12 +48,21 @@ def _prev_features(features_BSD, positions_BT):
 
 
 @dataclasses.dataclass(frozen=True)
-class FeatureDrafter:
-  """A Drafter over a FeatureDraft; it reads the target's hidden states."""
+class FeatureDrafter(Drafter):
+  """A Drafter over a FeatureDraft; it reads the target's hidden states.
+  Every propose re-feeds the last K+1 committed tokens, so it is its own
+  ``refeeding_all_drafts``."""
 
   model: FeatureDraft
   name: str = "feature"
-  reads_target_features: bool = True
+  reads_target_features = True   # a class constant, not a field
+
+  @property
+  def draft_model(self) -> FeatureDraft:
+    return self.model
+
+  def with_draft_model(self, model) -> "FeatureDrafter":
+    return dataclasses.replace(self, model=model)
 
   def init_state(self, batch_size, num_slots):
     cfg = self.model.cfg

@@ -24,46 +24,55 @@ runs.
 """
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from specdec_jax.drafters.base import DraftContext, Proposal
-from specdec_jax.drafters.model_drafter import ModelDrafter
+from specdec_jax.drafters.base import DraftContext, Drafter, Proposal
 from specdec_jax.drafters.ngram import NgramDrafter
 
 
 @dataclasses.dataclass(frozen=True)
-class HybridDrafter:
+class HybridDrafter(Drafter):
   """Lookup drafts where an n-gram of >= ``min_match`` tokens matches, the
-  ``draft`` drafter's (a ModelDrafter or FeatureDrafter) elsewhere."""
+  ``draft`` drafter's (a ModelDrafter or FeatureDrafter) elsewhere.
+
+  Build it with ``HybridDrafter.wrap``, which makes the draft re-feed every
+  token a step commits (``Drafter.refeeding_all_drafts``): lookup steps
+  commit drafts the model never fed through its cache.
+  """
 
   lookup: NgramDrafter
-  draft: Any
+  draft: Drafter
   min_match: int = 2
+
+  @classmethod
+  def wrap(cls, lookup: NgramDrafter, draft: Drafter, min_match: int = 2) -> "HybridDrafter":
+    return cls(lookup, draft.refeeding_all_drafts(), min_match)
 
   def __post_init__(self):
     if not self.lookup.min_n <= self.min_match <= self.lookup.max_n:
       raise ValueError(
           f"lookup_min_match={self.min_match} must lie in [ngram_min_n={self.lookup.min_n}, "
           f"ngram_max_n={self.lookup.max_n}]")
-    if isinstance(self.draft, ModelDrafter) and not self.draft.resync_all_drafts:
-      # Lookup steps commit drafts the model never fed through its cache.
-      object.__setattr__(self, "draft", dataclasses.replace(self.draft, resync_all_drafts=True))
+    if self.draft.refeeding_all_drafts() != self.draft:
+      raise ValueError("HybridDrafter's draft must re-feed every committed token; "
+                       "build it with HybridDrafter.wrap(lookup, draft)")
 
   @property
   def name(self) -> str:
     return f"ngram+{self.draft.name}"
 
   @property
-  def model(self):
-    """The draft model (what sharding and the draft's config come from)."""
-    return self.draft.model
+  def draft_model(self):
+    return self.draft.draft_model
+
+  def with_draft_model(self, model) -> "HybridDrafter":
+    return dataclasses.replace(self, draft=self.draft.with_draft_model(model))
 
   @property
   def reads_target_features(self) -> bool:
-    return bool(getattr(self.draft, "reads_target_features", False))
+    return self.draft.reads_target_features
 
   def record_features(self, state, hidden_BTD, positions_BT):
     return self.draft.record_features(state, hidden_BTD, positions_BT)

@@ -4,13 +4,13 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from specdec_jax.drafters.base import DraftContext
+from specdec_jax.drafters.base import DraftContext, Drafter
 from specdec_jax.drafters.chain import draft_chain
 from specdec_jax.models.transformer import Transformer
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelDrafter:
+class ModelDrafter(Drafter):
   """Drafts with a second decoder from the same model code.
 
   Its cache follows the same invariant as the target's. Each propose starts
@@ -27,6 +27,16 @@ class ModelDrafter:
   model: Transformer
   name: str = "model"
   resync_all_drafts: bool = False
+
+  @property
+  def draft_model(self) -> Transformer:
+    return self.model
+
+  def with_draft_model(self, model) -> "ModelDrafter":
+    return dataclasses.replace(self, model=model)
+
+  def refeeding_all_drafts(self) -> "ModelDrafter":
+    return dataclasses.replace(self, resync_all_drafts=True)
 
   def init_state(self, batch_size, num_slots):
     return self.model.init_cache(batch_size, num_slots)

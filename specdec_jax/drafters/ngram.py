@@ -5,11 +5,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from specdec_jax.drafters.base import DraftContext, Proposal
+from specdec_jax.drafters.base import DraftContext, Drafter, Proposal
 
 
 @dataclasses.dataclass(frozen=True)
-class NgramDrafter:
+class NgramDrafter(Drafter):
   """Finds an earlier occurrence of the row's last n tokens in its own
   committed tokens and proposes the tokens that followed.
 

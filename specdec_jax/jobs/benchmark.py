@@ -23,21 +23,12 @@ import numpy as np
 from specdec_jax import compile_count
 from specdec_jax import diagnose
 from specdec_jax import metrics
+from specdec_jax import phase_timing
 from specdec_jax import roofline
 from specdec_jax import runtime
 from specdec_jax import verify
-from specdec_jax.generation import costs_from_phases
 from specdec_jax.jobs import generate as generate_job
 from specdec_jax.jobs import io
-
-
-def _median_phases(rounds: list) -> dict:
-  """Field-wise medians of phase_costs dicts (verify_s_by_width per width)."""
-  out = {key: float(np.median([r[key] for r in rounds]))
-         for key in rounds[0] if key != "verify_s_by_width"}
-  out["verify_s_by_width"] = {w: float(np.median([r["verify_s_by_width"][w] for r in rounds]))
-                              for w in rounds[0]["verify_s_by_width"]}
-  return out
 
 
 def _phase_costs(config, rt, base_gen, spec_gen, probe, base_kwargs, spec_kwargs):
@@ -56,16 +47,16 @@ def _phase_costs(config, rt, base_gen, spec_gen, probe, base_kwargs, spec_kwargs
   for _ in range(max(1, config.benchmark.timing_rounds)):
     for name, gen, kwargs in (("baseline", base_gen, base_kwargs),
                               ("speculative", spec_gen, spec_kwargs)):
-      rounds[name].append(gen.phase_costs(rt.target_params, rt.draft_params, probe,
-                                          iters=config.benchmark.timing_iters, **kwargs))
+      rounds[name].append(phase_timing.measure(gen, rt.target_params, rt.draft_params, probe,
+                                               iters=config.benchmark.timing_iters, **kwargs))
     bandwidth.append(roofline.measure_bandwidth())
-  return (_median_phases(rounds["baseline"]), _median_phases(rounds["speculative"]),
+  return (phase_timing.median(rounds["baseline"]), phase_timing.median(rounds["speculative"]),
           float(np.median(bandwidth)))
 
 
 def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   """Runs the measurement; returns (summary, per-prompt records)."""
-  if config.drafter == "none":
+  if rt.drafter is None:
     raise ValueError("config.job=benchmark needs a drafter (config.drafter=ngram or model)")
   prompts = runtime.load_prompt_list(config)
   prompt_ids = [rt.encode_prompt(p) for p in prompts]
@@ -94,7 +85,7 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   base_costs, spec_costs, bandwidth = _phase_costs(
       config, rt, base_gen, spec_gen, [prompt_ids[0]], base_kwargs, spec_kwargs)
   if config.policy == "auto":
-    spec_kwargs = dict(spec_kwargs, costs=costs_from_phases(
+    spec_kwargs = dict(spec_kwargs, costs=phase_timing.policy_costs(
         spec_costs, spec_gen.verify_widths, config.k))
   compiles_warm = compile_count.loop_compiles()
 
@@ -117,11 +108,11 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
         f"({elapsed:.0f}s, ETA {eta:.0f}s)")
   compiles_after_warmup = compile_count.loop_compiles() - compiles_warm
 
-  target_step_s = base_costs["verify_s"]
-  cost_ratio_c = spec_costs["draft_s"] / (config.k * target_step_s)
-  verify_cost = spec_costs["verify_s"] / target_step_s
+  target_step_s = base_costs.verify_s
+  cost_ratio_c = spec_costs.draft_s / (config.k * target_step_s)
+  verify_cost = spec_costs.verify_s / target_step_s
   verify_cost_by_width = {str(w): v / target_step_s
-                          for w, v in spec_costs["verify_s_by_width"].items()}
+                          for w, v in spec_costs.verify_s_by_width.items()}
   ordered_base = [base_rows[i] for i in range(len(prompts))]
   ordered_spec = [spec_rows[i] for i in range(len(prompts))]
   greedy = config.temperature == 0
@@ -159,16 +150,16 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   # Prefill is the same work in both runs and speculation does not speed it
   # up; its share of plain decoding's model time enters the prediction.
   counts = _loop_counts(groups, ordered_base, ordered_spec, config.batch_size, k_slots)
-  base_phases = diagnose.PhaseCosts(base_costs["prefill_s"], 0.0, {1: target_step_s})
-  spec_phases = diagnose.PhaseCosts(spec_costs["prefill_s"], spec_costs["draft_s"],
-                                    spec_costs["verify_s_by_width"])
-  model_prediction = diagnose.model_speedup(counts, base_phases, spec_phases)
-  what_if = diagnose.what_ifs(counts, base_phases, spec_phases)
+  # The baseline as plain width-1 steps (its own width is k_max+1 in the
+  # numerics-matched mode).
+  base_phases = phase_timing.PhaseCosts(base_costs.prefill_s, 0.0, {1: target_step_s})
+  model_prediction = diagnose.model_speedup(counts, base_phases, spec_costs)
+  what_if = diagnose.what_ifs(counts, base_phases, spec_costs)
   binding, binding_speedup = diagnose.binding_cost(what_if)
-  prefill_time = counts.batches * base_costs["prefill_s"]
+  prefill_time = counts.batches * base_costs.prefill_s
   prefill_fraction = prefill_time / (prefill_time + counts.plain_steps * target_step_s)
-  model_time = counts.batches * spec_costs["prefill_s"] + sum(
-      n * (spec_costs["draft_s"] + spec_costs["verify_s_by_width"][w])
+  model_time = counts.batches * spec_costs.prefill_s + sum(
+      n * (spec_costs.draft_s + spec_costs.verify_s_by_width[w])
       for w, n in counts.steps_by_width.items())
   base_steps, spec_steps = counts.plain_steps, sum(counts.steps_by_width.values())
   # The memory roofline of a plain step: its weights and KV cache over the
@@ -193,8 +184,8 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
       "speculative_tokens_per_s": tokens(ordered_spec) / spec_total,
       "target_calls_baseline": base_calls, "target_calls_speculative": spec_calls,
       "cost_ratio_c": cost_ratio_c, "verify_cost_ratio": verify_cost,
-      "target_step_s": target_step_s, "draft_phase_s": spec_costs["draft_s"],
-      "verify_phase_s": spec_costs["verify_s"], "prefill_s": base_costs["prefill_s"],
+      "target_step_s": target_step_s, "draft_phase_s": spec_costs.draft_s,
+      "verify_phase_s": spec_costs.verify_s, "prefill_s": base_costs.prefill_s,
       "prefill_fraction": prefill_fraction,
       "loop_steps_baseline": base_steps, "loop_steps_speculative": spec_steps,
       "call_reduction": base_steps / max(spec_steps, 1),

@@ -9,6 +9,7 @@ then prints the diagnosis and the K the formula predicts to be best.
 import os
 
 from specdec_jax import diagnose
+from specdec_jax import phase_timing
 from specdec_jax import runtime
 from specdec_jax.jobs import benchmark
 from specdec_jax.jobs import io
@@ -16,14 +17,13 @@ from specdec_jax.jobs import io
 
 def verify_cost_by_k(rt: runtime.Runtime, prompt_ids, iters: int, ks) -> dict:
   """{K: verify phase time at K / plain decode step time}."""
-  base = rt.generator(baseline=True).phase_costs(
-      rt.target_params, rt.draft_params, prompt_ids, iters=iters, **rt.run_kwargs(True))
+  base = phase_timing.measure(rt.generator(baseline=True), rt.target_params, rt.draft_params,
+                              prompt_ids, iters=iters, **rt.run_kwargs(True))
   costs = {}
   for k in ks:
-    kwargs = dict(rt.run_kwargs(), k=k)
-    spec = rt.generator(k_max=k).phase_costs(
-        rt.target_params, rt.draft_params, prompt_ids, iters=iters, **kwargs)
-    costs[k] = spec["verify_s"] / base["verify_s"]
+    spec = phase_timing.measure(rt.generator(k_max=k), rt.target_params, rt.draft_params,
+                                prompt_ids, iters=iters, **dict(rt.run_kwargs(), k=k))
+    costs[k] = spec.verify_s / base.verify_s
   return costs
 
 

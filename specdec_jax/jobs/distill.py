@@ -139,7 +139,7 @@ def run_distill(config, workdir: str, log=print, on_checkpoint=None) -> dict:
   draft_drafter = drafters.for_draft_model(draft_model)
   lookup_drafter = None
   if d.eval_with_lookup:
-    lookup_drafter = drafters.HybridDrafter(
+    lookup_drafter = drafters.HybridDrafter.wrap(
         drafters.NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n),
         draft_drafter, min_match=int(config.lookup_min_match))
   evaluator = evaluate_lib.HeldOutEval(rt, draft_drafter, _held_out_ids(config, rt, log),

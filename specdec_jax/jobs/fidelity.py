@@ -19,8 +19,8 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
+from specdec_jax import drafters
 from specdec_jax import fidelity
 from specdec_jax import runtime
 from specdec_jax import sampling
@@ -34,7 +34,7 @@ def fidelity_config(config) -> ml_collections.ConfigDict:
   """The config with tiny-vocab random models and fidelity-sized buffers."""
   c = ml_collections.ConfigDict(config.to_dict())
   f = config.fidelity
-  if runtime.model_kind(config.drafter) == "model" and f.draft_noise > 0:
+  if drafters.kind(config.drafter).draft_model == "model" and f.draft_noise > 0:
     c.draft = ml_collections.ConfigDict(c.model.to_dict())   # perturbed in run_fidelity
   for name, seed in (("model", 100), ("draft", 200)):
     c[name].source = "random"
@@ -52,14 +52,14 @@ def run_fidelity(config, log=print) -> dict:
   if config.temperature == 0:
     raise ValueError("config.job=fidelity needs config.temperature > 0 (greedy is "
                      "checked token for token by the tests)")
-  if config.drafter == "none":
+  if not drafters.kind(config.drafter).speculative:
     raise ValueError("config.job=fidelity needs a drafter (ngram or model)")
   f = config.fidelity
   c = fidelity_config(config)
   runtime.validate_config(c)
   target, target_params, _ = runtime.load_model(c.model, c)
   drafter, draft_params = runtime.build_drafter(c, target, target_params=target_params)
-  if runtime.model_kind(config.drafter) == "model" and f.draft_noise > 0:
+  if drafters.kind(config.drafter).draft_model == "model" and f.draft_noise > 0:
     draft_params = perturbed_copy(target_params, f.draft_noise, config.seed)
   rt = runtime.Runtime(config=c, target=target, target_params=target_params,
                        tokenizer=_NoEosTokenizer(), drafter=drafter, draft_params=draft_params)

@@ -40,8 +40,8 @@ def run(config, workdir: str, log=print) -> dict:
   rt = runtime.build(config)
   load_s = time.perf_counter() - t0
   prompt_ids = [rt.encode_prompt(p) for p in prompts]
-  generator = rt.generator(baseline=config.drafter == "none")
-  kwargs = rt.run_kwargs(baseline=config.drafter == "none")
+  generator = rt.generator(baseline=rt.drafter is None)
+  kwargs = rt.run_kwargs(baseline=rt.drafter is None)
   seeds = [config.seed + i for i in range(len(prompts))]
   generator.validate(prompt_ids, [config.max_new_tokens] * len(prompts),
                      kwargs.get("k", 0), config.temperature, config.top_k, config.top_p,

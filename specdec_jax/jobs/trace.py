@@ -20,7 +20,7 @@ def run(config, workdir: str, log=print) -> dict:
   prompts = runtime.load_prompt_list(config)[:config.batch_size]
   rt = runtime.build(config)
   prompt_ids = [rt.encode_prompt(p) for p in prompts]
-  baseline = config.drafter == "none"
+  baseline = rt.drafter is None
   generator = rt.generator(baseline=baseline)
   kwargs = rt.run_kwargs(baseline=baseline)
   kwargs["costs"] = rt.measure_costs(generator, prompt_ids, log)
@@ -35,6 +35,7 @@ def run(config, workdir: str, log=print) -> dict:
   committed = [[] for _ in prompts]
   for st in generator.iterate(rt.target_params, rt.draft_params, prompt_ids,
                               seeds=seeds, **kwargs):
+    trace_rows = st.rows   # set on the last step
     record = {"step": st.step, "draft_time_s": st.draft_time_s,
               "verify_time_s": st.verify_time_s, "rows": []}
     for b in range(len(prompts)):
@@ -55,7 +56,7 @@ def run(config, workdir: str, log=print) -> dict:
   html_path = os.path.join(workdir, "trace.html")
   with open(html_path, "w") as f:
     f.write(render_html(steps, [generate_job.prompt_record(p)[0] for p in prompts]))
-  rows = generator.last_rows
+  rows = trace_rows
   summary = {"job": "trace", "steps": len(steps), "num_prompts": len(prompts),
              "output_ids": [r.output_ids for r in rows],
              "draft_time_s": sum(s["draft_time_s"] for s in steps),
