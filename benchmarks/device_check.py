@@ -28,7 +28,6 @@ wheels shipped alongside (ml-collections) on the path.
   bash launch/device_check.sh --dry-run       # CPU, tiny shapes, < 2 minutes
 """
 
-import json
 import os
 import sys
 import time
@@ -45,6 +44,7 @@ from specdec_jax import config_defaults  # noqa: E402
 from specdec_jax import decode  # noqa: E402
 from specdec_jax import fidelity  # noqa: E402
 from specdec_jax import phase_timing  # noqa: E402
+from specdec_jax.jobs import io  # noqa: E402
 from specdec_jax import runtime  # noqa: E402
 from specdec_jax.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 from specdec_jax.generation import Generator  # noqa: E402
@@ -135,9 +135,7 @@ def check(dry_run: bool, shapes: str, layer_loop: str, out_path: str) -> dict:
 
   def save():
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path + ".tmp", "w") as f:
-      json.dump(report, f, indent=1)
-    os.replace(out_path + ".tmp", out_path)
+    io.write_json(out_path, report)
 
   compile_count.install()
   target, tp, draft, dp = _models(dry_run, shapes, layer_loop)

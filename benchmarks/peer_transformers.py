@@ -19,7 +19,6 @@ Needs the test extras (torch CPU + transformers):
       --out=runs/peer.json
 """
 
-import json
 import os
 import time
 
@@ -43,6 +42,7 @@ def main(argv):
   from transformers import AutoModelForCausalLM
 
   from specdec_jax import phase_timing
+  from specdec_jax.jobs import io
   from specdec_jax import prompts as prompts_lib
   from specdec_jax.drafters import NgramDrafter
   from specdec_jax.generation import Generator
@@ -129,8 +129,7 @@ def main(argv):
       "repeats": _REPEATS.value,
   }
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(report, f, indent=2)
+  io.write_json(_OUT.value, report)
   print(f"\n{'system':<30}{'tok/s':>9}{'== greedy':>11}")
   for name, r in report["systems"].items():
     print(f"{name:<30}{r['tokens_per_s']:>9.1f}{str(r['equals_greedy']):>11}")

@@ -119,20 +119,20 @@ def best_k(a: float, c: float, k_max: int = K_MAX, verify_cost_fn=None) -> tuple
   return k, speedup
 
 
-def fit_acceptance(mean_accepted_length: float, k: int, tol: float = 1e-10) -> float:
-  """Acceptance rate a such that tokens_per_call(a, k) = mean_accepted_length.
+def fit_acceptance(mean_tokens_per_call: float, k: int, tol: float = 1e-10) -> float:
+  """Acceptance rate a such that tokens_per_call(a, k) = mean_tokens_per_call.
 
-  mean_accepted_length counts every token committed per target call, the
+  mean_tokens_per_call counts every token committed per target call, the
   target's own token included, so it lies in [1, k + 1]. Solved by bisection
   (tokens_per_call is increasing in a).
   """
   _check_k(k)
   if k < 1:
     raise ValueError("fit_acceptance needs k >= 1 (with k = 0 nothing is drafted)")
-  length = float(mean_accepted_length)
+  length = float(mean_tokens_per_call)
   if not 1.0 - 1e-9 <= length <= k + 1 + 1e-9:
     raise ValueError(
-        f"mean accepted length {length} is outside [1, k + 1] = [1, {k + 1}]; it must "
+        f"mean tokens per call {length} is outside [1, k + 1] = [1, {k + 1}]; it must "
         "count the accepted drafts plus the target's own token per call")
   lo, hi = 0.0, 1.0
   while hi - lo > tol:
@@ -249,7 +249,7 @@ def diagnose(m: dict) -> Diagnosis:
     m: measurements; every key is optional and checks whose inputs are
       missing are skipped:
       acceptance_rate: per-token acceptance rate a (if absent, it is fitted
-        from mean_accepted_length and k);
+        from mean_tokens_per_call and k);
       k: draft length; cost_ratio_c: draft step / target step;
       verify_cost_by_k: {k: verify cost ratio} (see module docstring);
       host_overhead_fraction: wall time outside compiled calls / total;
@@ -309,7 +309,7 @@ def _measured_a_k_c(m: dict) -> tuple:
   if c is not None and c < 0:
     raise ValueError(f"cost_ratio_c must be >= 0, got {c}")
   a = _get_float(m, "acceptance_rate")
-  length = _get_float(m, "mean_accepted_length")
+  length = _get_float(m, "mean_tokens_per_call")
   if a is None and length is not None and k:
     a = fit_acceptance(length, k)
   if a is not None:

@@ -21,6 +21,7 @@ from specdec_jax import decode
 from specdec_jax import policies
 from specdec_jax import sampling
 from specdec_jax import verify
+from specdec_jax.drafters import check_vocabulary
 from specdec_jax.drafters.base import Drafter
 from specdec_jax.models.transformer import Transformer
 
@@ -122,10 +123,9 @@ class Generator:
                max_prompt_len: int = 256, max_new_tokens: int = 64,
                batch_size: int = 1, eos_ids: Sequence[int] = (),
                typical_epsilon: float = 0.09, typical_alpha: float = 0.3,
-               draft_vocab_size: int | None = None, shardings=None,
+               shardings=None,
                verify_widths: Sequence[int] | None = None):
-    if rule not in verify.RULES:
-      raise ValueError(f"unknown rule {rule!r}; expected one of {verify.RULES}")
+    verify.check_rule(rule)
     policies.validate(policy, 0.0, 1)
     if int(k_max) != k_max or k_max < 0:
       raise ValueError(f"k_max must be an int >= 0, got {k_max}")
@@ -135,10 +135,7 @@ class Generator:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_prompt_len < 1 or max_new_tokens < 1:
       raise ValueError("max_prompt_len and max_new_tokens must be >= 1")
-    if draft_vocab_size is not None and draft_vocab_size != target.cfg.vocab_size:
-      raise ValueError(
-          f"draft vocab size {draft_vocab_size} differs from target vocab size "
-          f"{target.cfg.vocab_size}; drafter and target must share a tokenizer")
+    check_vocabulary(drafter, target.cfg.vocab_size)
     for eos in eos_ids:
       if not 0 <= eos < target.cfg.vocab_size:
         raise ValueError(f"eos id {eos} outside the vocabulary [0, {target.cfg.vocab_size})")
@@ -240,9 +237,6 @@ class Generator:
     for seed in seeds:
       if not _is_int(seed) or not 0 <= seed < 2**32:
         raise ValueError(f"seed {seed!r} must be an int in [0, 2**32)")
-    if self.rule == "greedy" and temperature > 0:
-      raise ValueError(f"rule='greedy' needs temperature=0, got temperature={temperature}; "
-                       "use rule=rejection or coupled to sample")
     policies.validate(self.policy, tau, budget)
     validate_synthetic_acceptance(synthetic_acceptance)
 

@@ -30,7 +30,7 @@ def run_job(config, workdir: str, log=print):
   from specdec_jax import multihost
   multihost.initialize(config)  # before anything touches a device
   from specdec_jax import runtime
-  runtime.validate_config(config)
+  runtime.check_job(config.job)   # the rest is checked where the job builds from the config
   if not multihost.is_writer():
     log = lambda *args, **kwargs: None
   module = importlib.import_module(f"specdec_jax.jobs.{config.job}")

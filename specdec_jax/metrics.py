@@ -18,11 +18,20 @@ def _mean(values) -> float | None:
   return float(np.mean(values)) if values else None
 
 
+def pooled_tokens_per_call(rows: Sequence[RowResult]) -> float:
+  """Committed tokens per target call over all rows together (what timings
+  pooled over the same rows compare with)."""
+  tokens = sum(len(r.output_ids) for r in rows)
+  return tokens / max(sum(r.target_calls for r in rows), 1)
+
+
 def acceptance_summary(rows: Sequence[RowResult], k_max: int) -> dict:
   """Per-row-averaged acceptance statistics of one generation.
 
-  Keys: acceptance_rate (accepted / evaluated drafts), mean_accepted_length
-  (committed tokens per target call), acceptance_by_position,
+  Keys: acceptance_rate (accepted / evaluated drafts), mean_tokens_per_call
+  (committed tokens per target call, the bonus or correction token
+  included; averaged over rows, where ``pooled_tokens_per_call`` pools
+  every token), acceptance_by_position,
   expected_acceptance_by_position (mean sum_v min(p, q) where evaluated),
   effective_k_histogram, wasted_drafts_per_token (proposed but rejected
   drafts per committed token), min_row_acceptance (a collapsing row shows).
@@ -50,7 +59,7 @@ def acceptance_summary(rows: Sequence[RowResult], k_max: int) -> dict:
   return {
       "acceptance_rate": _mean(rates) if rates else 0.0,
       "min_row_acceptance": float(min(rates)) if rates else None,
-      "mean_accepted_length": _mean(lengths),
+      "mean_tokens_per_call": _mean(lengths),
       "acceptance_by_position": [_mean(v) for v in by_pos],
       "expected_acceptance_by_position": [_mean(v) for v in expected_by_pos],
       "effective_k_histogram": {str(k): n for k, n in sorted(k_hist.items())},

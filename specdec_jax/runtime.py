@@ -20,6 +20,7 @@ from specdec_jax import sampling
 from specdec_jax import verify
 from specdec_jax import drafters as drafters_lib
 from specdec_jax.drafters import NgramDrafter
+from specdec_jax.drafters.hybrid import check_min_match
 from specdec_jax.generation import Generator, validate_synthetic_acceptance
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.feature_draft import FeatureDraft, check_compatible
@@ -37,32 +38,33 @@ def effective_k_max(config) -> int:
 
 
 def validate_lookup(config: ml_collections.ConfigDict, hybrid: bool) -> None:
-  """The n-gram lookup's fields (and ``lookup_min_match`` for ngram+...)."""
-  if not 1 <= config.ngram_min_n <= config.ngram_max_n:
-    raise ValueError(
-        f"config.ngram_min_n={config.ngram_min_n} and ngram_max_n={config.ngram_max_n} "
-        "must satisfy 1 <= ngram_min_n <= ngram_max_n")
-  if hybrid and not (
-      int(config.lookup_min_match) == config.lookup_min_match
-      and config.ngram_min_n <= config.lookup_min_match <= config.ngram_max_n):
-    raise ValueError(
-        f"config.lookup_min_match={config.lookup_min_match} must be an int in "
-        f"[ngram_min_n={config.ngram_min_n}, ngram_max_n={config.ngram_max_n}]")
+  """The n-gram lookup's fields (and ``lookup_min_match`` for ngram+...),
+  checked by the drafters' own checks."""
+  try:
+    lookup = NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n)
+    if hybrid:
+      check_min_match(lookup, config.lookup_min_match)
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
+
+
+def check_job(job: str) -> None:
+  if job not in JOBS:
+    raise ValueError(f"config.job={job!r}; expected one of {JOBS}")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks every field a job reads; raises ValueError naming the field."""
-  if config.job not in JOBS:
-    raise ValueError(f"config.job={config.job!r}; expected one of {JOBS}")
+  """Checks every field a job reads; raises ValueError naming the field.
+  ``build`` runs it (the config boundary): jobs need not."""
+  check_job(config.job)
   try:
     drafter = drafters_lib.kind(config.drafter)
   except ValueError as e:
     raise ValueError(f"config.{e}") from None
-  if config.rule not in verify.RULES:
-    raise ValueError(f"config.rule={config.rule!r}; expected one of {verify.RULES}")
-  if config.rule == "greedy" and config.temperature > 0:
-    raise ValueError(f"config.rule='greedy' needs config.temperature=0, got "
-                     f"{config.temperature}; use rule=rejection or coupled to sample")
+  try:
+    verify.check_rule(config.rule)
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
   if config.rule == "synthetic":
     try:
       validate_synthetic_acceptance(config.synthetic_acceptance)
@@ -298,14 +300,11 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
     draft_model = dataclasses.replace(
         draft_model, min_window=config.draft.get("min_window", DEFAULT_MIN_WINDOW))
   draft_params = draft_model.prepare_params(draft_params)
-  if draft_model.cfg.vocab_size != target.cfg.vocab_size:
-    raise ValueError(
-        f"draft vocab size {draft_model.cfg.vocab_size} differs from target vocab size "
-        f"{target.cfg.vocab_size}; drafter and target must share a tokenizer")
   if isinstance(draft_model, FeatureDraft):
     check_compatible(draft_model.cfg, target.cfg)
   drafter = drafters_lib.build(config.drafter, lookup=lookup, draft_model=draft_model,
                                min_match=int(config.lookup_min_match))
+  drafters_lib.check_vocabulary(drafter, target.cfg.vocab_size)
   return drafter, draft_params
 
 

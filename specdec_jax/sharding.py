@@ -38,6 +38,12 @@ from specdec_jax.models.transformer import Transformer
 AXES = ("data", "model")
 DEFAULT_RULES = "batch=data,heads=model,kv_heads=model,mlp=model,vocab=model,embed=none"
 DRAFT_SHARDING = ("replicated", "rules")
+
+
+def check_draft_sharding(value: str) -> None:
+  """ValueError unless ``value`` is one of ``DRAFT_SHARDING``."""
+  if value not in DRAFT_SHARDING:
+    raise ValueError(f"config.draft_sharding={value!r}; expected one of {DRAFT_SHARDING}")
 LETTERS = {"B": "batch", "L": "layers", "S": "slots", "G": "kv_heads", "H": "head_dim",
            "N": "heads", "V": "vocab", "D": "embed", "F": "mlp", "K": "draft", "T": "tokens"}
 LOGICAL = tuple(LETTERS.values())
@@ -303,9 +309,7 @@ class GenerationShardings:
   @classmethod
   def create(cls, mesh: Mesh, target_cfg: ModelConfig, draft_cfg: ModelConfig | None = None,
              rules=DEFAULT_RULES, draft_sharding: str = "replicated") -> "GenerationShardings":
-    if draft_sharding not in DRAFT_SHARDING:
-      raise ValueError(f"config.draft_sharding={draft_sharding!r}; expected one of "
-                       f"{DRAFT_SHARDING}")
+    check_draft_sharding(draft_sharding)
     target = Plan.create(mesh, rules, target_cfg, "target")
     draft = Plan.create(mesh, rules, draft_cfg, "draft",
                         replicated=draft_sharding == "replicated")
@@ -476,9 +480,7 @@ class RuntimeSharding:
       return None
     rules = config.get("sharding_rules", DEFAULT_RULES)
     draft_sharding = config.get("draft_sharding", "replicated")
-    if draft_sharding not in DRAFT_SHARDING:
-      raise ValueError(f"config.draft_sharding={draft_sharding!r}; expected one of "
-                       f"{DRAFT_SHARDING}")
+    check_draft_sharding(draft_sharding)
     Plan.create(mesh, rules, None, "batch").check_batch(config.batch_size)
     return cls(mesh=mesh, rules=rules, draft_sharding=draft_sharding)
 

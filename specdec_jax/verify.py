@@ -15,10 +15,25 @@ import jax.numpy as jnp
 
 from specdec_jax import sampling
 
-RULES = ("greedy", "rejection", "coupled", "typical", "synthetic")
-# Rules whose output is the target's (token for token or in distribution).
-# typical is lossy; synthetic ignores the target's verdict (systems benchmarks).
-EXACT_RULES = ("greedy", "rejection", "coupled")
+# The acceptance rule at temperature > 0. Temperature 0 is greedy decoding
+# under every rule but synthetic (which accepts by coin flip at any temperature).
+RULES = ("rejection", "coupled", "typical", "synthetic")
+
+
+def check_rule(rule: str) -> None:
+  """ValueError naming the choices unless ``rule`` is one of ``RULES``."""
+  if rule == "greedy":
+    raise ValueError("rule='greedy' is not a rule: temperature=0 decodes greedily under "
+                     f"any of {RULES[:3]}; set temperature=0")
+  if rule not in RULES:
+    raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}")
+
+
+def is_exact(rule: str, greedy: bool) -> bool:
+  """Whether the output is the target's, token for token (greedy) or in
+  distribution: rejection and coupled when sampling, every rule but
+  synthetic when greedy (typical is lossy only when sampling)."""
+  return rule != "synthetic" and (greedy or rule in ("rejection", "coupled"))
 
 
 def _num_leading(ok_BK: jax.Array) -> jax.Array:

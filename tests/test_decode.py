@@ -9,6 +9,7 @@ import pytest
 from common import DRAFT, TARGET, VOCAB, init, tiny_config
 from specdec_jax import compile_count
 from specdec_jax import runtime
+from specdec_jax import verify
 from specdec_jax.drafters import ModelDrafter, NgramDrafter
 from specdec_jax.generation import Generator
 from specdec_jax.models import transformer
@@ -303,7 +304,8 @@ def test_good_input_is_accepted(fresh_gen):
     (dict(k_max=2, drafter=None), "drafter"),
     (dict(eos_ids=(VOCAB,)), "eos"),
     (dict(batch_size=0), "batch_size"),
-    (dict(draft_vocab_size=VOCAB + 1), "vocab"),
+    (dict(drafter=ModelDrafter(dataclasses.replace(
+        DRAFT, cfg=dataclasses.replace(DRAFT.cfg, vocab_size=VOCAB + 1)))), "vocab"),
 ])
 def test_bad_generator_config(kwargs, match):
   full = dict(drafter=NgramDrafter(), k_max=2, max_prompt_len=16, max_new_tokens=4)
@@ -313,19 +315,26 @@ def test_bad_generator_config(kwargs, match):
     Generator(TARGET, drafter, **full)
 
 
-def test_greedy_rule_needs_temperature_zero(params):
-  """rule='greedy' at temperature > 0 is refused up front, naming the fix,
-  before anything compiles; at temperature 0 it is plain greedy decoding."""
+def test_greedy_is_a_temperature_not_a_rule(params):
+  """rule='greedy' is refused at the API and the config boundary, naming the
+  fix (temperature=0), before anything compiles; temperature 0 under any
+  rule but synthetic is plain greedy decoding, and is reported exact."""
   tp, _ = params
-  gen = Generator(TARGET, NgramDrafter(), k_max=2, rule="greedy", max_prompt_len=16,
-                  max_new_tokens=4)
   before = compile_count.count("")
-  with pytest.raises(ValueError, match="rule='greedy' needs temperature=0"):
-    gen.generate(tp, {}, [[1, 2, 3]], temperature=1.0)
+  with pytest.raises(ValueError, match="rule='greedy' is not a rule.*temperature=0"):
+    Generator(TARGET, NgramDrafter(), k_max=2, rule="greedy", max_prompt_len=16)
+  c = tiny_config()
+  c.rule = "greedy"
+  with pytest.raises(ValueError, match="config.rule='greedy' is not a rule"):
+    runtime.validate_config(c)
   assert compile_count.count("") == before
   plain = Generator(TARGET, max_prompt_len=16, max_new_tokens=4)
-  assert (gen.generate(tp, {}, [[1, 2, 3]]).rows[0].output_ids
-          == plain.generate(tp, None, [[1, 2, 3]]).rows[0].output_ids)
+  typical = Generator(TARGET, NgramDrafter(), k_max=2, rule="typical", max_prompt_len=16,
+                      max_new_tokens=4)
+  assert (typical.generate(tp, {}, [[1, 2, 3, 1, 2]]).rows[0].output_ids
+          == plain.generate(tp, None, [[1, 2, 3, 1, 2]]).rows[0].output_ids)
+  assert verify.is_exact("typical", greedy=True) and not verify.is_exact("typical", False)
+  assert not verify.is_exact("synthetic", greedy=True)
 
 
 def test_draft_target_vocab_mismatch():

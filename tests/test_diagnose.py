@@ -173,7 +173,7 @@ def test_host_overhead_from_fraction_and_from_given_prediction():
 
 
 def test_ok_with_healthy_run_and_fitted_acceptance():
-  d = dg.diagnose({"mean_accepted_length": dg.tokens_per_call(0.8, 8), "k": 8,
+  d = dg.diagnose({"mean_tokens_per_call": dg.tokens_per_call(0.8, 8), "k": 8,
                    "cost_ratio_c": 0.05, "measured_speedup": 3.0,
                    "host_overhead_fraction": 0.05, "compiles_after_warmup": 0,
                    "outputs_identical": True})

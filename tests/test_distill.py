@@ -226,7 +226,7 @@ def test_training_reduces_loss_and_raises_acceptance(trained):
   history = _history(trained[1])
   assert history[-1]["loss"] < 0.8 * history[0]["loss"]
   assert evals[-1]["acceptance_rate"] > evals[0]["acceptance_rate"] + 0.05
-  assert evals[-1]["mean_accepted_length"] > evals[0]["mean_accepted_length"]
+  assert evals[-1]["mean_tokens_per_call"] > evals[0]["mean_tokens_per_call"]
 
 
 def _history(workdir):

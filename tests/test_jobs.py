@@ -120,7 +120,7 @@ def test_benchmark(tmp_path, capsys, drafter):
   if drafter == "ngram":   # the copy-heavy prompts get drafts accepted
     assert calls < summary["target_calls_baseline"]
   assert 0.0 <= summary["acceptance_rate"] <= 1.0
-  assert 1.0 <= summary["mean_accepted_length"] <= summary["k"] + 1
+  assert 1.0 <= summary["mean_tokens_per_call"] <= summary["k"] + 1
   assert summary["cost_ratio_c"] > 0 and summary["verify_cost_ratio"] > 0
   # The step counts by verify width cover every speculative loop step; the
   # roofline and what-ifs follow from the measured figures.

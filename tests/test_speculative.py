@@ -432,7 +432,7 @@ def test_acceptance_summary_hand_made():
   # Per-row averaged: (2/3 + 0) / 2, not pooled 2/7.
   assert s["acceptance_rate"] == pytest.approx((2 / 3 + 0) / 2)
   assert s["min_row_acceptance"] == 0.0
-  assert s["mean_accepted_length"] == pytest.approx((4 / 2 + 4 / 4) / 2)
+  assert s["mean_tokens_per_call"] == pytest.approx((4 / 2 + 4 / 4) / 2)
   assert s["acceptance_by_position"] == [pytest.approx((0.5 + 0) / 2), 1.0]
   assert s["effective_k_histogram"] == {"2": 6}
   assert s["wasted_drafts_per_token"] == pytest.approx(((4 - 2) / 4 + 8 / 4) / 2)

@@ -42,7 +42,7 @@ class FakeRunPoint:
       raise RuntimeError("out of memory")
     a = 0.8 if cfg.drafter == "model" else 0.5
     return {"k": cfg.k, "speedup": 1.0 + 0.1 * cfg.k, "predicted_speedup": 1.1 + 0.1 * cfg.k,
-            "acceptance_rate": a, "mean_accepted_length": np.float64(1.5),
+            "acceptance_rate": a, "mean_tokens_per_call": np.float64(1.5),
             "acceptance_by_position": np.array([a] * cfg.k), "tokens": np.int32(7)}
 
 
@@ -108,7 +108,7 @@ def test_full_run_writes_each_point_once(tmp_path):
   assert rows == on_disk
   assert [r["point"] for r in rows] == sweep.grid_points(sweep.sweep_fields(cfg))
   assert rows[0]["point_key"] == sweep.point_key(rows[0]["point"])
-  assert rows[0]["mean_accepted_length"] == 1.5 and rows[0]["tokens"] == 7
+  assert rows[0]["mean_tokens_per_call"] == 1.5 and rows[0]["tokens"] == 7
   assert any(line.startswith("[3/6] drafter=ngram k=4 ... done in") and "ETA" in line
              for line in logs)
   assert cfg.k == 4 and "k" in cfg.sweep  # the caller's config is untouched
@@ -304,10 +304,10 @@ def test_plots_tolerate_odd_values(tmp_path):
 
 def test_summary_table():
   rows = [{"point": {"k": 1, "drafter": "ngram"}, "speedup": 1.23456, "acceptance_rate": 0.5},
-          {"point": {"k": 16, "drafter": "model"}, "speedup": 2.0, "mean_accepted_length": 3}]
+          {"point": {"k": 16, "drafter": "model"}, "speedup": 2.0, "mean_tokens_per_call": 3}]
   table = sweep.summary_table(rows).splitlines()
   assert table[0].split() == ["k", "drafter", "speedup", "predicted_speedup",
-                              "acceptance_rate", "mean_accepted_length"]
+                              "acceptance_rate", "mean_tokens_per_call"]
   assert table[2].split() == ["1", "ngram", "1.235", "-", "0.500", "-"]
   assert table[3].split() == ["16", "model", "2.000", "-", "-", "3"]
   assert sweep.summary_table([]) == "(no sweep results)"

@@ -36,6 +36,7 @@ import numpy as np
 
 from specdec_jax import prompts as prompts_lib
 from specdec_jax.distill import instructions
+from specdec_jax.jobs import io
 from specdec_jax.generation import Generator
 
 DATA_DIR = "data"
@@ -347,10 +348,7 @@ def _cached_self_instructions(config, rt, folder: str, log) -> list[str]:
   texts = instructions.self_instruct(generator, rt.target_params, rt.tokenizer, prefix,
                                      d.num_self_instruct, d.seed, exclude=held_out, log=log)
   log(f"data: {len(texts)} self-instructed prompts in {time.perf_counter() - start:.0f}s")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(texts, f, indent=0)
-  os.replace(tmp, path)
+  io.write_json(path, texts)
   return texts
 
 
@@ -368,10 +366,7 @@ def _check_meta(folder: str, fp: str) -> None:
           f"(fingerprint {meta.get('fingerprint')} != {fp}); use a new workdir or "
           "delete that folder")
     return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump({"fingerprint": fp}, f)
-  os.replace(tmp, path)
+  io.write_json(path, {"fingerprint": fp})
 
 
 def prepare(config, rt, workdir: str, log=print, with_features: bool = False) -> Examples:

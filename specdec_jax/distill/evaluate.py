@@ -46,8 +46,8 @@ class HeldOutEval:
     acc = metrics.acceptance_summary(result.rows, self.k)
     tokens = sum(len(r.output_ids) for r in result.rows)
     return {"acceptance_rate": acc["acceptance_rate"],
-            "mean_accepted_length": acc["mean_accepted_length"] or 0.0,
-            "tokens_per_call": tokens / max(sum(r.target_calls for r in result.rows), 1),
+            "mean_tokens_per_call": acc["mean_tokens_per_call"] or 0.0,
+            "tokens_per_call": metrics.pooled_tokens_per_call(result.rows),
             "acceptance_by_position": acc["acceptance_by_position"],
             "generated_tokens": tokens}
 
@@ -55,7 +55,7 @@ class HeldOutEval:
     """Metrics of the draft alone; with a ``lookup_drafter`` (the draft
     behind prompt lookup, drafters.HybridDrafter) also under ``with_lookup``.
 
-    ``mean_accepted_length`` is committed tokens per target call averaged
+    ``mean_tokens_per_call`` is committed tokens per target call averaged
     over prompts, ``tokens_per_call`` the same pooled over all tokens.
     """
     start = time.perf_counter()

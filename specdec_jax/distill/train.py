@@ -9,7 +9,6 @@ state to lose.
 import copy
 import dataclasses
 import functools
-import json
 import time
 from typing import Callable
 
@@ -19,6 +18,7 @@ import numpy as np
 import optax
 
 from specdec_jax.distill import checkpoints
+from specdec_jax.jobs import io
 from specdec_jax.distill import losses
 from specdec_jax.distill.data import TrainData
 from specdec_jax.models.config import ModelConfig
@@ -308,15 +308,14 @@ def run_training(config, draft_cfg: ModelConfig, init_fn: Callable[[], dict],
 
 def _append(path: str | None, row: dict) -> None:
   if path:
-    with open(path, "a") as f:
-      f.write(json.dumps(row, sort_keys=True) + "\n")
+    io.append_jsonl(path, row)
 
 
 def _eval_line(ev: dict) -> str:
   lookup = ev.get("with_lookup")
   return (f"eval @ step {ev['step']}: held-out greedy K={ev['k']} acceptance "
-          f"{ev['acceptance_rate']:.3f}, mean accepted length "
-          f"{ev['mean_accepted_length']:.2f}"
+          f"{ev['acceptance_rate']:.3f}, mean tokens per call "
+          f"{ev['mean_tokens_per_call']:.2f}"
           + (f"; behind n-gram lookup {lookup['acceptance_rate']:.3f}, "
-             f"{lookup['mean_accepted_length']:.2f}" if lookup else "")
+             f"{lookup['mean_tokens_per_call']:.2f}" if lookup else "")
           + f" ({ev['num_prompts']} prompts, {ev['wall_s']:.0f}s)")

@@ -55,6 +55,16 @@ def for_draft_model(model) -> Drafter:
   return FeatureDrafter(model) if isinstance(model, FeatureDraft) else ModelDrafter(model)
 
 
+def check_vocabulary(drafter: Drafter | None, vocab_size: int) -> None:
+  """ValueError unless the drafter's draft model (if any) has the target's
+  vocabulary size: drafter and target must share a tokenizer."""
+  model = None if drafter is None else drafter.draft_model
+  if model is not None and model.cfg.vocab_size != vocab_size:
+    raise ValueError(
+        f"draft vocab size {model.cfg.vocab_size} differs from target vocab size "
+        f"{vocab_size}; drafter and target must share a tokenizer")
+
+
 def build(name: str, *, lookup: NgramDrafter | None = None, draft_model=None,
           min_match: int = 2) -> Drafter | None:
   """The drafter a name runs (None for "none"), from its parts: ``lookup``
@@ -75,4 +85,4 @@ def build(name: str, *, lookup: NgramDrafter | None = None, draft_model=None,
 
 __all__ = ["DraftContext", "Drafter", "DrafterKind", "Proposal", "FeatureDrafter",
            "HybridDrafter", "ModelDrafter", "NgramDrafter", "DRAFTERS", "KINDS", "build",
-           "for_draft_model", "kind"]
+           "check_vocabulary", "for_draft_model", "kind"]

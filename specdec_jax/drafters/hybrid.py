@@ -32,6 +32,14 @@ from specdec_jax.drafters.base import DraftContext, Drafter, Proposal
 from specdec_jax.drafters.ngram import NgramDrafter
 
 
+def check_min_match(lookup: NgramDrafter, min_match) -> None:
+  """ValueError unless ``min_match`` is an int n-gram size the lookup tries."""
+  if not (int(min_match) == min_match and lookup.min_n <= min_match <= lookup.max_n):
+    raise ValueError(
+        f"lookup_min_match={min_match} must be an int in [ngram_min_n={lookup.min_n}, "
+        f"ngram_max_n={lookup.max_n}]")
+
+
 @dataclasses.dataclass(frozen=True)
 class HybridDrafter(Drafter):
   """Lookup drafts where an n-gram of >= ``min_match`` tokens matches, the
@@ -51,10 +59,7 @@ class HybridDrafter(Drafter):
     return cls(lookup, draft.refeeding_all_drafts(), min_match)
 
   def __post_init__(self):
-    if not self.lookup.min_n <= self.min_match <= self.lookup.max_n:
-      raise ValueError(
-          f"lookup_min_match={self.min_match} must lie in [ngram_min_n={self.lookup.min_n}, "
-          f"ngram_max_n={self.lookup.max_n}]")
+    check_min_match(self.lookup, self.min_match)
     if self.draft.refeeding_all_drafts() != self.draft:
       raise ValueError("HybridDrafter's draft must re-feed every committed token; "
                        "build it with HybridDrafter.wrap(lookup, draft)")

@@ -136,7 +136,7 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
         "baseline_tokens_per_s": tokens(base_rows[i] for i in idx) / base_t,
         "speculative_tokens_per_s": tokens(cat_spec_rows) / spec_t,
         "acceptance_rate": cat_acc["acceptance_rate"],
-        "mean_accepted_length": cat_acc["mean_accepted_length"],
+        "mean_tokens_per_call": cat_acc["mean_tokens_per_call"],
     })
   a = acc["acceptance_rate"]
   base_total = sum(r["baseline_s"] for r in per_category)
@@ -145,8 +145,8 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   base_calls = sum(r.target_calls for r in ordered_base)
   # Pooled over all rows, like the timings they are compared with (the
   # per-row means in ``acc`` weight a short row as much as a long one).
-  tokens_per_call = tokens(ordered_spec) / max(spec_calls, 1)
-  baseline_tokens_per_call = tokens(ordered_base) / max(base_calls, 1)
+  tokens_per_call = metrics.pooled_tokens_per_call(ordered_spec)
+  baseline_tokens_per_call = metrics.pooled_tokens_per_call(ordered_base)
   # Prefill is the same work in both runs and speculation does not speed it
   # up; its share of plain decoding's model time enters the prediction.
   counts = _loop_counts(groups, ordered_base, ordered_spec, config.batch_size, k_slots)
@@ -170,7 +170,7 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   roofline_tokens_per_s = config.batch_size / roofline_step_s
   summary = {
       "job": "benchmark", "drafter": config.drafter, "rule": config.rule,
-      "exact_rule": config.rule in verify.EXACT_RULES,
+      "exact_rule": verify.is_exact(config.rule, config.temperature == 0),
       "synthetic_acceptance": (config.synthetic_acceptance if config.rule == "synthetic"
                                else None),
       "matched_numerics": config.matched_numerics,
@@ -263,11 +263,11 @@ def format_table(summary: dict) -> str:
       baseline_tokens_per_s=summary["baseline_tokens_per_s"],
       speculative_tokens_per_s=summary["speculative_tokens_per_s"],
       speedup=summary["speedup"], acceptance_rate=summary["acceptance_rate"],
-      mean_accepted_length=summary["mean_accepted_length"])]:
+      mean_tokens_per_call=summary["mean_tokens_per_call"])]:
     lines.append(
         f"{row['category']:<16}{row['num_prompts']:>3}{row['baseline_tokens_per_s']:>12.1f}"
         f"{row['speculative_tokens_per_s']:>12.1f}{row['speedup']:>8.2f}x"
-        f"{(row['acceptance_rate'] or 0):>8.2f}{(row['mean_accepted_length'] or 0):>9.2f}")
+        f"{(row['acceptance_rate'] or 0):>8.2f}{(row['mean_tokens_per_call'] or 0):>9.2f}")
   widths = " ".join(f"{w}:{v:.2f}" for w, v in summary["verify_cost_by_width"].items())
   steps = " ".join(f"{w}:{n}" for w, n in summary["loop_steps_by_width"].items())
   lines.append(

@@ -163,7 +163,7 @@ def run_distill(config, workdir: str, log=print, on_checkpoint=None) -> dict:
       "tokens_per_s": (float(np.mean([h["tokens_per_s"] for h in result.history]))
                        if result.history else None),
       "evals": result.evals, "acceptance_rate": final_eval["acceptance_rate"],
-      "mean_accepted_length": final_eval["mean_accepted_length"],
+      "mean_tokens_per_call": final_eval["mean_tokens_per_call"],
       "with_lookup": final_eval.get("with_lookup"),
       "checkpoint_dir": checkpoints.checkpoint_dir(workdir),
   }
@@ -175,10 +175,10 @@ def run(config, workdir: str, log=print) -> dict:
   summary = run_distill(config, workdir, log=log)
   lookup = summary["with_lookup"]
   log(f"distill done: {summary['train_steps']} steps, held-out acceptance "
-      f"{summary['acceptance_rate']:.3f}, mean accepted length "
-      f"{summary['mean_accepted_length']:.2f}"
+      f"{summary['acceptance_rate']:.3f}, mean tokens per call "
+      f"{summary['mean_tokens_per_call']:.2f}"
       + (f" (behind n-gram lookup: {lookup['acceptance_rate']:.3f}, "
-         f"{lookup['mean_accepted_length']:.2f}; --config.drafter=ngram+{summary['draft_kind']})"
+         f"{lookup['mean_tokens_per_call']:.2f}; --config.drafter=ngram+{summary['draft_kind']})"
          if lookup else "")
       + f"; use it with --config.drafter={summary['draft_kind']} "
       f"--config.draft_checkpoint={os.path.abspath(workdir)}")

@@ -83,7 +83,7 @@ def run_fidelity(config, log=print) -> dict:
   stats.update(rule=config.rule, drafter=config.drafter, k=config.k,
                temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                vocab_size=f.vocab_size, num_tokens=f.num_tokens, alpha=f.alpha,
-               exact_rule=config.rule in verify.EXACT_RULES)
+               exact_rule=verify.is_exact(config.rule, greedy=False))
   return stats
 
 

@@ -46,13 +46,19 @@ def write_json(path: str, obj) -> None:
 
 
 def append_jsonl(path: str, obj) -> None:
-  """Appends one line and flushes it to disk before returning."""
+  """Appends one line with a single write and fsyncs it before returning: an
+  interrupted job leaves whole lines only (resumable jobs read them back)."""
   if not is_writer():
     return
-  with open(path, "a") as f:
-    f.write(json.dumps(obj, sort_keys=True, default=_default) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+  data = (json.dumps(obj, sort_keys=True, default=_default) + "\n").encode("utf-8")
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    view = memoryview(data)
+    while view:
+      view = view[os.write(fd, view):]
+    os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def _default(obj):

@@ -30,10 +30,12 @@ import traceback
 
 import ml_collections
 
+from specdec_jax.jobs import io
+
 RESULTS_FILE = "results.jsonl"
 SPEEDUP_PLOT = "speedup_vs_k.png"
 ACCEPTANCE_PLOT = "acceptance_by_position.png"
-TABLE_METRICS = ("speedup", "predicted_speedup", "acceptance_rate", "mean_accepted_length")
+TABLE_METRICS = ("speedup", "predicted_speedup", "acceptance_rate", "mean_tokens_per_call")
 # Names (last dotted component) of a swept field that holds the draft length.
 K_FIELD_NAMES = ("k", "k_max")
 
@@ -105,7 +107,7 @@ def _run_points(config, points, rows_by_key, path, run_point, log) -> list:
     elapsed = time.perf_counter() - start
     durations.append(elapsed)
     row = make_row(point, summary)
-    append_row(path, row)
+    io.append_jsonl(path, row)
     rows_by_key[key] = row
     eta = sum(durations) / len(durations) * remaining
     log(f"[{index}/{total}] {label} ... done in {elapsed:.1f}s, ETA {format_duration(eta)}")
@@ -287,19 +289,6 @@ def to_jsonable(value):
   return str(value)
 
 
-def append_row(path: str, row: dict) -> None:
-  """Appends one JSON line with a single write, then fsyncs."""
-  data = (json.dumps(row, allow_nan=False) + "\n").encode("utf-8")
-  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-  try:
-    view = memoryview(data)
-    while view:
-      view = view[os.write(fd, view):]
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
 # ----------------------------------------------------------------------------
 # Reporting.
 
@@ -455,8 +444,7 @@ def run(config, workdir: str, log=print) -> list:
                      "--config.sweep=... in the config file (sweep.k=[1, 2, 4])")
 
   def run_point(point_config):
-    runtime.validate_config(point_config)
-    rt = runtime.build(point_config)
+    rt = runtime.build(point_config)   # checks the point's config first
     summary, _ = benchmark.run_benchmark(point_config, rt, log=lambda msg: None)
     return summary
 
