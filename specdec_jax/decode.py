@@ -52,14 +52,12 @@ class DecodeSpec:
   policy: str = "fixed"
   typical_epsilon: float = 0.09
   typical_alpha: float = 0.3
-  # Verify widths the loop chooses from each step (``verify_widths``): the
-  # smallest that holds every active row's drafts plus one token.
-  verify_widths: tuple[int, ...] = ()
+  # Verify widths the loop chooses from each step: the smallest that holds
+  # every active row's drafts plus one token (``default_verify_widths``).
+  verify_widths: tuple[int, ...] = (1,)
 
   def __post_init__(self):
-    widths = self.verify_widths or default_verify_widths(self.k_max)
-    check_verify_widths(widths, self.k_max)
-    object.__setattr__(self, "verify_widths", tuple(widths))
+    check_verify_widths(self.verify_widths, self.k_max)
 
 
 def default_verify_widths(k_max: int) -> tuple[int, ...]:

@@ -139,21 +139,19 @@ class Generator:
     for eos in eos_ids:
       if not 0 <= eos < target.cfg.vocab_size:
         raise ValueError(f"eos id {eos} outside the vocabulary [0, {target.cfg.vocab_size})")
+    widths = tuple(verify_widths) if verify_widths else decode.default_verify_widths(k_max)
+    decode.check_verify_widths(widths, k_max)
+    # The static decode settings, built once; ``spec(greedy)`` adds the flag.
+    self.decode_spec = decode.DecodeSpec(
+        batch_size=batch_size, k_max=k_max,
+        num_slots=max_prompt_len + max_new_tokens + widths[-1],
+        max_new_tokens=max_new_tokens, eos_ids=tuple(int(e) for e in eos_ids), greedy=False,
+        rule=rule, policy=policy, typical_epsilon=typical_epsilon,
+        typical_alpha=typical_alpha, verify_widths=widths)
     self.target = target
     self.drafter = drafter if k_max > 0 else None
-    self.rule = rule
-    self.policy = policy
     self.max_prompt_len = max_prompt_len
-    self.max_new_tokens = max_new_tokens
-    self.batch_size = batch_size
-    self.k_max = k_max
-    self.eos_ids = tuple(int(e) for e in eos_ids)
     self.buckets = prompt_buckets(max_prompt_len)
-    self._typical = (typical_epsilon, typical_alpha)
-    self.verify_widths = (tuple(verify_widths) if verify_widths
-                          else decode.default_verify_widths(k_max))
-    decode.check_verify_widths(self.verify_widths, k_max)
-    self.num_slots = max_prompt_len + max_new_tokens + self.verify_widths[-1]
     self._jitted = {}
     self.shardings = shardings
     if shardings is not None:
@@ -162,11 +160,17 @@ class Generator:
   # ----- static setup -------------------------------------------------------
 
   def spec(self, greedy: bool) -> decode.DecodeSpec:
-    return decode.DecodeSpec(
-        batch_size=self.batch_size, k_max=self.k_max, num_slots=self.num_slots,
-        max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, greedy=greedy,
-        rule=self.rule, policy=self.policy, typical_epsilon=self._typical[0],
-        typical_alpha=self._typical[1], verify_widths=self.verify_widths)
+    return dataclasses.replace(self.decode_spec, greedy=greedy)
+
+  # The decode settings, read from the one spec.
+  batch_size = property(lambda self: self.decode_spec.batch_size)
+  k_max = property(lambda self: self.decode_spec.k_max)
+  num_slots = property(lambda self: self.decode_spec.num_slots)
+  max_new_tokens = property(lambda self: self.decode_spec.max_new_tokens)
+  eos_ids = property(lambda self: self.decode_spec.eos_ids)
+  rule = property(lambda self: self.decode_spec.rule)
+  policy = property(lambda self: self.decode_spec.policy)
+  verify_widths = property(lambda self: self.decode_spec.verify_widths)
 
   def to_host(self, tree):
     """Host (numpy) copy of a state or proposal, gathered from every process
