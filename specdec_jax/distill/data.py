@@ -332,11 +332,7 @@ def _cached_self_instructions(config, rt, folder: str, log) -> list[str]:
   d = config.distill
   path = os.path.join(folder, SELF_INSTRUCT_FILE)
   if os.path.exists(path):
-    try:
-      with open(path) as f:
-        texts = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path} is damaged ({e}); delete it to have it remade") from None
+    texts = io.read_json(path, "delete it to have it remade")
     if len(texts) == d.num_self_instruct:
       return texts
   prefix = instructions.pre_query_prefix(rt.tokenizer, bool(config.chat))
@@ -355,11 +351,7 @@ def _cached_self_instructions(config, rt, folder: str, log) -> list[str]:
 def _check_meta(folder: str, fp: str) -> None:
   path = os.path.join(folder, META_FILE)
   if os.path.exists(path):
-    try:
-      with open(path) as f:
-        meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path} is damaged: {e}") from None
+    meta = io.read_json(path)
     if meta.get("fingerprint") != fp:
       raise ValueError(
           f"{folder} holds distillation data built with other settings "

@@ -45,6 +45,16 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def read_json(path: str, fix: str = ""):
+  """The JSON value in ``path``; ValueError naming the file if it is damaged
+  (``fix`` says what to do about it)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} is damaged ({e}){'; ' + fix if fix else ''}") from None
+
+
 def append_jsonl(path: str, obj) -> None:
   """Appends one line with a single write and fsyncs it before returning: an
   interrupted job leaves whole lines only (resumable jobs read them back)."""
