@@ -76,9 +76,15 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.benchmark = ml_collections.ConfigDict(dict(repeats=3, warmup=1, timing_iters=10,
                                                 timing_rounds=5))
+  # Draft trees (specdec_jax/tree.py): N nodes per row, depth <= k, tree_topk
+  # branches; 0 drafts chains. This version's trees come from drafter=ngram,
+  # verified greedily, by rejection or coupled, with policy=fixed.
+  c.tree_nodes = 0
+  c.tree_topk = 2
   c.fidelity = ml_collections.ConfigDict(dict(
       num_samples=20000, num_tokens=3, vocab_size=6, batch_size=2000, alpha=0.01,
-      logit_scale=1.5, draft_noise=0.1))
+      logit_scale=1.5, draft_noise=0.1,
+      prompt=(0, 1, 2)))        # token ids < vocab_size; repeat n-grams for lookup drafts
   c.sweep = ml_collections.ConfigDict()
   c.train_steps = 200           # job=distill: optimisation steps
   c.distill = distill_defaults()

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from specdec_jax import policies
 from specdec_jax import sampling
+from specdec_jax import tree
 from specdec_jax import verify
 from specdec_jax.drafters.base import DraftContext, Drafter, Proposal
 from specdec_jax.models.kv_cache import KVCache
@@ -55,9 +56,14 @@ class DecodeSpec:
   # Verify widths the loop chooses from each step: the smallest that holds
   # every active row's drafts plus one token (``default_verify_widths``).
   verify_widths: tuple[int, ...] = (1,)
+  # Draft trees (tree.py): N nodes per row (0: chains of k_max drafts),
+  # depth <= k_max, tree_topk branches; the widths are then (1, N + 1).
+  tree_nodes: int = 0
+  tree_topk: int = 1
 
   def __post_init__(self):
     check_verify_widths(self.verify_widths, self.k_max)
+    tree.check_settings(self.tree_nodes, self.tree_topk, self.k_max)
 
 
 def default_verify_widths(k_max: int) -> tuple[int, ...]:
@@ -248,10 +254,17 @@ def draft_phase(spec: DecodeSpec, drafter: Drafter | None, draft_params,
   ctx = DraftContext(tokens_BS=state.tokens_BS, length_B=state.length_B,
                      keys_B2=state.keys_B2, sampling=run.sampling, max_k_B=max_k_B,
                      min_confidence=jnp.float32(min_confidence))
-  proposal, drafter_state = drafter.propose(
-      draft_params, state.drafter_state, ctx, spec.k_max, greedy=spec.greedy,
-      purpose=_draft_purpose(spec))
-  num_proposed_B = jnp.where(active_B, jnp.minimum(proposal.num_proposed_B, max_k_B), 0)
+  if spec.tree_nodes:
+    proposal, drafter_state = drafter.propose_tree(
+        draft_params, state.drafter_state, ctx, spec.k_max, spec.tree_nodes, spec.tree_topk,
+        greedy=spec.greedy, purpose=_draft_purpose(spec))
+    # A tree's depth is capped by max_k_B inside; its node count is not.
+    num_proposed_B = jnp.where(active_B, proposal.num_proposed_B, 0)
+  else:
+    proposal, drafter_state = drafter.propose(
+        draft_params, state.drafter_state, ctx, spec.k_max, greedy=spec.greedy,
+        purpose=_draft_purpose(spec))
+    num_proposed_B = jnp.where(active_B, jnp.minimum(proposal.num_proposed_B, max_k_B), 0)
   proposal = proposal.replace(num_proposed_B=num_proposed_B.astype(jnp.int32))
   return proposal, state.replace(drafter_state=drafter_state)
 
@@ -329,11 +342,11 @@ def _commit(spec: DecodeSpec, state: DecodeState, draft_BK, n_B, x_B):
                        finish_B=finish_B.astype(jnp.int32)), count_B
 
 
-def _update_stats(stats: Stats, step, proposal: Proposal, n_B, expected_BK, active_B, width):
-  k = proposal.draft_BK.shape[1]
+def _update_stats(stats: Stats, step, proposal: Proposal, n_B, reached_BK, expected_BK,
+                  active_B, width):
+  k = reached_BK.shape[1]
   slots_K = jnp.arange(k)[None, :]
-  reached_BK = (slots_K <= n_B[:, None]) & (slots_K < proposal.num_proposed_B[:, None])
-  reached_BK &= active_B[:, None]
+  reached_BK = reached_BK & active_B[:, None]
   accepted_BK = (slots_K < n_B[:, None]) & active_B[:, None]
   return Stats(
       accepted_TB=stats.accepted_TB.at[step].set(jnp.where(active_B, n_B, -1), mode="drop"),
@@ -350,9 +363,9 @@ def _verify_at_width(spec: DecodeSpec, target: Transformer, width: int, target_p
   """One target call over [last, d_0 .. d_{width-2}] and the acceptance rule.
 
   Every active row proposed at most width - 1 drafts (``verify_phase`` picks
-  the width), so the slots beyond are never read. Returns (n_B, x_B,
-  expected_BK, hidden_BK1D, target cache); the per-slot arrays are padded
-  to the K_max + 1 of the other widths (zeros: never read).
+  the width), so the slots beyond are never read. Returns a ``_Verified``;
+  the per-slot arrays are padded to the K_max (+ 1) of the other widths
+  (zeros: never read).
   """
   k = spec.k_max
   d = min(width - 1, k)   # drafts this width holds; rows beyond are padding
@@ -367,7 +380,49 @@ def _verify_at_width(spec: DecodeSpec, target: Transformer, width: int, target_p
       target_params, block_BW, positions_BW, state.target_cache)
   n_B, x_B, expected_BD = _accept(spec, sub, logits_BWV[:, :d + 1], state, run)
   pad = lambda x: jnp.pad(x, [(0, 0), (0, k - d)] + [(0, 0)] * (x.ndim - 2))
-  return n_B, x_B, pad(expected_BD), pad(hidden_BWD[:, :d + 1]), target_cache
+  slots_K = jnp.arange(k)[None, :]
+  reached_BK = (slots_K <= n_B[:, None]) & (slots_K < sub.num_proposed_B[:, None])
+  return _Verified(n_B=n_B, x_B=x_B, committed_BK=pad(sub.draft_BK), reached_BK=reached_BK,
+                   expected_BK=pad(expected_BD), hidden_BK1D=pad(hidden_BWD[:, :d + 1]),
+                   target_cache=target_cache)
+
+
+def _verify_tree(spec: DecodeSpec, target: Transformer, target_params, state: DecodeState,
+                 proposal: Proposal, run: RunParams):
+  """One target pass over [last, the tree's N nodes] under the tree mask,
+  the walk of ``tree.accept`` and the accepted path's move from scratch into
+  its slots (docs/design.md, "Draft trees")."""
+  tokens_BW, positions_BW, slots_BW, visible_BWS = tree.verify_block(
+      state.tokens_BS, state.length_B, proposal, spec.num_slots, spec.k_max)
+  logits_BWV, hidden_BWD, target_cache = target.apply_with_hidden(
+      target_params, tokens_BW, positions_BW, state.target_cache, slots_BT=slots_BW,
+      visible_BTS=visible_BWS)
+  n_B, x_B, committed_BK, path_BK, reached_BK, expected_BK = tree.accept(
+      logits_BWV, proposal, state.keys_B2, state.length_B, spec.k_max, greedy=spec.greedy,
+      rule=spec.rule, sampling_params=run.sampling)
+  target_cache = tree.move_path(target_cache, path_BK, state.length_B, spec.num_slots,
+                                spec.tree_nodes)
+  batch, _, dim = hidden_BWD.shape
+  return _Verified(n_B=n_B, x_B=x_B, committed_BK=committed_BK, reached_BK=reached_BK,
+                   expected_BK=expected_BK,
+                   hidden_BK1D=jnp.zeros((batch, spec.k_max + 1, dim), hidden_BWD.dtype),
+                   target_cache=target_cache)
+
+
+@flax.struct.dataclass
+class _Verified:
+  """What one verify branch hands back: n_B accepted drafts, x_B the
+  target's token, committed_BK the accepted tokens in order (then padding),
+  reached_BK / expected_BK per draft slot (per depth for a tree), the pass's
+  hidden states for a feature drafter and the target cache."""
+
+  n_B: jax.Array
+  x_B: jax.Array
+  committed_BK: jax.Array
+  reached_BK: jax.Array
+  expected_BK: jax.Array
+  hidden_BK1D: jax.Array
+  target_cache: Any
 
 
 def verify_phase(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
@@ -382,19 +437,21 @@ def verify_phase(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
   pass's hidden states (valid for the committed positions, stale beyond:
   the cache invariant).
   """
-  k = proposal.draft_BK.shape[1]
+  k = spec.k_max
   active_B = state.finish_B == RUNNING
   widths = spec.verify_widths
   branches = [functools.partial(_verify_at_width, spec, target, w) for w in widths]
+  if spec.tree_nodes:   # widths (1, N + 1): a plain step, or the tree
+    branches[-1] = functools.partial(_verify_tree, spec, target)
   if len(widths) == 1:
     index = jnp.int32(0)
-    n_B, x_B, expected_BK, hidden_BK1D, target_cache = branches[0](
-        target_params, state, proposal, run)
+    verified = branches[0](target_params, state, proposal, run)
   else:
     needed = jnp.max(jnp.where(active_B, proposal.num_proposed_B, 0)) + 1
     index = jnp.sum(jnp.asarray(widths) < needed).astype(jnp.int32)
-    n_B, x_B, expected_BK, hidden_BK1D, target_cache = jax.lax.switch(
-        index, branches, target_params, state, proposal, run)
+    verified = jax.lax.switch(index, branches, target_params, state, proposal, run)
+  n_B, x_B, target_cache = verified.n_B, verified.x_B, verified.target_cache
+  hidden_BK1D = verified.hidden_BK1D
   width = jnp.asarray(widths, jnp.int32)[index]
   if k > 0 and reads_target_features(drafter):
     slots_K1 = jnp.arange(k + 1)[None, :]
@@ -402,7 +459,8 @@ def verify_phase(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
                               spec.num_slots)   # padding: dropped
     state = state.replace(drafter_state=drafter.record_features(
         state.drafter_state, hidden_BK1D, positions_BK1))
-  stats = _update_stats(state.stats, state.step, proposal, n_B, expected_BK, active_B, width)
+  stats = _update_stats(state.stats, state.step, proposal, n_B, verified.reached_BK,
+                        verified.expected_BK, active_B, width)
   shadow_B = None
   if proposal.shadow_B is not None and k > 0:
     # Rows that proposed nothing but had a lookup candidate: would it have
@@ -412,7 +470,7 @@ def verify_phase(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
   policy_state = policies.update(spec.policy, state.policy_state, n_B,
                                  proposal.num_proposed_B, active_B, run.k, shadow_B)
   state = state.replace(target_cache=target_cache, policy_state=policy_state, stats=stats)
-  state, _ = _commit(spec, state, proposal.draft_BK, n_B, x_B)
+  state, _ = _commit(spec, state, verified.committed_BK, n_B, x_B)
   return state.replace(step=state.step + 1)
 
 

@@ -20,6 +20,7 @@ from specdec_jax import compile_count
 from specdec_jax import decode
 from specdec_jax import policies
 from specdec_jax import sampling
+from specdec_jax import tree
 from specdec_jax import verify
 from specdec_jax.drafters import check_vocabulary
 from specdec_jax.drafters.base import Drafter
@@ -124,7 +125,8 @@ class Generator:
                batch_size: int = 1, eos_ids: Sequence[int] = (),
                typical_epsilon: float = 0.09, typical_alpha: float = 0.3,
                shardings=None,
-               verify_widths: Sequence[int] | None = None):
+               verify_widths: Sequence[int] | None = None,
+               tree_nodes: int = 0, tree_topk: int = 1):
     verify.check_rule(rule)
     policies.validate(policy, 0.0, 1)
     if int(k_max) != k_max or k_max < 0:
@@ -139,6 +141,10 @@ class Generator:
     for eos in eos_ids:
       if not 0 <= eos < target.cfg.vocab_size:
         raise ValueError(f"eos id {eos} outside the vocabulary [0, {target.cfg.vocab_size})")
+    if tree_nodes:
+      check_tree_setup(tree_nodes, tree_topk, k_max, drafter if k_max > 0 else None, rule,
+                       policy, verify_widths)
+      verify_widths = (1, tree_nodes + 1)
     widths = tuple(verify_widths) if verify_widths else decode.default_verify_widths(k_max)
     decode.check_verify_widths(widths, k_max)
     # The static decode settings, built once; ``spec(greedy)`` adds the flag.
@@ -147,7 +153,8 @@ class Generator:
         num_slots=max_prompt_len + max_new_tokens + widths[-1],
         max_new_tokens=max_new_tokens, eos_ids=tuple(int(e) for e in eos_ids), greedy=False,
         rule=rule, policy=policy, typical_epsilon=typical_epsilon,
-        typical_alpha=typical_alpha, verify_widths=widths)
+        typical_alpha=typical_alpha, verify_widths=widths, tree_nodes=tree_nodes,
+        tree_topk=tree_topk)
     self.target = target
     self.drafter = drafter if k_max > 0 else None
     self.max_prompt_len = max_prompt_len
@@ -413,6 +420,26 @@ class Generator:
           rows=_unpack(jax.device_get(state), n) if last else None)
       if last:
         return
+
+
+def check_tree_setup(tree_nodes, tree_topk, k_max, drafter, rule, policy,
+                     verify_widths=None) -> None:
+  """ValueError, naming the fix, unless draft trees can run with these
+  settings (docs/design.md, "Draft trees"); tree_nodes > 0."""
+  tree.check_settings(tree_nodes, tree_topk, k_max)
+  if k_max == 0 or drafter is None:
+    raise ValueError(f"tree_nodes={tree_nodes} needs a drafter and k >= 1")
+  if not drafter.builds_trees:
+    raise ValueError(f"tree_nodes={tree_nodes}: the {drafter.name!r} drafter does not "
+                     "build draft trees (drafter=ngram does)")
+  if rule not in tree.TREE_RULES:
+    raise ValueError(f"tree_nodes={tree_nodes} with rule={rule!r}: trees verify with rule "
+                     f"{' or '.join(tree.TREE_RULES)} (greedy at temperature 0)")
+  if policy != "fixed":
+    raise ValueError(f"tree_nodes={tree_nodes} with policy={policy!r}: trees draft with "
+                     "policy=fixed")
+  if verify_widths:
+    raise ValueError("tree_nodes > 0 sets the verify widths itself (1, tree_nodes + 1)")
 
 
 def validate_synthetic_acceptance(value) -> None:

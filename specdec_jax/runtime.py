@@ -21,7 +21,7 @@ from specdec_jax import verify
 from specdec_jax import drafters as drafters_lib
 from specdec_jax.drafters import NgramDrafter
 from specdec_jax.drafters.hybrid import check_min_match
-from specdec_jax.generation import Generator, validate_synthetic_acceptance
+from specdec_jax.generation import Generator, check_tree_setup, validate_synthetic_acceptance
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.feature_draft import FeatureDraft, check_compatible
 from specdec_jax.models.tokenizers import ByteTokenizer, Tokenizer
@@ -92,6 +92,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config: {e}") from None
   if drafter.lookup:
     validate_lookup(config, hybrid=drafter.draft_model is not None)
+  if config.tree_nodes:
+    if config.matched_numerics:
+      raise ValueError("config.tree_nodes > 0 and matched_numerics=True do not combine")
+    if config.drafter != "ngram":
+      raise ValueError(f"config.tree_nodes={config.tree_nodes} needs config.drafter=ngram "
+                       f"(got {config.drafter!r}): the only drafter that builds trees here")
+    try:
+      check_tree_setup(config.tree_nodes, config.tree_topk, effective_k_max(config),
+                       NgramDrafter(), config.rule, config.policy)
+    except ValueError as e:
+      raise ValueError(f"config.{e}") from None
   for name in ("model", "draft"):
     source = config[name].source
     if source not in MODEL_SOURCES:
@@ -209,6 +220,8 @@ class Runtime:
         typical_epsilon=c.typical_epsilon, typical_alpha=c.typical_alpha)
     if c.matched_numerics:
       kwargs["verify_widths"] = decode.matched_verify_widths(effective_k_max(c))
+    if c.tree_nodes and not baseline:
+      kwargs.update(tree_nodes=int(c.tree_nodes), tree_topk=int(c.tree_topk))
     kwargs.update(overrides)
     drafter = None if kwargs["k_max"] == 0 else self.drafter
     if self.shardings is not None:

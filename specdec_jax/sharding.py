@@ -412,15 +412,16 @@ class ConstrainedModel:
   def init_cache(self, batch_size: int, num_slots: int):
     return self._pin(self.model.init_cache(batch_size, num_slots))
 
-  def apply(self, params, tokens_BT, positions_BT, cache):
+  def apply(self, params, tokens_BT, positions_BT, cache, **kwargs):
     """Same contract as ``Transformer.apply``."""
-    logits_BTV, cache = self.model.apply(params, tokens_BT, positions_BT, self._pin(cache))
+    logits_BTV, cache = self.model.apply(params, tokens_BT, positions_BT, self._pin(cache),
+                                         **kwargs)
     return logits_BTV, self._pin(cache)
 
-  def apply_with_hidden(self, params, tokens_BT, positions_BT, cache):
+  def apply_with_hidden(self, params, tokens_BT, positions_BT, cache, **kwargs):
     """Same contract as ``Transformer.apply_with_hidden``."""
     logits_BTV, hidden_BTD, cache = self.model.apply_with_hidden(
-        params, tokens_BT, positions_BT, self._pin(cache))
+        params, tokens_BT, positions_BT, self._pin(cache), **kwargs)
     return logits_BTV, hidden_BTD, self._pin(cache)
 
 

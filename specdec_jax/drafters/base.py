@@ -42,12 +42,17 @@ class Proposal:
     propose none. They are never verified; once the step commits its token,
     the auto policy learns from whether the first would have been right (the
     candidates depend only on committed text, so this keeps every rule exact).
+  parent_BK, depth_BK: int32 [B, N] or None: a draft tree (``tree.py``):
+    ``draft_BK`` then holds N nodes, node j's parent (-1: the root) and its
+    depth (1..k); the first ``num_proposed_B`` nodes are real.
   """
 
   draft_BK: jax.Array
   q_BKV: jax.Array | None
   num_proposed_B: jax.Array
   shadow_B: jax.Array | None = None
+  parent_BK: jax.Array | None = None
+  depth_BK: jax.Array | None = None
 
 
 class Drafter:
@@ -74,6 +79,7 @@ class Drafter:
 
   name: str = "drafter"
   reads_target_features: bool = False
+  builds_trees: bool = False   # implements ``propose_tree``
 
   def init_state(self, batch_size: int, num_slots: int) -> Any:
     """Drafter state (e.g. a KV cache) for B rows and S slots."""
@@ -94,6 +100,13 @@ class Drafter:
     draft's random draws (TARGET for the coupled rule, DRAFT otherwise).
     """
     raise NotImplementedError
+
+  def propose_tree(self, params: Any, state: Any, ctx: DraftContext, k: int,
+                   num_nodes: int, topk: int, *, greedy: bool,
+                   purpose: int) -> tuple[Proposal, Any]:
+    """A draft tree of ``num_nodes`` nodes, depth <= k (and <= each row's
+    ``ctx.max_k_B``), ``topk`` branches (``builds_trees`` drafters)."""
+    raise NotImplementedError(f"the {self.name!r} drafter does not build draft trees")
 
   def record_features(self, state: Any, hidden_BTD: jax.Array,
                       positions_BT: jax.Array) -> Any:

@@ -27,7 +27,6 @@ from specdec_jax import sampling
 from specdec_jax import verify
 from specdec_jax.jobs import io
 
-PROMPT = [0, 1, 2]
 
 
 def fidelity_config(config) -> ml_collections.ConfigDict:
@@ -65,12 +64,17 @@ def run_fidelity(config, log=print) -> dict:
                        tokenizer=_NoEosTokenizer(), drafter=drafter, draft_params=draft_params)
   generator = rt.generator()
   sp = sampling.SamplingParams.create(c.temperature, c.top_k, c.top_p)
-  expected = fidelity.exact_sequence_probs(target, target_params, PROMPT, f.num_tokens, sp)
-  samples, drafts = [], {"proposed": 0, "accepted": 0, "bonus_tokens": 0}
+  prompt = [int(t) for t in f.get("prompt", (0, 1, 2))]
+  if not prompt or max(prompt) >= f.vocab_size or min(prompt) < 0:
+    raise ValueError(f"config.fidelity.prompt={tuple(prompt)} needs token ids in "
+                     f"[0, fidelity.vocab_size={f.vocab_size})")
+  expected = fidelity.exact_sequence_probs(target, target_params, prompt, f.num_tokens, sp)
+  samples, drafts = [], {"proposed": 0, "accepted": 0, "bonus_tokens": 0,
+                         "steps_accepting_2_or_more": 0}
   for start in range(0, f.num_samples, c.batch_size):
     count = min(c.batch_size, f.num_samples - start)
     seeds = [(config.seed * f.num_samples + start + i) % 2**32 for i in range(count)]
-    result = generator.generate(target_params, rt.draft_params, [PROMPT] * count,
+    result = generator.generate(target_params, rt.draft_params, [prompt] * count,
                                 seeds=seeds, **rt.run_kwargs())
     samples.extend(tuple(r.output_ids) for r in result.rows)
     for row in result.rows:
@@ -106,7 +110,8 @@ def draft_counts(row) -> dict:
     bonus += k > 0 and n == k and step_tokens == n + 1
     committed += step_tokens
   return {"proposed": sum(row.proposed_per_step), "accepted": sum(row.accepted_per_step),
-          "bonus_tokens": bonus}
+          "bonus_tokens": bonus,
+          "steps_accepting_2_or_more": sum(n >= 2 for n in row.accepted_per_step)}
 
 
 class _NoEosTokenizer:

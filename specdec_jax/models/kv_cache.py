@@ -87,3 +87,18 @@ def write_layer(kv_LBSGH: jax.Array, layer: jax.Array, kv_BTGH: jax.Array,
   rows_B1 = jnp.arange(kv_BTGH.shape[0])[:, None]
   return kv_LBSGH.at[layer, rows_B1, _safe_positions(positions_BT, kv_LBSGH.shape[2])].set(
       kv_BTGH.astype(kv_LBSGH.dtype), mode="drop")
+
+
+def move(cache, from_slots_BM: jax.Array, to_slots_BM: jax.Array):
+  """Copies each row's entries at ``from_slots`` to ``to_slots`` in every
+  layer (a draft tree's accepted path, from scratch into the slots of its
+  positions); a ``to`` slot outside [0, S) is not written."""
+  rows_B1 = jnp.arange(from_slots_BM.shape[0])[:, None]
+  if isinstance(cache, LayerCaches):
+    num_slots = cache.num_slots
+    to_BM = _safe_positions(to_slots_BM, num_slots)
+    moved = lambda x: x.at[rows_B1, to_BM].set(x[rows_B1, from_slots_BM], mode="drop")
+    return LayerCaches(tuple(map(moved, cache.k)), tuple(map(moved, cache.v)))
+  to_BM = _safe_positions(to_slots_BM, cache.num_slots)
+  moved = lambda x: x.at[:, rows_B1, to_BM].set(x[:, rows_B1, from_slots_BM], mode="drop")
+  return KVCache(moved(cache.k_LBSGH), moved(cache.v_LBSGH))

@@ -116,11 +116,12 @@ def window_index(windows: tuple[int, ...], positions_BT: jax.Array) -> jax.Array
 
 
 def attend(cfg: ModelConfig, q_BTNH, keys_BSGH, values_BSGH, positions_BT,
-           window: int | None = None) -> jax.Array:
+           window: int | None = None, visible_BTS: jax.Array | None = None) -> jax.Array:
   """Causal attention over the cache (a query at position t sees slots <= t),
   reading only its first ``window`` slots (default: all; every visible slot
   must lie inside: ``window_index``). Slots past the window are masked
-  anyway, so the result is the same. Returns [B, T, N*H]."""
+  anyway, so the result is the same. ``visible_BTS`` (a draft tree's mask,
+  docs/design.md) replaces the causal mask. Returns [B, T, N*H]."""
   batch, seq, n, h = q_BTNH.shape
   g = cfg.num_kv_heads
   if window is not None:
@@ -128,7 +129,8 @@ def attend(cfg: ModelConfig, q_BTNH, keys_BSGH, values_BSGH, positions_BT,
   q_BTGMH = q_BTNH.reshape(batch, seq, g, n // g, h)
   scores = jnp.einsum("btgmh,bsgh->bgmts", q_BTGMH, keys_BSGH,
                       preferred_element_type=jnp.float32) * (h ** -0.5)
-  visible_BTS = jnp.arange(keys_BSGH.shape[1])[None, None, :] <= positions_BT[:, :, None]
+  if visible_BTS is None:
+    visible_BTS = jnp.arange(keys_BSGH.shape[1])[None, None, :] <= positions_BT[:, :, None]
   scores = jnp.where(visible_BTS[:, None, None], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(q_BTNH.dtype)
   out_BTGMH = jnp.einsum("bgmts,bsgh->btgmh", probs, values_BSGH)
@@ -147,13 +149,17 @@ def windowed_attend(cfg: ModelConfig, windows, index, q_BTNH, keys_BSGH, values_
 
 
 def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSGH,
-                 positions_BT, windows=None, which_window=None) -> jax.Array:
+                 positions_BT, windows=None, which_window=None,
+                 visible_BTS=None) -> jax.Array:
   """The rest of the block once its keys are in the cache: attention (over
-  ``windows[which_window]`` when given), output projection, MLP (fused or
-  separate gate/up), both residuals."""
-  windows = windows or (keys_BSGH.shape[1],)
-  attended = windowed_attend(cfg, windows, which_window, q_BTNH, keys_BSGH, values_BSGH,
-                             positions_BT)
+  ``windows[which_window]`` when given; under ``visible_BTS`` when given),
+  output projection, MLP (fused or separate gate/up), both residuals."""
+  if visible_BTS is not None:
+    attended = attend(cfg, q_BTNH, keys_BSGH, values_BSGH, positions_BT,
+                      visible_BTS=visible_BTS)
+  else:
+    attended = windowed_attend(cfg, windows or (keys_BSGH.shape[1],), which_window, q_BTNH,
+                               keys_BSGH, values_BSGH, positions_BT)
   x_BTD = x_BTD + _dense(p["attn"]["o"], attended)
   h_BTD = rms_norm(x_BTD, p["mlp_norm"]["scale"], cfg.rms_eps)
   mlp = p["mlp"]
@@ -166,24 +172,29 @@ def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSG
 
 
 def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Array, cache,
-               min_window: int = 0):
+               min_window: int = 0, slots_BT: jax.Array | None = None,
+               visible_BTS: jax.Array | None = None):
   """The stack of blocks. ``layers`` stacked on L (a dict, with a
   ``KVCache``): ``lax.scan``; a tuple of per-layer dicts (with
   ``LayerCaches``): a Python loop. ``min_window`` > 0: attention reads the
   smallest of ``attention_windows(num_slots, min_window)`` that holds the
-  block's positions, chosen once for every layer. Returns (x_BTD, updated
-  cache)."""
+  block's positions, chosen once for every layer. A draft tree's pass gives
+  the cache slots its keys go to (``slots_BT``, default the positions) and
+  its mask (``visible_BTS``); it reads the whole cache. Returns (x_BTD,
+  updated cache)."""
   windows = attention_windows(cache.num_slots, min_window)
   index = window_index(windows, positions_BT)
+  slots_BT = positions_BT if slots_BT is None else slots_BT
   if isinstance(layers, (tuple, list)):
     if not isinstance(cache, kv_cache_lib.LayerCaches):
       raise TypeError("unrolled layers need LayerCaches (Transformer.init_cache)")
     keys, values = [], []
     for p, k_BSGH, v_BSGH in zip(layers, cache.k, cache.v):
       q_BTNH, k_BTGH, v_BTGH = attention_inputs(cfg, p, x_BTD, positions_BT)
-      k_BSGH = kv_cache_lib.write(k_BSGH, k_BTGH, positions_BT)
-      v_BSGH = kv_cache_lib.write(v_BSGH, v_BTGH, positions_BT)
-      x_BTD = block_output(cfg, p, x_BTD, q_BTNH, k_BSGH, v_BSGH, positions_BT, windows, index)
+      k_BSGH = kv_cache_lib.write(k_BSGH, k_BTGH, slots_BT)
+      v_BSGH = kv_cache_lib.write(v_BSGH, v_BTGH, slots_BT)
+      x_BTD = block_output(cfg, p, x_BTD, q_BTNH, k_BSGH, v_BSGH, positions_BT, windows, index,
+                           visible_BTS)
       keys.append(k_BSGH)
       values.append(v_BSGH)
     return x_BTD, kv_cache_lib.LayerCaches(tuple(keys), tuple(values))
@@ -195,10 +206,10 @@ def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Arr
     p, layer = layer_inputs
     q_BTNH, k_BTGH, v_BTGH = attention_inputs(cfg, p, x, positions_BT)
     # One scatter into the loop-carried buffer, updated in place.
-    k_all = kv_cache_lib.write_layer(k_all, layer, k_BTGH, positions_BT)
-    v_all = kv_cache_lib.write_layer(v_all, layer, v_BTGH, positions_BT)
+    k_all = kv_cache_lib.write_layer(k_all, layer, k_BTGH, slots_BT)
+    v_all = kv_cache_lib.write_layer(v_all, layer, v_BTGH, slots_BT)
     x = block_output(cfg, p, x, q_BTNH, k_all[layer], v_all[layer], positions_BT, windows,
-                     index)
+                     index, visible_BTS)
     return (x, k_all, v_all), None
 
   (x_BTD, k_LBSGH, v_LBSGH), _ = jax.lax.scan(
@@ -347,7 +358,7 @@ class Transformer:
     return jax.eval_shape(lambda: self.init_params(jax.random.PRNGKey(0)))
 
   def apply(self, params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache,
-            full_vocab: bool = True):
+            full_vocab: bool = True, slots_BT=None, visible_BTS=None):
     """Runs the decoder over a block of tokens at the given absolute positions.
 
     Args:
@@ -357,16 +368,18 @@ class Transformer:
       cache: from ``init_cache`` (or a previous call).
       full_vocab: with a restricted head, False returns the head's own
         logits_BTN (for training) instead of logits_BTV.
+      slots_BT, visible_BTS: a draft tree's pass (``run_blocks``): the cache
+        slots its keys go to and its attention mask.
 
     Returns:
       (logits_BTV float32, updated cache).
     """
     logits_BTV, _, cache = self.apply_with_hidden(params, tokens_BT, positions_BT, cache,
-                                                  full_vocab)
+                                                  full_vocab, slots_BT, visible_BTS)
     return logits_BTV, cache
 
   def apply_with_hidden(self, params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
-                        cache, full_vocab: bool = True):
+                        cache, full_vocab: bool = True, slots_BT=None, visible_BTS=None):
     """``apply`` that also returns hidden_BTD: the final-normed states the head
     reads (the features a feature drafter conditions on).
 
@@ -377,7 +390,7 @@ class Transformer:
     embedding_VD = params["embed"]["embedding"]
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(cfg.jnp_dtype)
     x_BTD, cache = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache,
-                              self.min_window)
+                              self.min_window, slots_BT, visible_BTS)
     hidden_BTD = rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_eps)
     return self.head_logits(params, hidden_BTD, full_vocab), hidden_BTD, cache
 

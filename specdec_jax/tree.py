@@ -1,0 +1,179 @@
+"""Draft trees: the verify pass's block and mask, exact acceptance on a tree
+and the accepted path's cache move (docs/design.md, "Draft trees").
+
+A tree proposal (``drafters.base.Proposal`` with ``parent_BK``) holds N nodes
+per row: ``draft_BK`` [B, N] tokens, ``parent_BK`` [B, N] (``ROOT`` = -1 for a
+child of the root, the newest committed token; else a smaller node index),
+``depth_BK`` [B, N] in 1..k; the first ``num_proposed_B`` nodes are real.
+In the verify block, index 0 is the root and index j + 1 is node j.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from specdec_jax import sampling
+from specdec_jax import verify
+from specdec_jax.models import kv_cache
+
+ROOT = -1
+TREE_RULES = ("rejection", "coupled")   # at temperature > 0; greedy at 0
+# Purpose of the accept test of the i-th sibling at a position: above the
+# purposes of ``sampling`` (0-3), one per node index.
+SIBLING_PURPOSE_BASE = 16
+
+
+def check_settings(tree_nodes, tree_topk, k_max: int) -> None:
+  """ValueError, naming the fix, unless the tree settings make a tree a row
+  can hold: ``tree_nodes`` = 0 (chains) or >= k_max (the deepest path has k
+  nodes), 1 <= ``tree_topk`` <= ``tree_nodes``."""
+  if not isinstance(tree_nodes, int) or isinstance(tree_nodes, bool) or tree_nodes < 0:
+    raise ValueError(f"tree_nodes={tree_nodes!r} must be an int >= 0 (0: chains)")
+  if tree_nodes == 0:
+    return
+  if tree_nodes < k_max:
+    raise ValueError(f"tree_nodes={tree_nodes} is below k={k_max}: a tree of depth k needs "
+                     f"at least k nodes")
+  if not isinstance(tree_topk, int) or isinstance(tree_topk, bool) or not (
+      1 <= tree_topk <= tree_nodes):
+    raise ValueError(f"tree_topk={tree_topk!r} must be an int in [1, tree_nodes={tree_nodes}]")
+
+
+def ancestors(parent_BN: jax.Array, depth_max: int) -> jax.Array:
+  """bool [B, N, N]: ``[b, i, j]`` is True when node i is node j or one of
+  its ancestors (the root excluded). ``depth_max`` bounds the climb."""
+  batch, n = parent_BN.shape
+  rows_B1 = jnp.arange(batch)[:, None]
+  anc_BIJ = jnp.broadcast_to(jnp.eye(n, dtype=bool), (batch, n, n))
+  up_BJ = parent_BN
+  for _ in range(max(depth_max - 1, 0)):
+    anc_BIJ = anc_BIJ | jnp.swapaxes(jax.nn.one_hot(up_BJ, n, dtype=bool), 1, 2)
+    up_BJ = jnp.where(up_BJ >= 0, parent_BN[rows_B1, jnp.maximum(up_BJ, 0)], ROOT)
+  return anc_BIJ
+
+
+def verify_block(tokens_BS, length_B, proposal, num_slots: int, depth_max: int):
+  """The tree pass's inputs: (tokens_BW, positions_BW, slots_BW, visible_BWS)
+  with W = N + 1. The root goes to its own slot length - 1, node j to
+  scratch slot S - N + j; each key is rotated at its real position
+  length - 1 + depth. A query sees the committed slots <= length - 1 and
+  the scratch slots of its ancestors and itself."""
+  draft_BN, depth_BN = proposal.draft_BK, proposal.depth_BK
+  batch, n = draft_BN.shape
+  last_B1 = jnp.take_along_axis(tokens_BS, length_B[:, None] - 1, axis=1)
+  tokens_BW = jnp.concatenate([last_B1, draft_BN], axis=1)
+  positions_BW = length_B[:, None] - 1 + jnp.concatenate(
+      [jnp.zeros((batch, 1), jnp.int32), depth_BN], axis=1)
+  scratch = num_slots - n
+  slots_BW = jnp.concatenate([length_B[:, None] - 1,
+                              jnp.broadcast_to(scratch + jnp.arange(n), (batch, n))], axis=1)
+  committed_BS = jnp.arange(num_slots)[None, :] <= length_B[:, None] - 1
+  anc_BJI = jnp.swapaxes(ancestors(proposal.parent_BK, depth_max), 1, 2)   # [b, query j, key i]
+  tree_BWN = jnp.concatenate([jnp.zeros((batch, 1, n), bool), anc_BJI], axis=1)
+  tree_BWS = jnp.pad(tree_BWN, ((0, 0), (0, 0), (scratch, 0)))
+  visible_BWS = committed_BS[:, None, :] | tree_BWS
+  return tokens_BW, positions_BW.astype(jnp.int32), slots_BW.astype(jnp.int32), visible_BWS
+
+
+def accept(logits_BWV, proposal, keys_B2, length_B, depth_max: int, *, greedy: bool,
+           rule: str, sampling_params):
+  """Walks the tree from the root, one depth at a time (docs/design.md):
+  greedy follows the argmax, coupled the target's own sample, rejection runs
+  recursive rejection over the siblings (one-hot q: deterministic candidates).
+
+  Returns (n_B accepted nodes, x_B the target's next token, path_tokens_BK
+  [B, k] the accepted tokens (then padding), path_BK the accepted node
+  indices (-1 after), reached_BK and expected_BK per depth: whether the
+  walk reached a node with children at that depth, and the probability of
+  accepting one of them (greedy and coupled: 1 where it did)).
+  """
+  draft_BN, parent_BN = proposal.draft_BK, proposal.parent_BK
+  batch, n = draft_BN.shape
+  vocab = logits_BWV.shape[-1]
+  valid_BN = jnp.arange(n)[None, :] < proposal.num_proposed_B[:, None]
+  probs_BWV = None if greedy else sampling.warp(logits_BWV, sampling_params)
+  cur_B = jnp.zeros((batch,), jnp.int32)     # block index: 0 the root, j + 1 node j
+  alive_B = jnp.ones((batch,), bool)
+  n_B = jnp.zeros((batch,), jnp.int32)
+  x_B = jnp.zeros((batch,), jnp.int32)
+  path, tokens, reached, expected = [], [], [], []
+  for d in range(depth_max + 1):
+    position_B = length_B + d                # the position a child of cur stands at
+    child_BN = valid_BN & (parent_BN == (cur_B - 1)[:, None]) & alive_B[:, None]
+    if d == depth_max:
+      child_BN = jnp.zeros_like(child_BN)    # the deepest node's children: none
+    has_child_B = jnp.any(child_BN, axis=1)
+    if greedy:
+      want_B = jnp.argmax(logits_BWV[jnp.arange(batch), cur_B], axis=-1).astype(jnp.int32)
+      hit_BN = child_BN & (draft_BN == want_B[:, None])
+      mass_B = jnp.any(hit_BN, axis=1).astype(jnp.float32)
+      next_token_B = want_B
+    else:
+      p_BV = probs_BWV[jnp.arange(batch), cur_B]
+      if rule == "coupled":
+        want_B = sampling.sample(p_BV, sampling.position_keys(keys_B2, position_B,
+                                                              sampling.TARGET))
+        hit_BN = child_BN & (draft_BN == want_B[:, None])
+        mass_B = jnp.any(hit_BN, axis=1).astype(jnp.float32)
+        next_token_B = want_B
+      else:
+        hit_BN, residual_BV, mass_B = _recursive_rejection(p_BV, draft_BN, child_BN, keys_B2,
+                                                           position_B, vocab)
+        # No child: the target's own sample (plain decoding's draw); all
+        # rejected: a draw from what the rejections left.
+        bonus_B = sampling.sample(p_BV, sampling.position_keys(keys_B2, position_B,
+                                                               sampling.TARGET))
+        safe_BV = jnp.where(jnp.sum(residual_BV, -1, keepdims=True) > 0, residual_BV, p_BV)
+        correction_B = sampling.sample(
+            safe_BV / jnp.sum(safe_BV, -1, keepdims=True),
+            sampling.position_keys(keys_B2, position_B, sampling.RESIDUAL))
+        next_token_B = jnp.where(has_child_B, correction_B, bonus_B)
+    found_B = jnp.any(hit_BN, axis=1) & alive_B
+    chosen_B = jnp.argmax(hit_BN, axis=1).astype(jnp.int32)
+    stop_B = alive_B & ~found_B
+    x_B = jnp.where(stop_B, next_token_B, x_B)
+    if d < depth_max:
+      path.append(jnp.where(found_B, chosen_B, -1))
+      tokens.append(jnp.where(found_B, draft_BN[jnp.arange(batch), chosen_B], 0))
+      reached.append(alive_B & has_child_B)
+      expected.append(jnp.where(alive_B & has_child_B, mass_B, 0.0))
+    n_B = n_B + found_B
+    cur_B = jnp.where(found_B, chosen_B + 1, cur_B)
+    alive_B = found_B
+  stack = lambda xs: jnp.stack(xs, axis=1)
+  return (n_B.astype(jnp.int32), x_B, stack(tokens).astype(jnp.int32),
+          stack(path).astype(jnp.int32), stack(reached), stack(expected))
+
+
+def _recursive_rejection(p_BV, draft_BN, child_BN, keys_B2, position_B, vocab):
+  """Sibling after sibling (node order): accept child i with probability
+  r(t_i) / sum(r), else remove t_i from r. Returns (hit_BN: the accepted
+  child, one at most; the unnormalised residual r [B, V] after the
+  rejections, all of p where nothing was tried; mass_B: the probability of
+  accepting some child, p's mass on the children's tokens)."""
+  batch, n = draft_BN.shape
+  r_BV, left_BV = p_BV, p_BV
+  done_B = jnp.zeros((batch,), bool)
+  hit = []
+  for j in range(n):
+    t_B = draft_BN[:, j]
+    not_t_BV = 1.0 - jax.nn.one_hot(t_B, vocab, dtype=r_BV.dtype)
+    left_BV = jnp.where(child_BN[:, j:j + 1], left_BV * not_t_BV, left_BV)
+    try_B = child_BN[:, j] & ~done_B
+    r_t_B = jnp.take_along_axis(r_BV, t_B[:, None], axis=1)[:, 0]
+    u_B = sampling.uniform(sampling.position_keys(keys_B2, position_B,
+                                                  SIBLING_PURPOSE_BASE + j))
+    ok_B = try_B & verify.accept_test(u_B, r_t_B, jnp.sum(r_BV, axis=-1))
+    hit.append(ok_B)
+    done_B = done_B | ok_B
+    r_BV = jnp.where((try_B & ~ok_B)[:, None], r_BV * not_t_BV, r_BV)
+  mass_B = 1.0 - jnp.sum(left_BV, axis=-1)
+  return jnp.stack(hit, axis=1), r_BV, mass_B
+
+
+def move_path(cache, path_BK, length_B, num_slots: int, num_nodes: int):
+  """Copies the accepted nodes' keys and values from scratch into the slots
+  of their positions: node path[i] (depth i + 1) to slot length + i."""
+  k = path_BK.shape[1]
+  from_BK = num_slots - num_nodes + jnp.maximum(path_BK, 0)
+  to_BK = jnp.where(path_BK >= 0, length_B[:, None] + jnp.arange(k)[None, :], num_slots)
+  return kv_cache.move(cache, from_BK, to_BK)

@@ -1,0 +1,186 @@
+"""Draft trees (specdec_jax/tree.py, docs/design.md "Draft trees"): the n-gram
+drafter's tree, the tree mask, exactness against plain decoding (greedy and
+coupled, with a missing cache move caught), rejection-sampling fidelity on
+trees (a broken residual caught), zero recompiles and refused settings."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import TARGET, VOCAB, init, tiny_config
+from specdec_jax import compile_count
+from specdec_jax import runtime
+from specdec_jax import sampling
+from specdec_jax import tree
+from specdec_jax.drafters import ModelDrafter, NgramDrafter
+from specdec_jax.drafters.base import DraftContext
+from specdec_jax.generation import Generator
+from specdec_jax.jobs.fidelity import run_fidelity
+
+K, NODES, TOPK, MAX_NEW, BATCH = 4, 8, 3, 24, 3
+
+
+def branching_prompts(seed: int):
+  """Rows whose text ends in an n-gram seen before with three different
+  continuations, so the lookup has several branches."""
+  rng = np.random.default_rng(seed)
+  prompts = []
+  for _ in range(BATCH):
+    a, b = rng.integers(0, VOCAB, 2).tolist()
+    text = []
+    for _ in range(3):
+      text += [a, b] + rng.integers(0, VOCAB, 3).tolist()
+    prompts.append((text + [a, b])[-16:])
+  return prompts
+
+
+@functools.lru_cache(maxsize=None)
+def generators(rule: str):
+  make = lambda **kw: Generator(TARGET, NgramDrafter(), k_max=K, rule=rule, max_prompt_len=16,
+                                max_new_tokens=MAX_NEW, batch_size=BATCH, **kw)
+  return (Generator(TARGET, max_prompt_len=16, max_new_tokens=MAX_NEW, batch_size=BATCH),
+          make(tree_nodes=NODES, tree_topk=TOPK))
+
+
+def _context(texts, k, width=32):
+  tokens = np.zeros((len(texts), width), np.int32)
+  for b, t in enumerate(texts):
+    tokens[b, :len(t)] = t
+  return DraftContext(tokens_BS=jnp.asarray(tokens),
+                      length_B=jnp.asarray([len(t) for t in texts], jnp.int32),
+                      keys_B2=jnp.zeros((len(texts), 2), jnp.uint32),
+                      sampling=sampling.SamplingParams.create(0.0, 0, 1.0),
+                      max_k_B=jnp.full((len(texts),), k, jnp.int32),
+                      min_confidence=jnp.float32(0.0))
+
+
+def test_ngram_tree_hand_example():
+  # "5 6" was followed by 7 .., by 1 .. and by 3 ..: three branches, scored
+  # as the chain lookup scores (continuation length capped at k, then
+  # recency), laid out best first until the 7 nodes are used.
+  text = [5, 6, 7, 8, 9, 5, 6, 1, 2, 5, 6, 3, 4, 5, 6]
+  proposal, _ = NgramDrafter(max_n=2, min_n=2).propose_tree(
+      {}, (), _context([text], 3), 3, 7, 3, greedy=True, purpose=0)
+  assert np.asarray(proposal.draft_BK)[0].tolist() == [3, 4, 5, 1, 2, 5, 7]
+  assert np.asarray(proposal.parent_BK)[0].tolist() == [-1, 0, 1, -1, 3, 4, -1]
+  assert np.asarray(proposal.depth_BK)[0].tolist() == [1, 2, 3, 1, 2, 3, 1]
+  assert int(proposal.num_proposed_B[0]) == 7
+  # Its first branch is the chain lookup's draft.
+  chain, _, _ = NgramDrafter(max_n=2, min_n=2).lookup(_context([text], 3), 3)
+  assert np.asarray(chain)[0].tolist() == [3, 4, 5]
+  # The same first token twice is one branch; a row's k_b caps the depth.
+  ctx = _context([[5, 6, 7, 8, 5, 6, 7, 9, 5, 6]], 3)
+  ctx = ctx.replace(max_k_B=jnp.asarray([2], jnp.int32))
+  proposal, _ = NgramDrafter(max_n=2, min_n=2).propose_tree({}, (), ctx, 3, 6, 3,
+                                                            greedy=True, purpose=0)
+  assert int(proposal.num_proposed_B[0]) == 2
+  assert np.asarray(proposal.draft_BK)[0, :2].tolist() == [7, 9]
+  # The mask: node 2 sees itself and its ancestors 0, 1; node 3 only itself.
+  anc = np.asarray(tree.ancestors(jnp.asarray([[-1, 0, 1, -1, 3, -1]]), 3))[0]
+  assert anc[:, 2].tolist() == [True, True, True, False, False, False]
+  assert anc[:, 3].tolist() == [False, False, False, True, False, False]
+  assert anc[:, 4].tolist() == [False, False, False, True, True, False]
+
+
+def _run(gen, tp, prompts, temperature=0.0):
+  seeds = [11, 12, 13]
+  return gen.generate(tp, {} if gen.drafter is not None else None, prompts,
+                      temperature=temperature, seeds=seeds)
+
+
+@pytest.mark.parametrize("rule,temperature", [("rejection", 0.0), ("coupled", 1.0)],
+                         ids=["greedy", "coupled"])
+def test_tree_equals_plain_decoding_and_never_recompiles(rule, temperature):
+  plain, trees = generators(rule)
+  deep = 0
+  before = None
+  for seed in range(4):
+    tp = init(TARGET, seed)
+    prompts = branching_prompts(seed)
+    ref = [r.output_ids for r in _run(plain, tp, prompts, temperature).rows]
+    result = _run(trees, tp, prompts, temperature)
+    assert [r.output_ids for r in result.rows] == ref, f"seed {seed}"
+    for row in result.rows:
+      assert len(row.accepted_by_slot) == K
+      assert all(a <= r for a, r in zip(row.accepted_by_slot, row.reached_by_slot))
+      assert max(row.proposed_per_step) <= NODES
+      deep += sum(n >= 1 for n in row.accepted_per_step)
+    if seed == 0:
+      before = compile_count.loop_compiles()
+  assert compile_count.loop_compiles() == before
+  assert deep > 0   # not vacuous: tree nodes were accepted
+
+
+def test_a_missing_cache_move_is_caught(monkeypatch):
+  """Negative control: without moving the accepted path from scratch into its
+  slots, later steps attend stale keys and greedy output departs from plain."""
+  monkeypatch.setattr(tree, "move_path", lambda cache, *args: cache)
+  trees = Generator(TARGET, NgramDrafter(), k_max=K, max_prompt_len=16,
+                    max_new_tokens=MAX_NEW, batch_size=BATCH, tree_nodes=NODES, tree_topk=TOPK)
+  plain = generators("rejection")[0]
+  differs = 0
+  for seed in range(4):
+    tp = init(TARGET, seed)
+    prompts = branching_prompts(seed)
+    ref = [r.output_ids for r in _run(plain, tp, prompts).rows]
+    differs += [r.output_ids for r in _run(trees, tp, prompts).rows] != ref
+  assert differs > 0
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(tree_nodes=3), "tree_nodes=3 is below k=4"),
+    (dict(tree_topk=0), "tree_topk=0"),
+    (dict(tree_topk=9), r"tree_topk=9 must be an int in \[1, tree_nodes=8\]"),
+    (dict(rule="typical"), "rule='typical'"),
+    (dict(policy="auto"), "policy=fixed"),
+    (dict(drafter=ModelDrafter(TARGET)), "does not build draft trees"),
+    (dict(verify_widths=(1, 9)), "sets the verify widths"),
+])
+def test_bad_tree_settings_are_refused_before_compiling(change, match):
+  settings = dict(drafter=NgramDrafter(), k_max=K, max_prompt_len=16, tree_nodes=NODES,
+                  tree_topk=TOPK)
+  settings.update(change)
+  before = compile_count.count("")
+  with pytest.raises(ValueError, match=match):
+    Generator(TARGET, settings.pop("drafter"), **settings)
+  assert compile_count.count("") == before
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(tree_nodes=2, k=4, policy="fixed"), "config.tree_nodes=2 is below k=4"),
+    (dict(tree_nodes=8, drafter="model", policy="fixed"), "needs config.drafter=ngram"),
+    (dict(tree_nodes=8, policy="auto"), "policy=fixed"),
+])
+def test_bad_tree_config_is_one_line_error(changes, match):
+  with pytest.raises(ValueError, match=match):
+    runtime.validate_config(tiny_config(**changes))
+
+
+def _broken_recursive_rejection(p_BV, draft_BN, child_BN, keys_B2, position_B, vocab):
+  """The residual is not updated after a rejected sibling: later siblings are
+  tested against the full p and the correction ignores the rejections."""
+  hit_BN, _, mass_B = ORIGINAL_REJECTION(p_BV, draft_BN, child_BN, keys_B2, position_B, vocab)
+  return hit_BN, p_BV, mass_B
+
+
+ORIGINAL_REJECTION = tree._recursive_rejection
+TREE_FIDELITY = dict(drafter="ngram", rule="rejection", temperature=1.0, k=2, policy="fixed",
+                     tree_nodes=6, tree_topk=3,
+                     **{"fidelity.prompt": (0, 1, 2, 0, 1, 3, 0, 1, 4, 0, 1)})
+
+
+@pytest.mark.slow
+def test_tree_rejection_preserves_distribution_and_a_broken_residual_fails(monkeypatch):
+  stats = run_fidelity(tiny_config(**TREE_FIDELITY), log=lambda *a: None)
+  assert stats["passed"] and stats["p_value"] > 1e-3, stats
+  assert stats["impossible_samples"] == 0
+  # Paths accepted two deep (k = 2: each such step then drew a bonus token)
+  # and drafts rejected.
+  assert stats["steps_accepting_2_or_more"] > 0.02 * stats["n_samples"], stats
+  assert stats["accepted"] < stats["proposed"], stats
+  monkeypatch.setattr(tree, "_recursive_rejection", _broken_recursive_rejection)
+  broken = run_fidelity(tiny_config(**TREE_FIDELITY), log=lambda *a: None)
+  assert not broken["passed"] and broken["p_value"] < 1e-3, broken
