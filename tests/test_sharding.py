@@ -73,14 +73,16 @@ EQUIVALENCE = """
       return callback
 
     class Inspecting(Transformer):
-      def apply_with_hidden(self, params, tokens_BT, positions_BT, cache, full_vocab=True):
+      def apply_with_hidden(self, params, tokens_BT, positions_BT, cache, full_vocab=True,
+                            *args):
         tag = "target" if self.cfg == TCFG else "draft"
         jax.debug.inspect_array_sharding(cache.k_LBSGH, callback=record(tag + "_cache"))
         jax.debug.inspect_array_sharding(tokens_BT, callback=record(tag + "_tokens"))
         if tag == "target":
           q = params["layers"]["attn"]["q"]["kernel"]
           jax.debug.inspect_array_sharding(q, callback=record("target_q"))
-        return super().apply_with_hidden(params, tokens_BT, positions_BT, cache, full_vocab)
+        return super().apply_with_hidden(params, tokens_BT, positions_BT, cache, full_vocab,
+                                         *args)
 
     target, draft = Inspecting(TCFG), Inspecting(DCFG)
     tp = target.init_params(jax.random.PRNGKey(0))
