@@ -174,6 +174,8 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
       "synthetic_acceptance": (config.synthetic_acceptance if config.rule == "synthetic"
                                else None),
       "matched_numerics": config.matched_numerics,
+      "tree_nodes": int(config.tree_nodes), "tree_topk": int(config.tree_topk),
+      "verify_width": spec_gen.verify_widths[-1],
       "policy": config.policy, "k": config.k, "k_max": k_slots,
       "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
       "batch_size": config.batch_size, "num_prompts": len(prompts),

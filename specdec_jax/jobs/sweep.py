@@ -35,6 +35,7 @@ from specdec_jax.jobs import io
 RESULTS_FILE = "results.jsonl"
 SPEEDUP_PLOT = "speedup_vs_k.png"
 ACCEPTANCE_PLOT = "acceptance_by_position.png"
+WIDTH_PLOT = "tokens_per_call_vs_width.png"
 TABLE_METRICS = ("speedup", "predicted_speedup", "acceptance_rate", "mean_tokens_per_call")
 # Names (last dotted component) of a swept field that holds the draft length.
 K_FIELD_NAMES = ("k", "k_max")
@@ -126,11 +127,17 @@ def sweep_fields(config) -> list:
   for name, values in fields:
     if name == "sweep" or name.startswith("sweep."):
       raise ValueError(f"cannot sweep over {name!r}")
-    _check_field_exists(config, name)
     if not isinstance(values, (list, tuple)):
       raise ValueError(f"sweep.{name} must be a list of values, got {values!r}")
     if not values:
       raise ValueError(f"sweep.{name} is an empty list")
+    if _is_joint(values):
+      # A joint axis: each value sets several fields at once; its name is a label.
+      for value in values:
+        for field in value:
+          _check_field_exists(config, field)
+    else:
+      _check_field_exists(config, name)
     keys = [_json_key(v, name) for v in values]
     if len(set(keys)) != len(keys):
       raise ValueError(f"sweep.{name} has duplicate values: {list(values)}")
@@ -145,6 +152,12 @@ def _flatten(node, prefix: str):
       yield from _flatten(value, prefix=f"{name}.")
     else:
       yield name, value
+
+
+def _is_joint(values) -> bool:
+  """A swept list of dicts ({field: value, ...}): fields that change together
+  (e.g. ``sweep.shape = ({"k": 7}, {"k": 4, "tree_nodes": 7})``)."""
+  return all(_is_mapping(v) for v in values)
 
 
 def _is_mapping(value) -> bool:
@@ -193,7 +206,10 @@ def point_config(config, point: dict):
   cfg = ml_collections.ConfigDict(config) if isinstance(
       config, ml_collections.FrozenConfigDict) else config
   cfg = cfg.copy_and_resolve_references()
+  settings = {}
   for name, value in point.items():
+    settings.update(dict(value) if _is_mapping(value) else {name: value})
+  for name, value in settings.items():
     *parents, leaf = name.split(".")
     node = cfg
     for part in parents:
@@ -319,8 +335,13 @@ def summary_table(rows: list) -> str:
 
 
 def _point_cell(point: dict, field: str) -> str:
-  """A swept value, shown as given (not rounded)."""
-  return str(point[field]) if field in point else "-"
+  """A swept value, shown as given (not rounded); a joint one as k=v,k=v."""
+  if field not in point:
+    return "-"
+  value = point[field]
+  if _is_mapping(value):
+    return ",".join(f"{k}={v}" for k, v in value.items())
+  return str(value)
 
 
 def _cell(value) -> str:
@@ -342,7 +363,8 @@ def write_plots(rows: list, workdir: str, log=print) -> list:
   """Writes the PNG plots it has data for; returns their paths. Never raises."""
   written = []
   for name, plot in ((SPEEDUP_PLOT, _plot_speedup_vs_k),
-                     (ACCEPTANCE_PLOT, _plot_acceptance_by_position)):
+                     (ACCEPTANCE_PLOT, _plot_acceptance_by_position),
+                     (WIDTH_PLOT, _plot_tokens_per_call_vs_width)):
     path = os.path.join(workdir, name)
     try:
       skipped = plot(rows, path)
@@ -417,6 +439,31 @@ def _plot_acceptance_by_position(rows: list, path: str):
   ax.set_ylim(0.0, 1.05)
   ax.set_title("Acceptance by draft position")
   _finish(fig, ax, path, len(lines))
+  return None
+
+
+def _plot_tokens_per_call_vs_width(rows: list, path: str):
+  """Tokens per target call vs the widest verify width, chains vs trees
+  (one line per draft shape); None if written."""
+  series = {}
+  for row in rows:
+    width, tokens = _number(row.get("verify_width")), _number(row.get("tokens_per_call"))
+    if width is None or tokens is None or "tree_nodes" not in row:
+      continue
+    label = (f"tree (top-{row.get('tree_topk')} branches)" if row.get("tree_nodes")
+             else "chain")
+    series.setdefault(label, []).append((width, tokens))
+  if len(series) < 2:
+    return "needs rows of both chains and trees with 'verify_width' and 'tokens_per_call'"
+  fig, ax = _new_axes()
+  for i, (label, points) in enumerate(sorted(series.items())):
+    points.sort()
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i % 10}",
+            label=label)
+  ax.set_xlabel("verify width (tokens per target call)")
+  ax.set_ylabel("committed tokens per target call")
+  ax.set_title("Chains vs trees at the same verify width")
+  _finish(fig, ax, path, len(series))
   return None
 
 

@@ -1,0 +1,35 @@
+"""Draft trees vs chains at the same verify width on SmolLM2 (job=sweep).
+
+One joint sweep axis, ``shape``: at verify widths 4, 8 and 16, a chain of
+K = width - 1 n-gram drafts against a tree of N = width - 1 nodes (depth
+k = (N + 1) // 2, more branches as the width grows), greedy, policy fixed,
+on the held-out prompts. Each point appends a benchmark summary
+(tokens_per_call, speedup, acceptance by depth) to results.jsonl; the sweep
+ends with a table and tokens_per_call_vs_width.png.
+
+  python -m specdec_jax.main --config=configs/trees_smollm2.py --workdir=runs/trees
+"""
+
+import os
+
+import ml_collections
+
+from specdec_jax import config_defaults
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = config_defaults.config_from_file(
+      os.path.join(os.path.dirname(__file__), "smollm2.py"))
+  config.job = "sweep"
+  config.drafter = "ngram"
+  config.policy = "fixed"
+  config.prompts = "held_out"
+  config.benchmark.repeats = 1
+  shapes = []
+  for width, topk in ((4, 2), (8, 3), (16, 4)):
+    nodes = width - 1
+    shapes.append({"k": nodes, "tree_nodes": 0})
+    shapes.append({"k": (nodes + 1) // 2, "tree_nodes": nodes, "tree_topk": topk})
+  config.sweep = ml_collections.ConfigDict()
+  config.sweep.shape = tuple(shapes)
+  return config
