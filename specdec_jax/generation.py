@@ -113,6 +113,10 @@ class Generator:
       smallest holding every row's drafts + 1); default (1, k_max + 1).
       ``decode.matched_verify_widths`` gives the numerics-matched mode: one
       width, which a plain Generator (k_max=0) can share by padding.
+    tree_nodes, tree_topk: draft trees (``tree.py``; 0 nodes: chains): N
+      nodes per row of depth <= k_max from tree_topk branches, verified in
+      one pass of N + 1 tokens (widths (1, N + 1)); ``check_tree_setup``
+      says which drafters, rules and policies.
     shardings: optional ``sharding.GenerationShardings``: the phases are then
       jitted with explicit in/out shardings on its mesh (params per the rules,
       batch arrays and the DecodeState over ``data``, caches per the rules)
