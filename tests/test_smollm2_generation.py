@@ -9,6 +9,7 @@
 * Greedy parity with transformers in both layouts: the unrolled one users
   decode with, and the scanned one (the same function) that the draft and
   sampling tests use because its programs compile about 4x faster.
+* Greedy, batch 3: n-gram draft trees give plain decoding's tokens.
 * Sampling: the coupled rule gives plain sampling's tokens with the same
   seeds (n-gram and n-gram+model drafters, batch 3).
 * Rejection sampling draws the first two tokens of a fixed prompt from the
@@ -153,6 +154,17 @@ def test_model_and_feature_drafts_equal_plain_greedy_at_batch_3(smollm2_scan, pr
   rejected = [sum(p - a for p, a in zip(r.proposed_per_step, r.accepted_per_step))
               for r in result.rows]
   assert sum(accepted) > 10 and sum(rejected) > 10, (accepted, rejected)
+
+
+def test_ngram_tree_equals_plain_greedy_at_batch_3(smollm2_scan, prompts, plain_greedy_scan):
+  """Draft trees of 8 nodes, depth 4, from the n-gram lookup's 3 best
+  matches: plain decoding's tokens, with tree nodes accepted."""
+  target, params, tokenizer = smollm2_scan
+  gen = Generator(target, NgramDrafter(), k_max=4, max_prompt_len=128, max_new_tokens=MAX_NEW,
+                  batch_size=3, eos_ids=tokenizer.eos_ids, tree_nodes=8, tree_topk=3)
+  result = gen.generate(params, {}, prompts)
+  assert [r.output_ids for r in result.rows] == [r.output_ids for r in plain_greedy_scan]
+  assert sum(result.rows[1].accepted_per_step) > 10
 
 
 def test_coupled_equals_plain_sampling_at_batch_3(smollm2_scan, prompts):
