@@ -41,6 +41,7 @@ def main(argv):
   import torch
   from transformers import AutoModelForCausalLM
 
+  from specdec_jax import main as main_lib
   from specdec_jax import phase_timing
   from specdec_jax.jobs import io
   from specdec_jax import prompts as prompts_lib
@@ -50,6 +51,7 @@ def main(argv):
   from specdec_jax.models import gguf_import
   from specdec_jax.models.transformer import Transformer
 
+  main_lib.quiet_libraries()
   torch.set_num_threads(os.cpu_count() or 1)
   cache = os.path.abspath(_CACHE.value or os.path.expanduser("~/.cache/specdec_jax"))
   cfg, params, tokenizer = checkpoint.load_smollm2(cache)

@@ -361,7 +361,7 @@ class Generator:
       max_new_tokens: int or per-prompt list (<= the compiled cap).
       seeds: per-prompt seeds (default 0..n-1), or one int base seed.
       k: effective draft length in [1, k_max] (default k_max).
-      costs: ``policies.Costs`` for the auto policy (``measure_costs``);
+      costs: ``policies.Costs`` for the auto policy (``phase_timing.measure_policy_costs``);
         default: verify at any width costs a step and drafts are free.
       synthetic_acceptance: rule="synthetic" only: each draft's acceptance
         probability in [0, 1] (traced: a sweep over it never recompiles).

@@ -5,7 +5,6 @@ trees (a broken residual caught), zero recompiles and refused settings."""
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
