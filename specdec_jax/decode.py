@@ -280,7 +280,7 @@ def _accept(spec: DecodeSpec, proposal: Proposal, logits_BK1V, state, run):
   if spec.greedy:
     n_B, x_B, target_BK1 = verify.greedy_accept(draft_BK, logits_BK1V, num_B)
     return n_B, x_B, (draft_BK == target_BK1[:, :draft_BK.shape[1]]).astype(jnp.float32)
-  p_BK1V = sampling.warp(logits_BK1V, run.sampling)
+  p_BK1V = sampling.warp(logits_BK1V, run.sampling, sampled=True)
   keys_B2, length_B = state.keys_B2, state.length_B
   if spec.rule == "rejection":
     n_B, x_B = verify.rejection_accept(draft_BK, proposal.q_BKV, p_BK1V, num_B, keys_B2, length_B)
@@ -301,7 +301,7 @@ def _accept_synthetic(spec: DecodeSpec, proposal: Proposal, logits_BK1V, state, 
   if spec.greedy:
     target_BK1 = verify.target_argmax(logits_BK1V)
   else:
-    target_BK1 = verify.target_samples(sampling.warp(logits_BK1V, run.sampling),
+    target_BK1 = verify.target_samples(sampling.warp(logits_BK1V, run.sampling, sampled=True),
                                        state.keys_B2, state.length_B)
   n_B, x_B = verify.synthetic_accept(target_BK1, proposal.num_proposed_B, state.keys_B2,
                                      state.length_B, run.synthetic_acceptance)

@@ -151,11 +151,14 @@ def _truncate(scaled_NV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
   return jnp.where(scaled_NV >= threshold_N1, scaled_NV, -jnp.inf)
 
 
-def warp(logits_V: jax.Array, params: SamplingParams) -> jax.Array:
+def warp(logits_V: jax.Array, params: SamplingParams, sampled: bool = False) -> jax.Array:
   """Float32 probabilities [..., V] from logits [..., V].
 
   Temperature 0 gives a one-hot on the argmax. The top-k/top-p truncation runs
-  only when one of them is active (a scalar ``lax.cond``).
+  only when one of them is active (a scalar ``lax.cond``). ``sampled=True``:
+  the caller is a compiled sampling path, where temperature > 0 always (the
+  greedy flag that picks the compiled path is temperature == 0), so the
+  argmax one-hot over the vocabulary is not built.
   """
   logits = logits_V.astype(jnp.float32)
   shape = logits.shape
@@ -166,6 +169,8 @@ def warp(logits_V: jax.Array, params: SamplingParams) -> jax.Array:
   scaled_NV = jax.lax.cond(needs_sort, _truncate, lambda s, k, p: s,
                            scaled_NV, params.top_k, params.top_p)
   probs_NV = jax.nn.softmax(scaled_NV, axis=-1)
+  if sampled:
+    return probs_NV.reshape(shape)
   onehot_NV = jax.nn.one_hot(jnp.argmax(flat_NV, axis=-1), shape[-1], dtype=jnp.float32)
   probs_NV = jnp.where(params.temperature > 0, probs_NV, onehot_NV)
   return probs_NV.reshape(shape)

@@ -90,7 +90,7 @@ def accept(logits_BWV, proposal, keys_B2, length_B, depth_max: int, *, greedy: b
   batch, n = draft_BN.shape
   vocab = logits_BWV.shape[-1]
   valid_BN = jnp.arange(n)[None, :] < proposal.num_proposed_B[:, None]
-  probs_BWV = None if greedy else sampling.warp(logits_BWV, sampling_params)
+  probs_BWV = None if greedy else sampling.warp(logits_BWV, sampling_params, sampled=True)
   cur_B = jnp.zeros((batch,), jnp.int32)     # block index: 0 the root, j + 1 node j
   alive_B = jnp.ones((batch,), bool)
   n_B = jnp.zeros((batch,), jnp.int32)

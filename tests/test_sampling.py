@@ -37,6 +37,16 @@ def test_warp_sums_to_one(kwargs):
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
 
 
+def test_sampled_warp_is_warp_at_positive_temperature():
+  """The compiled sampling paths' warp (no argmax one-hot) equals warp
+  wherever temperature > 0."""
+  logits = jnp.asarray(np.random.default_rng(5).normal(size=(3, 50)) * 4, jnp.float32)
+  for t, k, p in ((1.0, 0, 1.0), (0.7, 5, 0.9), (1.3, 0, 0.5)):
+    params = sampling.SamplingParams.create(t, k, p)
+    np.testing.assert_array_equal(np.asarray(sampling.warp(logits, params, sampled=True)),
+                                  np.asarray(sampling.warp(logits, params)))
+
+
 def test_temperature_changes_sharpness():
   logits = np.random.default_rng(1).normal(size=(20,)) * 2
   np.testing.assert_allclose(warp(logits, 1.0), jax.nn.softmax(logits), rtol=1e-5, atol=1e-7)

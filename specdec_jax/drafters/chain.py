@@ -37,7 +37,7 @@ def pick_draft(logits_BV, ctx: DraftContext, i, *, greedy: bool, purpose: int):
     token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     q_BV = None
   else:
-    q_BV = sampling.warp(logits_BV, ctx.sampling)
+    q_BV = sampling.warp(logits_BV, ctx.sampling, sampled=True)
     keys = sampling.position_keys(ctx.keys_B2, ctx.length_B + i, purpose)
     token_B = sampling.sample(q_BV, keys)
   confident_B = jax.lax.cond(
