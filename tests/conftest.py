@@ -163,7 +163,7 @@ def pytest_itemcollected(item):
 # group started last would leave the other worker idle at the end.
 SLOWEST_GROUPS = ("smollm2", "test_fidelity", "test_distill", "test_speculative",
                   "smollm2_and_transformers", "test_sharding", "test_jobs",
-                  "test_hybrid_drafter")
+                  "test_hybrid_drafter", "test_tree")
 
 
 def _group(item) -> str:
