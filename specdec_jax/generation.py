@@ -115,7 +115,7 @@ class Generator:
       width, which a plain Generator (k_max=0) can share by padding.
     tree_nodes, tree_topk: draft trees (``tree.py``; 0 nodes: chains): N
       nodes per row of depth <= k_max from tree_topk branches, verified in
-      one pass of N + 1 tokens (widths (1, N + 1)); ``check_tree_setup``
+      one pass of N + 1 tokens (widths (1, N + 1)); ``tree.check_setup``
       says which drafters, rules and policies.
     shardings: optional ``sharding.GenerationShardings``: the phases are then
       jitted with explicit in/out shardings on its mesh (params per the rules,
@@ -146,7 +146,7 @@ class Generator:
       if not 0 <= eos < target.cfg.vocab_size:
         raise ValueError(f"eos id {eos} outside the vocabulary [0, {target.cfg.vocab_size})")
     if tree_nodes:
-      check_tree_setup(tree_nodes, tree_topk, k_max, drafter if k_max > 0 else None, rule,
+      tree.check_setup(tree_nodes, tree_topk, k_max, drafter if k_max > 0 else None, rule,
                        policy, verify_widths)
       verify_widths = (1, tree_nodes + 1)
     widths = tuple(verify_widths) if verify_widths else decode.default_verify_widths(k_max)
@@ -424,26 +424,6 @@ class Generator:
           rows=_unpack(jax.device_get(state), n) if last else None)
       if last:
         return
-
-
-def check_tree_setup(tree_nodes, tree_topk, k_max, drafter, rule, policy,
-                     verify_widths=None) -> None:
-  """ValueError, naming the fix, unless draft trees can run with these
-  settings (docs/design.md, "Draft trees"); tree_nodes > 0."""
-  tree.check_settings(tree_nodes, tree_topk, k_max)
-  if k_max == 0 or drafter is None:
-    raise ValueError(f"tree_nodes={tree_nodes} needs a drafter and k >= 1")
-  if not drafter.builds_trees:
-    raise ValueError(f"tree_nodes={tree_nodes}: the {drafter.name!r} drafter does not "
-                     "build draft trees (drafter=ngram does)")
-  if rule not in tree.TREE_RULES:
-    raise ValueError(f"tree_nodes={tree_nodes} with rule={rule!r}: trees verify with rule "
-                     f"{' or '.join(tree.TREE_RULES)} (greedy at temperature 0)")
-  if policy != "fixed":
-    raise ValueError(f"tree_nodes={tree_nodes} with policy={policy!r}: trees draft with "
-                     "policy=fixed")
-  if verify_widths:
-    raise ValueError("tree_nodes > 0 sets the verify widths itself (1, tree_nodes + 1)")
 
 
 def validate_synthetic_acceptance(value) -> None:

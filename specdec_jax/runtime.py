@@ -17,11 +17,12 @@ from specdec_jax import decode
 from specdec_jax import phase_timing
 from specdec_jax import policies
 from specdec_jax import sampling
+from specdec_jax import tree
 from specdec_jax import verify
 from specdec_jax import drafters as drafters_lib
 from specdec_jax.drafters import NgramDrafter
 from specdec_jax.drafters.hybrid import check_min_match
-from specdec_jax.generation import Generator, check_tree_setup, validate_synthetic_acceptance
+from specdec_jax.generation import Generator, validate_synthetic_acceptance
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.feature_draft import FeatureDraft, check_compatible
 from specdec_jax.models.tokenizers import ByteTokenizer, Tokenizer
@@ -99,7 +100,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.tree_nodes={config.tree_nodes} needs config.drafter=ngram "
                        f"(got {config.drafter!r}): the only drafter that builds trees here")
     try:
-      check_tree_setup(config.tree_nodes, config.tree_topk, effective_k_max(config),
+      tree.check_setup(config.tree_nodes, config.tree_topk, effective_k_max(config),
                        NgramDrafter(), config.rule, config.policy)
     except ValueError as e:
       raise ValueError(f"config.{e}") from None

@@ -38,6 +38,26 @@ def check_settings(tree_nodes, tree_topk, k_max: int) -> None:
     raise ValueError(f"tree_topk={tree_topk!r} must be an int in [1, tree_nodes={tree_nodes}]")
 
 
+def check_setup(tree_nodes, tree_topk, k_max, drafter, rule, policy,
+                verify_widths=None) -> None:
+  """ValueError, naming the fix, unless draft trees can run with these
+  settings (docs/design.md, "Draft trees"); tree_nodes > 0."""
+  check_settings(tree_nodes, tree_topk, k_max)
+  if k_max == 0 or drafter is None:
+    raise ValueError(f"tree_nodes={tree_nodes} needs a drafter and k >= 1")
+  if not drafter.builds_trees:
+    raise ValueError(f"tree_nodes={tree_nodes}: the {drafter.name!r} drafter does not "
+                     "build draft trees (drafter=ngram does)")
+  if rule not in TREE_RULES:
+    raise ValueError(f"tree_nodes={tree_nodes} with rule={rule!r}: trees verify with rule "
+                     f"{' or '.join(TREE_RULES)} (greedy at temperature 0)")
+  if policy != "fixed":
+    raise ValueError(f"tree_nodes={tree_nodes} with policy={policy!r}: trees draft with "
+                     "policy=fixed")
+  if verify_widths:
+    raise ValueError("tree_nodes > 0 sets the verify widths itself (1, tree_nodes + 1)")
+
+
 def ancestors(parent_BN: jax.Array, depth_max: int) -> jax.Array:
   """bool [B, N, N]: ``[b, i, j]`` is True when node i is node j or one of
   its ancestors (the root excluded). ``depth_max`` bounds the climb."""
@@ -89,6 +109,7 @@ def accept(logits_BWV, proposal, keys_B2, length_B, depth_max: int, *, greedy: b
   draft_BN, parent_BN = proposal.draft_BK, proposal.parent_BK
   batch, n = draft_BN.shape
   vocab = logits_BWV.shape[-1]
+  argmax_BW = verify.target_argmax(logits_BWV) if greedy else None
   valid_BN = jnp.arange(n)[None, :] < proposal.num_proposed_B[:, None]
   probs_BWV = None if greedy else sampling.warp(logits_BWV, sampling_params, sampled=True)
   cur_B = jnp.zeros((batch,), jnp.int32)     # block index: 0 the root, j + 1 node j
@@ -103,7 +124,7 @@ def accept(logits_BWV, proposal, keys_B2, length_B, depth_max: int, *, greedy: b
       child_BN = jnp.zeros_like(child_BN)    # the deepest node's children: none
     has_child_B = jnp.any(child_BN, axis=1)
     if greedy:
-      want_B = jnp.argmax(logits_BWV[jnp.arange(batch), cur_B], axis=-1).astype(jnp.int32)
+      want_B = argmax_BW[jnp.arange(batch), cur_B]
       hit_BN = child_BN & (draft_BN == want_B[:, None])
       mass_B = jnp.any(hit_BN, axis=1).astype(jnp.float32)
       next_token_B = want_B

@@ -94,7 +94,7 @@ def _run(gen, tp, prompts, temperature=0.0):
                          ids=["greedy", "coupled"])
 def test_tree_equals_plain_decoding_and_never_recompiles(rule, temperature):
   plain, trees = generators(rule)
-  deep = 0
+  accepting_steps = 0
   before = None
   for seed in range(4):
     tp = init(TARGET, seed)
@@ -106,11 +106,11 @@ def test_tree_equals_plain_decoding_and_never_recompiles(rule, temperature):
       assert len(row.accepted_by_slot) == K
       assert all(a <= r for a, r in zip(row.accepted_by_slot, row.reached_by_slot))
       assert max(row.proposed_per_step) <= NODES
-      deep += sum(n >= 1 for n in row.accepted_per_step)
+      accepting_steps += sum(n >= 1 for n in row.accepted_per_step)
     if seed == 0:
       before = compile_count.loop_compiles()
   assert compile_count.loop_compiles() == before
-  assert deep > 0   # not vacuous: tree nodes were accepted
+  assert accepting_steps > 0   # not vacuous: tree nodes were accepted
 
 
 def test_a_missing_cache_move_is_caught(monkeypatch):

@@ -26,6 +26,7 @@ class NgramDrafter(Drafter):
   max_n: int = 3
   min_n: int = 1
   name: str = "ngram"
+  builds_trees = True   # a class constant, not a field: ``propose_tree``
 
   def __post_init__(self):
     if self.min_n < 1 or self.max_n < self.min_n:
@@ -106,8 +107,6 @@ class NgramDrafter(Drafter):
                                jnp.take_along_axis(continuation_BS, best_B[:, None], 1)[:, 0], -1)
     draft_BK, num_proposed_B = self._branch(ctx, k, continuation_B)
     return draft_BK, num_proposed_B, match_len_B
-
-  builds_trees = True
 
   def propose_tree(self, params, state, ctx: DraftContext, k: int, num_nodes: int,
                    topk: int, *, greedy: bool, purpose: int):
