@@ -79,12 +79,19 @@ def measure(gen, target_params, draft_params, prompts, *, iters: int = 10,
   verify_fn = gen.compiled("verify_phase", req.greedy)
   proposal = box["proposal"]
 
+  def out_of_room(width) -> bool:
+    """Whether some row cannot commit ``width`` more tokens. A function of its
+    own, so that no host view of the state outlives it: on CPU that view
+    shares the device buffers, and the donated state (its caches) would be
+    copied on every timed call instead."""
+    state = gen.to_host(box["state"])
+    used = state.length_B - state.prompt_len_B
+    return bool(np.any(used + width > state.max_new_B[:n]) or np.any(
+        state.finish_B[:n] != decode.RUNNING))
+
   def timed_verify(proposal, width):
     def run_once():
-      state = gen.to_host(box["state"])   # room for ``width`` more tokens in every row?
-      used = state.length_B - state.prompt_len_B
-      if np.any(used + width > state.max_new_B[:n]) or np.any(
-          state.finish_B[:n] != decode.RUNNING):
+      if out_of_room(width):
         box["state"] = jax.block_until_ready(prefill())   # untimed
       t0 = time.perf_counter()
       box["state"] = jax.block_until_ready(
