@@ -10,7 +10,7 @@ the target's distributions over the prompts at half weight.
   python -m specdec_jax.main --config=configs/distill_smollm2.py \
       --workdir=/tmp/distill_smollm2
   python -m specdec_jax.main --config=configs/smollm2.py --workdir=/tmp/bench \
-      --config.job=benchmark --config.drafter=model \
+      --config.job=benchmark --config.decode.drafter=model \
       --config.draft_checkpoint=/tmp/distill_smollm2
 
 A killed run resumes from its last checkpoint when rerun with the same flags;
@@ -36,9 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = config_defaults.config_from_file(
       os.path.join(os.path.dirname(__file__), "smollm2.py"))
   config.job = "distill"
-  config.drafter = "model"
-  config.k = 4
-  config.train_steps = 800
+  config.decode.drafter = "model"
+  config.decode.k = 4
+  config.distill.train_steps = 800
   config.draft = config_defaults.random_model(
       vocab_size=49152, num_layers=2, d_model=256, num_heads=4, num_kv_heads=1,
       head_dim=64, ffn_dim=768, rope_theta=100000.0, tie_embeddings=False, init_seed=1)

@@ -17,7 +17,7 @@ it), sampling + teacher pass 40 min (1355 sequences, 117k completion + 68k
 prompt tokens), 600 steps ~20 min at ~530 tokens/s. Held-out greedy K=4
 (8 prompts, 58 tokens each): the draft alone 0.24 acceptance (1.33 tokens
 per call) at step 300, 0.31 (1.49) at step 600; behind n-gram lookup
-(``--config.drafter=ngram+feature``) 0.45 (1.86), then 0.50 (1.98). Train
+(``--config.decode.drafter=ngram+feature``) 0.45 (1.86), then 0.50 (1.98). Train
 top-1 was still rising (0.59): more data and steps would help. On the
 earlier 51k-token data the draft overfit (train top-1 0.72, acceptance 0.26).
 Ablations there: no input norms 0.25 (the token embedding is ~15x smaller
@@ -27,7 +27,7 @@ trained head and learning rate 1e-3 for 300 steps 0.19.
   python -m specdec_jax.main --config=configs/feature_smollm2.py \
       --workdir=/tmp/feature_smollm2
   python -m specdec_jax.main --config=configs/smollm2.py --workdir=/tmp/bench \
-      --config.job=benchmark --config.drafter=feature \
+      --config.job=benchmark --config.decode.drafter=feature \
       --config.draft_checkpoint=/tmp/feature_smollm2
 
 A killed run resumes from its last checkpoint when rerun with the same flags.
@@ -49,8 +49,8 @@ from specdec_jax import config_defaults
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = config_defaults.config_from_file(
       os.path.join(os.path.dirname(__file__), "distill_smollm2.py"))
-  config.drafter = "feature"
-  config.train_steps = 600
+  config.decode.drafter = "feature"
+  config.distill.train_steps = 600
   config.draft = config_defaults.random_model(
       vocab_size=49152, num_layers=1, d_model=576, num_heads=9, num_kv_heads=3,
       head_dim=64, ffn_dim=1536, rope_theta=100000.0, tie_embeddings=False, init_seed=1)
@@ -75,8 +75,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.max_new_tokens = 64
     config.benchmark.repeats = 1
     config.sweep = ml_collections.ConfigDict()
-    config.sweep.drafter = ("ngram", "feature", "ngram+feature")
-    config.sweep.k = (2, 4)
+    config.sweep.decode = ml_collections.ConfigDict(dict(
+        drafter=("ngram", "feature", "ngram+feature"), k=(2, 4)))
   elif variant:
     raise ValueError(f"unknown variant {variant!r}; expected 'compare'")
   return config

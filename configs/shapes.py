@@ -8,7 +8,7 @@ variants use ``rule="synthetic"`` (each draft accepted with probability
   python -m specdec_jax.main --config=configs/shapes.py --workdir=/tmp/shapes \\
       --config.job=benchmark                                    # SmolLM2-135M, float32
   python -m specdec_jax.main --config=configs/shapes.py:llama3_8b_1b --workdir=/tmp/8b \\
-      --config.job=benchmark --config.synthetic_acceptance=0.8  # bf16, accelerator
+      --config.job=benchmark --config.decode.synthetic_acceptance=0.8  # bf16, accelerator
 
 Variants (parameter counts are tested against the published models'):
   smollm2        SmolLM2-135M target (30 layers, d=576, 9/3 heads, vocab
@@ -56,11 +56,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model = shaped_model(target, dtype, init_seed=0)
   config.draft = shaped_model(draft, dtype, init_seed=1)
   config.tokenizer = "byte"
-  config.drafter = "model"
-  config.rule = "synthetic"
-  config.synthetic_acceptance = 0.7
-  config.policy = "fixed"   # the auto policy would stop drafting a poor draft
-  config.k = 4
+  config.decode.drafter = "model"
+  config.decode.rule = "synthetic"
+  config.decode.synthetic_acceptance = 0.7
+  config.decode.policy = "fixed"   # the auto policy would stop drafting a poor draft
+  config.decode.k = 4
   config.max_prompt_len = 128
   config.max_new_tokens = 64
   config.prompt_texts = (

@@ -7,11 +7,11 @@ drafter can point at any checkpoint with the same tokenizer:
 
   python -m specdec_jax.main --config=configs/smollm2.py --workdir=/tmp/smol
   python -m specdec_jax.main --config=configs/smollm2.py --workdir=/tmp/smol \
-      --config.job=benchmark --config.k=4
+      --config.job=benchmark --config.decode.k=4
   python -m specdec_jax.main --config=configs/smollm2.py --workdir=/tmp/smol \
       --config.job=benchmark --config.prompts=rewrite,code
   python -m specdec_jax.main --config=configs/smollm2.py --workdir=/tmp/smol \
-      --config.drafter=model --config.draft_checkpoint=/tmp/distill
+      --config.decode.drafter=model --config.draft_checkpoint=/tmp/distill
 """
 
 import ml_collections
@@ -24,8 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.source = "smollm2"
   config.tokenizer = "model"
   config.chat = True
-  config.drafter = "ngram"
-  config.k = 4
+  config.decode.drafter = "ngram"
+  config.decode.k = 4
   config.max_prompt_len = 512
   config.max_new_tokens = 64
   config.batch_size = 1

@@ -23,21 +23,21 @@ def get_config(variant: str = "policies") -> ml_collections.ConfigDict:
   config = config_defaults.config_from_file(
       os.path.join(os.path.dirname(__file__), "smollm2.py"))
   config.job = "sweep"
-  config.k = 8
-  config.k_max = 8
-  config.budget = 4
-  config.tau = 0.5
+  config.decode.k = 8
+  config.decode.k_max = 8
+  config.decode.budget = 4
+  config.decode.tau = 0.5
   config.prompts = "rewrite,code,qa"
   config.max_prompts = 9
   config.benchmark.repeats = 1
   config.sweep = ml_collections.ConfigDict()
   if variant == "tau":
-    config.policy = "threshold"
-    config.drafter = "model"
-    config.sweep.tau = (0.1, 0.3, 0.5, 0.7, 0.9)
+    config.decode.policy = "threshold"
+    config.decode.drafter = "model"
+    config.sweep.decode = ml_collections.ConfigDict(dict(tau=(0.1, 0.3, 0.5, 0.7, 0.9)))
   elif variant == "policies":
-    config.sweep.policy = ("fixed", "threshold", "adaptive", "budget")
-    config.sweep.drafter = ("ngram", "model")
+    config.sweep.decode = ml_collections.ConfigDict(dict(
+        policy=("fixed", "threshold", "adaptive", "budget"), drafter=("ngram", "model")))
   else:
     raise ValueError(f"unknown variant {variant!r}; expected 'policies' or 'tau'")
   return config

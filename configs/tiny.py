@@ -2,7 +2,7 @@
 
   python -m specdec_jax.main --config=configs/tiny.py --workdir=/tmp/tiny
   python -m specdec_jax.main --config=configs/tiny.py --workdir=/tmp/tiny \
-      --config.job=benchmark --config.drafter=model --config.k=4
+      --config.job=benchmark --config.decode.drafter=model --config.decode.k=4
   python -m specdec_jax.main --config=configs/tiny.py:sweep --workdir=/tmp/tiny_sweep
 """
 
@@ -21,7 +21,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                                      num_heads=2, num_kv_heads=1, ffn_dim=64,
                                      init_seed=1)
   config.tokenizer = "byte"
-  config.drafter = "ngram"
+  config.decode.drafter = "ngram"
   config.max_prompt_len = 128
   config.max_new_tokens = 32
   config.prompts = "builtin"
@@ -33,8 +33,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   )
   if variant == "sweep":
     config.job = "sweep"
-    config.sweep.k = (1, 2, 4)
-    config.sweep.drafter = ("ngram", "model")
+    config.sweep.decode = ml_collections.ConfigDict(dict(k=(1, 2, 4), drafter=("ngram", "model")))
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of configs/tiny.py; expected 'sweep'")
   return config

@@ -21,15 +21,16 @@ def get_config() -> ml_collections.ConfigDict:
   config = config_defaults.config_from_file(
       os.path.join(os.path.dirname(__file__), "smollm2.py"))
   config.job = "sweep"
-  config.drafter = "ngram"
-  config.policy = "fixed"
+  config.decode.drafter = "ngram"
+  config.decode.policy = "fixed"
   config.prompts = "held_out"
   config.benchmark.repeats = 1
   shapes = []
   for width, topk in ((4, 2), (8, 3), (16, 4)):
     nodes = width - 1
-    shapes.append({"k": nodes, "tree_nodes": 0})
-    shapes.append({"k": (nodes + 1) // 2, "tree_nodes": nodes, "tree_topk": topk})
+    shapes.append({"decode.k": nodes, "decode.tree_nodes": 0})
+    shapes.append({"decode.k": (nodes + 1) // 2, "decode.tree_nodes": nodes,
+                   "decode.tree_topk": topk})
   config.sweep = ml_collections.ConfigDict()
   config.sweep.shape = tuple(shapes)
   return config

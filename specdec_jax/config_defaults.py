@@ -38,27 +38,40 @@ def base_config() -> ml_collections.ConfigDict:
   c.chat = False                # wrap prompts with the tokenizer's chat template
   c.cache_dir = ""              # converted-weights cache (default ~/.cache/specdec_jax)
 
-  c.drafter = "ngram"           # none | model | feature | ngram | ngram+model | ngram+feature
-  c.k = 4                       # draft length
-  c.k_max = 0                   # static draft slots; 0 means k
-  c.rule = "rejection"          # rejection | coupled | typical (temperature > 0) | synthetic
-  c.synthetic_acceptance = 0.7  # rule=synthetic (NOT exact, systems benchmarks): P(accept a draft)
-  # Numerics-matched mode: every target call, the plain baseline's too, runs at
-  # the verify width k_max + 1, so speculative greedy equals plain greedy bit for
-  # bit in bf16 (default: plain steps are 1 token wide; see decode.matched_verify_widths).
-  c.matched_numerics = False
-  c.typical_epsilon = 0.09
-  c.typical_alpha = 0.3
-  c.policy = "auto"             # auto (never at a loss) | fixed | threshold | adaptive | budget
-  c.tau = 0.5                   # threshold policy: stop below this draft confidence
-  c.budget = 8                  # budget policy: draft tokens per step for the batch
-  c.ngram_max_n = 3
-  c.ngram_min_n = 1
-  c.lookup_min_match = 2        # ngram+...: lookup drafts where >= this many tokens match
+  # Speculative decoding: what drafts, how many, how drafts are accepted.
+  c.decode = ml_collections.ConfigDict(dict(
+      drafter="ngram",          # none | model | feature | ngram | ngram+model | ngram+feature
+      k=4,                      # draft length
+      k_max=0,                  # static draft slots; 0 means k
+      rule="rejection",         # rejection | coupled | typical (temperature > 0) | synthetic
+      synthetic_acceptance=0.7,  # rule=synthetic (NOT exact, systems benchmarks): P(accept)
+      # Numerics-matched mode: every target call, the plain baseline's too, runs
+      # at the verify width k_max + 1, so speculative greedy equals plain greedy
+      # bit for bit in bf16 (default: plain steps are 1 token wide; see
+      # decode.matched_verify_widths).
+      matched_numerics=False,
+      typical_epsilon=0.09,
+      typical_alpha=0.3,
+      policy="auto",            # auto (never at a loss) | fixed | threshold | adaptive | budget
+      tau=0.5,                  # threshold policy: stop below this draft confidence
+      budget=8,                 # budget policy: draft tokens per step for the batch
+      ngram_max_n=3,
+      ngram_min_n=1,
+      lookup_min_match=2,       # ngram+...: lookup drafts where >= this many tokens match
+      # Draft trees (specdec_jax/tree.py): N nodes per row, depth <= k,
+      # tree_topk branches; 0 drafts chains. This version's trees come from
+      # drafter=ngram, verified greedily, by rejection or coupled, with
+      # policy=fixed.
+      tree_nodes=0,
+      tree_topk=2,
+  ))
+  # The target's sampling, for plain and speculative decoding alike.
+  c.sampling = ml_collections.ConfigDict(dict(
+      temperature=0.0,          # 0 = greedy
+      top_k=0,
+      top_p=1.0,
+  ))
 
-  c.temperature = 0.0           # 0 = greedy
-  c.top_k = 0
-  c.top_p = 1.0
   c.max_new_tokens = 32
   c.max_prompt_len = 256
   c.batch_size = 1
@@ -76,25 +89,20 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.benchmark = ml_collections.ConfigDict(dict(repeats=3, warmup=1, timing_iters=10,
                                                 timing_rounds=5))
-  # Draft trees (specdec_jax/tree.py): N nodes per row, depth <= k, tree_topk
-  # branches; 0 drafts chains. This version's trees come from drafter=ngram,
-  # verified greedily, by rejection or coupled, with policy=fixed.
-  c.tree_nodes = 0
-  c.tree_topk = 2
   c.fidelity = ml_collections.ConfigDict(dict(
       num_samples=20000, num_tokens=3, vocab_size=6, batch_size=2000, alpha=0.01,
       logit_scale=1.5, draft_noise=0.1,
       prompt=(0, 1, 2)))        # token ids < vocab_size; repeat n-grams for lookup drafts
   c.sweep = ml_collections.ConfigDict()
-  c.train_steps = 200           # job=distill: optimisation steps
   c.distill = distill_defaults()
   return c
 
 
 def distill_defaults() -> ml_collections.ConfigDict:
   """job=distill settings (see specdec_jax/jobs/distill.py); the draft's shape
-  is ``config.draft``, the number of steps ``config.train_steps``."""
+  is ``config.draft``."""
   return ml_collections.ConfigDict(dict(
+      train_steps=200,          # optimisation steps
       # data: on-policy samples of the target, cached in WORKDIR/data
       prompts="all",            # suite selection for the data | builtin | "" (none)
       samples_per_prompt=2,     # samples (seeds) per suite prompt
@@ -144,6 +152,43 @@ def distill_defaults() -> ml_collections.ConfigDict:
       eval_at_start=True,
       eval_with_lookup=True,    # also measure the draft behind n-gram lookup (ngram+...)
   ))
+
+
+# Fields that moved into a group (old flat name -> dotted name). The command
+# line still takes the flat flags, with a one-line note (``upgrade_flags``);
+# a config that sets a flat field is refused by name (``check_no_moved_fields``).
+MOVED_FIELDS = {
+    **{name: f"decode.{name}" for name in (
+        "drafter", "k", "k_max", "rule", "synthetic_acceptance", "matched_numerics",
+        "typical_epsilon", "typical_alpha", "policy", "tau", "budget", "ngram_max_n",
+        "ngram_min_n", "lookup_min_match", "tree_nodes", "tree_topk")},
+    **{name: f"sampling.{name}" for name in ("temperature", "top_k", "top_p")},
+    "train_steps": "distill.train_steps",
+}
+
+
+def upgrade_flags(argv: list[str], warn) -> list[str]:
+  """``--config.k=4`` -> ``--config.decode.k=4`` (and every MOVED_FIELDS
+  name, also under ``--config.sweep.``), calling ``warn(line)`` once per
+  flag rewritten."""
+  upgraded = []
+  for arg in argv:
+    for prefix in ("--config.sweep.", "--config."):
+      name, sep, value = arg[len(prefix):].partition("=")
+      if arg.startswith(prefix) and name in MOVED_FIELDS:
+        new = prefix + MOVED_FIELDS[name]
+        warn(f"note: {prefix}{name} is now {new} (the flat name is deprecated)")
+        arg = new + sep + value
+        break
+    upgraded.append(arg)
+  return upgraded
+
+
+def check_no_moved_fields(config: ml_collections.ConfigDict, where: str = "config") -> None:
+  """Raises ValueError naming the first field set under its old flat name."""
+  for name, path in MOVED_FIELDS.items():
+    if name in config:
+      raise ValueError(f"{where}.{name} is now {where}.{path}: set that field instead")
 
 
 def config_from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:

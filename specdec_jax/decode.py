@@ -282,6 +282,11 @@ def _accept(spec: DecodeSpec, proposal: Proposal, logits_BK1V, state, run):
     return n_B, x_B, (draft_BK == target_BK1[:, :draft_BK.shape[1]]).astype(jnp.float32)
   p_BK1V = sampling.warp(logits_BK1V, run.sampling, sampled=True)
   keys_B2, length_B = state.keys_B2, state.length_B
+  if draft_BK.shape[1] == 0:
+    # No draft slots (plain sampling, or a width-1 step): every exact rule
+    # reduces to the target's own sample, with no residual to build.
+    x_B = verify.target_samples(p_BK1V, keys_B2, length_B)[:, 0]
+    return jnp.zeros_like(num_B), x_B, jnp.zeros(draft_BK.shape, jnp.float32)
   if spec.rule == "rejection":
     n_B, x_B = verify.rejection_accept(draft_BK, proposal.q_BKV, p_BK1V, num_B, keys_B2, length_B)
   elif spec.rule == "coupled":

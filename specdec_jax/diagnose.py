@@ -242,42 +242,71 @@ class Diagnosis:
     return self.findings[0].bottleneck
 
 
-def diagnose(m: dict) -> Diagnosis:
-  """Explains what limits the speedup of one measured run.
+@dataclasses.dataclass(frozen=True)
+class Measurements:
+  """What one run measured; None where it was not measured (the checks that
+  need a missing value are skipped).
 
-  Args:
-    m: measurements; every key is optional and checks whose inputs are
-      missing are skipped:
-      acceptance_rate: per-token acceptance rate a (if absent, it is fitted
-        from mean_tokens_per_call and k);
-      k: draft length; cost_ratio_c: draft step / target step;
-      verify_cost_by_k: {k: verify cost ratio} (see module docstring);
-      host_overhead_fraction: wall time outside compiled calls / total;
-      compiles_after_warmup: number of compilations after warm-up;
-      outputs_identical: greedy speculative == greedy target (bool or None);
-      fidelity_passed: sampling fidelity test result (bool or None);
-      measured_speedup (or speedup): measured over plain decoding;
-      tokens_per_call (and baseline_tokens_per_call, default 1): measured
-        committed tokens per target call, pooled like the timings; when
-        given with k and c, the prediction is tokens_per_call /
-        baseline_tokens_per_call / (K c + verify_cost), which holds for
-        drafters that often propose fewer than K tokens (n-gram, threshold)
-        where the i.i.d. formula from a overestimates;
-      call_reduction: plain decoding's target calls per speculative target
-        call, as loop steps (a batch runs until its slowest row is done);
-        preferred over tokens_per_call when given;
-      prefill_fraction: share of plain decoding's model time spent in
-        prefill, which speculation does not shorten (default 0);
-      predicted_speedup: used only when a, k or c is missing; otherwise it
-        is recomputed including the measured verify cost, so that a slow
-        verify pass is not mistaken for host overhead.
+  acceptance_rate: per-token acceptance rate a (if None, fitted from
+    mean_tokens_per_call and k). k: draft length. cost_ratio_c: draft step /
+    target step. verify_cost_by_k: {k: verify cost ratio} (module docstring).
+  host_overhead_fraction: wall time outside compiled calls / total.
+  compiles_after_warmup: compilations after warm-up.
+  outputs_identical: greedy speculative == greedy target. fidelity_passed:
+    the sampling fidelity test's result. measured_speedup: over plain decoding.
+  tokens_per_call / baseline_tokens_per_call: committed tokens per target
+    call, pooled like the timings; with k and c the prediction is
+    tokens_per_call / baseline_tokens_per_call / (K c + verify_cost), which
+    holds for drafters that often propose fewer than K tokens (n-gram,
+    threshold) where the i.i.d. formula from a overestimates.
+  call_reduction: plain decoding's target calls per speculative target call,
+    as loop steps (a batch runs until its slowest row is done); preferred
+    over tokens_per_call when given.
+  prefill_fraction: share of plain decoding's model time spent in prefill,
+    which speculation does not shorten.
+  predicted_speedup: used only when a, k or c is missing; otherwise the
+    prediction is recomputed with the measured verify cost, so that a slow
+    verify pass is not mistaken for host overhead.
   """
+
+  acceptance_rate: float | None = None
+  mean_tokens_per_call: float | None = None
+  k: int | None = None
+  cost_ratio_c: float | None = None
+  verify_cost_by_k: dict | None = None
+  host_overhead_fraction: float | None = None
+  compiles_after_warmup: int | None = None
+  outputs_identical: bool | None = None
+  fidelity_passed: bool | None = None
+  measured_speedup: float | None = None
+  tokens_per_call: float | None = None
+  baseline_tokens_per_call: float = 1.0
+  call_reduction: float | None = None
+  prefill_fraction: float = 0.0
+  predicted_speedup: float | None = None
+
+  @classmethod
+  def from_summary(cls, summary: dict) -> "Measurements":
+    """The fields of a benchmark summary (``job=benchmark``'s summary.json)
+    that have these names; its ``speedup`` is the measured speedup. Other
+    keys are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {n: v for n, v in summary.items() if n in names and v is not None}
+    values.setdefault("measured_speedup", summary.get("speedup"))
+    return cls(**values)
+
+
+def diagnose(m: Measurements) -> Diagnosis:
+  """Explains what limits the speedup of one measured run."""
+  if not isinstance(m, Measurements):
+    raise TypeError(f"diagnose takes a Measurements (Measurements.from_summary for a "
+                    f"summary dict), got {type(m).__name__}")
   a, k, c = _measured_a_k_c(m)
-  costs = m.get("verify_cost_by_k") or None
+  costs = m.verify_cost_by_k or None
   slope = verify_slope(costs) if costs else None
   measured_verify = verify_cost_fn(costs) if costs else None
   predicted = _prediction(m, a, k, c, measured_verify)
-  measured = _get_float(m, "measured_speedup", _get_float(m, "speedup"))
+  measured = _float(m.measured_speedup)
 
   findings = _exactness_findings(m) + _recompilation_findings(m)
   if a is not None and c is not None:
@@ -287,7 +316,7 @@ def diagnose(m: dict) -> Diagnosis:
     findings += _acceptance_cost_findings(a, k, c, measured_verify if parallel else None)
   if slope is not None and slope > VERIFY_SLOPE_LIMIT:
     findings.append(_verification_finding(costs, slope))
-  findings += _host_findings(measured, predicted, _get_float(m, "host_overhead_fraction"))
+  findings += _host_findings(measured, predicted, _float(m.host_overhead_fraction))
 
   findings.sort(key=lambda f: BOTTLENECKS.index(f.bottleneck))
   best = best_k(a, c, K_MAX, measured_verify) if a is not None and c is not None else (None, None)
@@ -296,20 +325,18 @@ def diagnose(m: dict) -> Diagnosis:
   return Diagnosis(tuple(findings), best[0], best[1], a, k, c, predicted, measured)
 
 
-def _get_float(m: dict, key: str, default=None):
-  value = m.get(key)
-  return default if value is None else float(value)
+def _float(value):
+  return None if value is None else float(value)
 
 
-def _measured_a_k_c(m: dict) -> tuple:
+def _measured_a_k_c(m: Measurements) -> tuple:
   """Acceptance rate, K and c from the measurements (None where unknown)."""
-  k = m.get("k")
-  k = None if k is None else int(k)
-  c = _get_float(m, "cost_ratio_c")
+  k = None if m.k is None else int(m.k)
+  c = _float(m.cost_ratio_c)
   if c is not None and c < 0:
     raise ValueError(f"cost_ratio_c must be >= 0, got {c}")
-  a = _get_float(m, "acceptance_rate")
-  length = _get_float(m, "mean_tokens_per_call")
+  a = _float(m.acceptance_rate)
+  length = _float(m.mean_tokens_per_call)
   if a is None and length is not None and k:
     a = fit_acceptance(length, k)
   if a is not None:
@@ -317,33 +344,32 @@ def _measured_a_k_c(m: dict) -> tuple:
   return a, k, c
 
 
-def _prediction(m: dict, a, k, c, verify_fn) -> float | None:
+def _prediction(m: Measurements, a, k, c, verify_fn) -> float | None:
   """Predicted speedup at the run's K, with the measured verify cost if any."""
   verify_cost = 1.0 if verify_fn is None or k is None else verify_fn(k)
-  reduction = _get_float(m, "call_reduction")
-  tokens = _get_float(m, "tokens_per_call")
-  if reduction is None and tokens is not None:
-    reduction = tokens / _get_float(m, "baseline_tokens_per_call", 1.0)
+  reduction = _float(m.call_reduction)
+  if reduction is None and m.tokens_per_call is not None:
+    reduction = float(m.tokens_per_call) / float(m.baseline_tokens_per_call)
   if reduction is not None and k is not None and c is not None:
     decode_speedup = reduction / (k * c + verify_cost)
   elif a is None or k is None or c is None:
-    return _get_float(m, "predicted_speedup")
+    return _float(m.predicted_speedup)
   else:
     decode_speedup = predicted_speedup(a, k, c, verify_cost)
-  prefill = _get_float(m, "prefill_fraction", 0.0)
+  prefill = float(m.prefill_fraction)
   if not 0.0 <= prefill < 1.0:
     raise ValueError(f"prefill_fraction must be in [0, 1), got {prefill}")
   return 1.0 / (prefill + (1.0 - prefill) / decode_speedup)
 
 
-def _exactness_findings(m: dict) -> list:
+def _exactness_findings(m: Measurements) -> list:
   findings = []
-  if m.get("outputs_identical") is False:
+  if m.outputs_identical is False:
     findings.append(Finding("not_exact", "error", (
         "Greedy speculative output differs from plain greedy decoding of the target, so "
         "speed numbers mean nothing yet. Check that draft i is compared with the target "
         "logits at position length+i-1, and that the bonus token reaches the draft cache.")))
-  if m.get("fidelity_passed") is False:
+  if m.fidelity_passed is False:
     findings.append(Finding("not_exact", "error", (
         "The sampling fidelity test failed: outputs do not follow the target distribution. "
         "Check that p and q are warped by the same function in float32 and that q is the "
@@ -351,8 +377,8 @@ def _exactness_findings(m: dict) -> list:
   return findings
 
 
-def _recompilation_findings(m: dict) -> list:
-  compiles = m.get("compiles_after_warmup")
+def _recompilation_findings(m: Measurements) -> list:
+  compiles = m.compiles_after_warmup
   if not compiles:
     return []
   return [Finding("recompilation", "warning", (

@@ -2,7 +2,7 @@
 
   python -m specdec_jax.main --config=configs/tiny.py --workdir=/tmp/run \
       [--config.job=generate|benchmark|fidelity|sweep|trace|diagnose|distill] \
-      [--config.k=4 --config.drafter=ngram ...]
+      [--config.decode.k=4 --config.decode.drafter=ngram ...]
 
 Bad flags or config values exit non-zero with one line naming the problem.
 Library INFO logs (orbax, absl) are hidden unless ``--verbosity`` (or ``-v``)
@@ -63,7 +63,11 @@ def main(argv):
 
 
 def _parse_flags(argv):
-  """absl flag parsing with one-line errors (config_flags raises deep inside)."""
+  """absl flag parsing with one-line errors (config_flags raises deep inside).
+  Flat names of grouped fields (``--config.k``) still parse, with a note."""
+  from specdec_jax import config_defaults
+  argv = config_defaults.upgrade_flags(argv, lambda line: print(line, file=sys.stderr))
+  sys.argv = argv   # config_flags reads the overrides from sys.argv itself
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from specdec_jax import config_defaults
 from specdec_jax import decode
 from specdec_jax import phase_timing
 from specdec_jax import policies
@@ -33,20 +34,22 @@ MODEL_SOURCES = ("random", "gguf", "hf", "orbax", "smollm2")
 
 
 def effective_k_max(config) -> int:
-  if not drafters_lib.kind(config.drafter).speculative:
+  d = config.decode
+  if not drafters_lib.kind(d.drafter).speculative:
     return 0
-  return int(config.k_max) if config.k_max else int(config.k)
+  return int(d.k_max) if d.k_max else int(d.k)
 
 
 def validate_lookup(config: ml_collections.ConfigDict, hybrid: bool) -> None:
   """The n-gram lookup's fields (and ``lookup_min_match`` for ngram+...),
   checked by the drafters' own checks."""
+  d = config.decode
   try:
-    lookup = NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n)
+    lookup = NgramDrafter(max_n=d.ngram_max_n, min_n=d.ngram_min_n)
     if hybrid:
-      check_min_match(lookup, config.lookup_min_match)
+      check_min_match(lookup, d.lookup_min_match)
   except ValueError as e:
-    raise ValueError(f"config.{e}") from None
+    raise ValueError(f"config.decode.{e}") from None
 
 
 def check_job(job: str) -> None:
@@ -58,52 +61,48 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every field a job reads; raises ValueError naming the field.
   ``build`` runs it (the config boundary): jobs need not."""
   check_job(config.job)
-  try:
-    drafter = drafters_lib.kind(config.drafter)
+  config_defaults.check_no_moved_fields(config)
+  d = config.decode
+  try:   # these checks' messages start with the field's name
+    drafter = drafters_lib.kind(d.drafter)
+    verify.check_rule(d.rule)
+    if d.rule == "synthetic":
+      validate_synthetic_acceptance(d.synthetic_acceptance)
   except ValueError as e:
-    raise ValueError(f"config.{e}") from None
+    raise ValueError(f"config.decode.{e}") from None
   try:
-    verify.check_rule(config.rule)
+    policies.validate(d.policy, d.tau, d.budget)
   except ValueError as e:
-    raise ValueError(f"config.{e}") from None
-  if config.rule == "synthetic":
-    try:
-      validate_synthetic_acceptance(config.synthetic_acceptance)
-    except ValueError as e:
-      raise ValueError(f"config.{e}") from None
-  if not isinstance(config.matched_numerics, bool):
-    raise ValueError(f"config.matched_numerics={config.matched_numerics!r} must be True or False")
+    raise ValueError(f"config.decode: {e}") from None
+  if not isinstance(d.matched_numerics, bool):
+    raise ValueError(f"config.decode.matched_numerics={d.matched_numerics!r} must be True or False")
   if int(config.seed) != config.seed or not 0 <= config.seed < 2**32:
     raise ValueError(f"config.seed={config.seed} must be an int in [0, 2**32)")
-  if int(config.k) != config.k or config.k < 1:
-    raise ValueError(f"config.k={config.k} must be an int >= 1")
-  if config.k_max and config.k > config.k_max:
-    raise ValueError(f"config.k={config.k} is above config.k_max={config.k_max}")
+  if int(d.k) != d.k or d.k < 1:
+    raise ValueError(f"config.decode.k={d.k} must be an int >= 1")
+  if d.k_max and d.k > d.k_max:
+    raise ValueError(f"config.decode.k={d.k} is above config.decode.k_max={d.k_max}")
   for name in ("max_new_tokens", "max_prompt_len", "batch_size"):
     value = config[name]
     if int(value) != value or value < 1:
       raise ValueError(f"config.{name}={value} must be an int >= 1")
   try:
-    sampling.validate(config.temperature, config.top_k, config.top_p)
+    sampling.validate(config.sampling.temperature, config.sampling.top_k, config.sampling.top_p)
   except ValueError as e:
-    raise ValueError(f"config: {e}") from None
-  try:
-    policies.validate(config.policy, config.tau, config.budget)
-  except ValueError as e:
-    raise ValueError(f"config: {e}") from None
+    raise ValueError(f"config.sampling: {e}") from None
   if drafter.lookup:
     validate_lookup(config, hybrid=drafter.draft_model is not None)
-  if config.tree_nodes:
-    if config.matched_numerics:
-      raise ValueError("config.tree_nodes > 0 and matched_numerics=True do not combine")
-    if config.drafter != "ngram":
-      raise ValueError(f"config.tree_nodes={config.tree_nodes} needs config.drafter=ngram "
-                       f"(got {config.drafter!r}): the only drafter that builds trees here")
+  if d.tree_nodes:
+    if d.matched_numerics:
+      raise ValueError("config.decode.tree_nodes > 0 and matched_numerics=True do not combine")
+    if d.drafter != "ngram":
+      raise ValueError(f"config.decode.tree_nodes={d.tree_nodes} needs config.decode.drafter=ngram "
+                       f"(got {d.drafter!r}): the only drafter that builds trees here")
     try:
-      tree.check_setup(config.tree_nodes, config.tree_topk, effective_k_max(config),
-                       NgramDrafter(), config.rule, config.policy)
+      tree.check_setup(d.tree_nodes, d.tree_topk, effective_k_max(config), NgramDrafter(),
+                       d.rule, d.policy)
     except ValueError as e:
-      raise ValueError(f"config.{e}") from None
+      raise ValueError(f"config.decode.{e}") from None
   for name in ("model", "draft"):
     source = config[name].source
     if source not in MODEL_SOURCES:
@@ -213,16 +212,16 @@ class Runtime:
   def generator(self, *, baseline: bool = False, **overrides) -> Generator:
     """A Generator for the config (``baseline=True``: plain decoding, K=0;
     with ``matched_numerics`` both verify at the one width k_max + 1)."""
-    c = self.config
+    c, d = self.config, self.config.decode
     kwargs = dict(
-        k_max=0 if baseline else effective_k_max(c), rule=c.rule, policy=c.policy,
+        k_max=0 if baseline else effective_k_max(c), rule=d.rule, policy=d.policy,
         max_prompt_len=c.max_prompt_len, max_new_tokens=c.max_new_tokens,
         batch_size=c.batch_size, eos_ids=self.eos_ids,
-        typical_epsilon=c.typical_epsilon, typical_alpha=c.typical_alpha)
-    if c.matched_numerics:
+        typical_epsilon=d.typical_epsilon, typical_alpha=d.typical_alpha)
+    if d.matched_numerics:
       kwargs["verify_widths"] = decode.matched_verify_widths(effective_k_max(c))
-    if c.tree_nodes and not baseline:
-      kwargs.update(tree_nodes=int(c.tree_nodes), tree_topk=int(c.tree_topk))
+    if d.tree_nodes and not baseline:
+      kwargs.update(tree_nodes=int(d.tree_nodes), tree_topk=int(d.tree_topk))
     kwargs.update(overrides)
     drafter = None if kwargs["k_max"] == 0 else self.drafter
     if self.shardings is not None:
@@ -231,25 +230,24 @@ class Runtime:
 
   def run_kwargs(self, baseline: bool = False) -> dict:
     """Run-time settings from the config for Generator.generate."""
-    c = self.config
-    kwargs = dict(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                  tau=c.tau, budget=c.budget)
+    d = self.config.decode
+    kwargs = dict(**self.config.sampling, tau=d.tau, budget=d.budget)
     if not baseline and self.drafter is not None:
-      kwargs["k"] = c.k
-      if c.rule == "synthetic":
-        kwargs["synthetic_acceptance"] = c.synthetic_acceptance
+      kwargs["k"] = d.k
+      if d.rule == "synthetic":
+        kwargs["synthetic_acceptance"] = d.synthetic_acceptance
     return kwargs
 
   def measure_costs(self, generator: Generator, prompt_ids, log=None):
     """The costs the auto policy weighs (``phase_timing.measure_policy_costs``) on this
-    machine, for ``config.policy == "auto"``; None otherwise (and for plain
+    machine, for ``config.decode.policy == "auto"``; None otherwise (and for plain
     decoding). Costs one compile of each phase and a few timed calls."""
     c = self.config
-    if c.policy != "auto" or generator.k_max == 0:
+    if c.decode.policy != "auto" or generator.k_max == 0:
       return None
     costs = phase_timing.measure_policy_costs(
-        generator, self.target_params, self.draft_params, prompt_ids, k=c.k,
-        temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+        generator, self.target_params, self.draft_params, prompt_ids, k=c.decode.k,
+        **c.sampling)
     if jax.process_count() > 1:
       # every process times its own calls; the compiled loop needs one value
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -277,7 +275,7 @@ class Runtime:
 
 def build_drafter(config, target: Transformer, sharding_fn=None,
                   target_params=None, sharded: bool | None = None) -> tuple[Any, Any]:
-  """(drafter or None, draft params) for ``config.drafter``.
+  """(drafter or None, draft params) for ``config.decode.drafter``.
 
   ``model`` and ``feature`` read ``config.draft_checkpoint`` (a distill
   workdir) when set; its draft kind must match. Without one, ``model`` loads
@@ -286,12 +284,12 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
   embedding (tests, smoke runs), which needs ``target_params``.
   ``ngram+model`` / ``ngram+feature`` wrap that draft in a HybridDrafter.
   """
-  entry = drafters_lib.kind(config.drafter)
-  lookup = (NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n)
-            if entry.lookup else None)
+  d = config.decode
+  entry = drafters_lib.kind(d.drafter)
+  lookup = NgramDrafter(max_n=d.ngram_max_n, min_n=d.ngram_min_n) if entry.lookup else None
   kind = entry.draft_model
   if kind is None:
-    return drafters_lib.build(config.drafter, lookup=lookup), {}
+    return drafters_lib.build(d.drafter, lookup=lookup), {}
   if sharded is None:
     sharded = sharding_fn is not None
   loop = layer_loop(config.draft, sharded)
@@ -301,9 +299,9 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
         config.draft_checkpoint)
     stored = "feature" if isinstance(draft_model, FeatureDraft) else "model"
     if stored != kind:
-      suggestion = config.drafter.replace(kind, stored)
+      suggestion = d.drafter.replace(kind, stored)
       raise ValueError(f"config.draft_checkpoint={config.draft_checkpoint!r} holds a "
-                       f"{stored!r} draft; use --config.drafter={suggestion}")
+                       f"{stored!r} draft; use --config.decode.drafter={suggestion}")
   elif kind == "feature":
     draft_model, draft_params = _random_feature_draft(config, target, target_params)
   else:
@@ -316,8 +314,8 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
   draft_params = draft_model.prepare_params(draft_params)
   if isinstance(draft_model, FeatureDraft):
     check_compatible(draft_model.cfg, target.cfg)
-  drafter = drafters_lib.build(config.drafter, lookup=lookup, draft_model=draft_model,
-                               min_match=int(config.lookup_min_match))
+  drafter = drafters_lib.build(d.drafter, lookup=lookup, draft_model=draft_model,
+                               min_match=int(d.lookup_min_match))
   drafters_lib.check_vocabulary(drafter, target.cfg.vocab_size)
   return drafter, draft_params
 

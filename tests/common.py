@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from specdec_jax import config_defaults
 from specdec_jax.drafters import FeatureDrafter, HybridDrafter, ModelDrafter, NgramDrafter
 from specdec_jax.generation import Generator
 from specdec_jax.models.config import ModelConfig
@@ -158,13 +159,18 @@ def load_config(path: str, variant: str | None = None) -> ml_collections.ConfigD
 
 
 def tiny_config(variant: str = "", **changes) -> ml_collections.ConfigDict:
-  """configs/tiny.py with dotted overrides: ``tiny_config(**{"draft.vocab_size": 9})``."""
+  """configs/tiny.py with dotted overrides: ``tiny_config(**{"draft.vocab_size": 9})``.
+  A grouped field may be named on its own (``k=2`` sets ``decode.k``:
+  ``config_defaults.MOVED_FIELDS``); a name the config lacks is a KeyError."""
   config = load_config("configs/tiny.py", variant)
   for key, value in changes.items():
+    key = config_defaults.MOVED_FIELDS.get(key, key)
     node = config
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
+    if leaf not in node:
+      raise KeyError(f"tiny_config: the config has no field {key!r}")
     node[leaf] = value
   return config
 

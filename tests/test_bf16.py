@@ -132,7 +132,7 @@ def test_matched_mode_coupled_sampling_is_token_identical_in_bf16():
 
 
 def test_matched_numerics_from_the_config():
-  """``config.matched_numerics``: the baseline and the speculative Generator
+  """``config.decode.matched_numerics``: the baseline and the speculative Generator
   share the one verify width K + 1 (and so the cache length); bad values are
   refused before anything is built."""
   config = tiny_config(drafter="model", k=3, matched_numerics=True)
@@ -141,10 +141,10 @@ def test_matched_numerics_from_the_config():
   assert base.k_max == 0 and spec.k_max == 3
   assert base.verify_widths == spec.verify_widths == (4,)
   assert base.num_slots == spec.num_slots
-  rt.config.matched_numerics = False
+  rt.config.decode.matched_numerics = False
   assert rt.generator(baseline=True).verify_widths == (1,)
   bad = tiny_config()
   with bad.ignore_type():
-    bad.matched_numerics = 1
-  with pytest.raises(ValueError, match="config.matched_numerics"):
+    bad.decode.matched_numerics = 1
+  with pytest.raises(ValueError, match="config.decode.matched_numerics"):
     runtime.validate_config(bad)

@@ -324,8 +324,8 @@ def test_greedy_is_a_temperature_not_a_rule(params):
   with pytest.raises(ValueError, match="rule='greedy' is not a rule.*temperature=0"):
     Generator(TARGET, NgramDrafter(), k_max=2, rule="greedy", max_prompt_len=16)
   c = tiny_config()
-  c.rule = "greedy"
-  with pytest.raises(ValueError, match="config.rule='greedy' is not a rule"):
+  c.decode.rule = "greedy"
+  with pytest.raises(ValueError, match="config.decode.rule='greedy' is not a rule"):
     runtime.validate_config(c)
   assert compile_count.count("") == before
   plain = Generator(TARGET, max_prompt_len=16, max_new_tokens=4)

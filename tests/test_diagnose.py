@@ -1,5 +1,7 @@
 """Tests for the speedup model and the bottleneck report."""
 
+import dataclasses
+
 import pytest
 
 from specdec_jax import diagnose as dg
@@ -97,8 +99,8 @@ def _codes(d):
 def test_low_acceptance_when_acceptance_is_the_binding_limit():
   # a=0.1, c=0.5: a free drafter could reach only 1/(1-a) ~ 1.11x, a perfect
   # drafter at c=0.5 ~ 1.89x, so acceptance, not cost, is what to fix.
-  d = dg.diagnose({"acceptance_rate": 0.1, "k": 4, "cost_ratio_c": 0.5,
-                   "measured_speedup": 0.36})
+  d = dg.diagnose(dg.Measurements(acceptance_rate=0.1, k=4, cost_ratio_c=0.5,
+                                  measured_speedup=0.36))
   assert d.bottleneck == "low_acceptance"
   assert d.best_k == 0 and d.best_k_speedup == 1.0
   assert "1.11x" in d.findings[0].message and "0.73x" in d.findings[0].message
@@ -107,27 +109,27 @@ def test_low_acceptance_when_acceptance_is_the_binding_limit():
 def test_draft_too_expensive_when_cost_is_the_binding_limit():
   # a=0.5, c=0.6: free drafter ceiling 2.0x, perfect drafter ceiling
   # 17 / 10.6 = 1.60x at K=16, so cost binds; and a < c, so no K helps.
-  d = dg.diagnose({"acceptance_rate": 0.5, "k": 4, "cost_ratio_c": 0.6})
+  d = dg.diagnose(dg.Measurements(acceptance_rate=0.5, k=4, cost_ratio_c=0.6))
   assert d.bottleneck == "draft_too_expensive"
   assert d.best_k == 0
   # a=0.8, c=0.5: some gain, but at best 1.22x at K=2.
-  d = dg.diagnose({"acceptance_rate": 0.8, "k": 2, "cost_ratio_c": 0.5})
+  d = dg.diagnose(dg.Measurements(acceptance_rate=0.8, k=2, cost_ratio_c=0.5))
   assert d.bottleneck == "draft_too_expensive"
   assert d.best_k == 2
 
 
 def test_k_too_long_for_acceptance():
   # a=0.6, c=0.02: best K=6 (2.17x); K=16 predicts 2.5/1.32 = 1.89x (< 90%).
-  d = dg.diagnose({"acceptance_rate": 0.6, "k": 16, "cost_ratio_c": 0.02})
+  d = dg.diagnose(dg.Measurements(acceptance_rate=0.6, k=16, cost_ratio_c=0.02))
   assert d.bottleneck == "low_acceptance"
   assert f"set K={d.best_k}" in d.findings[0].message
   assert d.best_k < 16
 
 
 def test_verification_not_parallel():
-  d = dg.diagnose({"acceptance_rate": 0.9, "k": 4, "cost_ratio_c": 0.05,
-                   "verify_cost_by_k": {"1": 2.0, "2": 3.0, "4": 5.0, "8": 9.0},
-                   "measured_speedup": 0.76})
+  d = dg.diagnose(dg.Measurements(acceptance_rate=0.9, k=4, cost_ratio_c=0.05,
+                                  verify_cost_by_k={"1": 2.0, "2": 3.0, "4": 5.0, "8": 9.0},
+                                  measured_speedup=0.76))
   assert _codes(d) == ["verification_not_parallel"]
   assert "1.00" in d.findings[0].message
   # The prediction includes the measured verify cost, so the slow verify is
@@ -137,59 +139,73 @@ def test_verification_not_parallel():
 
 
 def test_parallel_verify_is_not_flagged():
-  d = dg.diagnose({"acceptance_rate": 0.9, "k": 4, "cost_ratio_c": 0.05,
-                   "verify_cost_by_k": {1: 1.02, 2: 1.05, 4: 1.1, 8: 1.3}})
+  d = dg.diagnose(dg.Measurements(acceptance_rate=0.9, k=4, cost_ratio_c=0.05,
+                                  verify_cost_by_k={1: 1.02, 2: 1.05, 4: 1.1, 8: 1.3}))
   assert d.bottleneck == "ok"
 
 
 def test_recompilation():
-  d = dg.diagnose({"acceptance_rate": 0.8, "k": 4, "cost_ratio_c": 0.05,
-                   "compiles_after_warmup": 37, "measured_speedup": 2.7})
+  d = dg.diagnose(dg.Measurements(acceptance_rate=0.8, k=4, cost_ratio_c=0.05,
+                                  compiles_after_warmup=37, measured_speedup=2.7))
   assert d.bottleneck == "recompilation"
   assert "37" in d.findings[0].message
 
 
 def test_not_exact_outranks_everything():
-  d = dg.diagnose({"outputs_identical": False, "compiles_after_warmup": 3,
-                   "fidelity_passed": False, "acceptance_rate": 0.1, "k": 4,
-                   "cost_ratio_c": 0.5})
+  d = dg.diagnose(dg.Measurements(outputs_identical=False, compiles_after_warmup=3,
+                                  fidelity_passed=False, acceptance_rate=0.1, k=4,
+                                  cost_ratio_c=0.5))
   assert _codes(d) == ["not_exact", "not_exact", "recompilation", "low_acceptance"]
   assert d.findings[0].severity == "error"
-  assert dg.diagnose({"outputs_identical": None, "fidelity_passed": True}).bottleneck == "ok"
+  healthy = dg.Measurements(outputs_identical=None, fidelity_passed=True)
+  assert dg.diagnose(healthy).bottleneck == "ok"
 
 
 def test_host_overhead_when_measured_far_below_predicted():
-  d = dg.diagnose({"acceptance_rate": 0.8, "k": 4, "cost_ratio_c": 0.05,
-                   "measured_speedup": 1.0})
+  d = dg.diagnose(dg.Measurements(acceptance_rate=0.8, k=4, cost_ratio_c=0.05,
+                                  measured_speedup=1.0))
   assert _codes(d) == ["host_overhead"]
   assert "2.80x" in d.findings[0].message and "36%" in d.findings[0].message
 
 
 def test_host_overhead_from_fraction_and_from_given_prediction():
-  d = dg.diagnose({"host_overhead_fraction": 0.45})
+  d = dg.diagnose(dg.Measurements(host_overhead_fraction=0.45))
   assert d.bottleneck == "host_overhead" and "45%" in d.findings[0].message
-  d = dg.diagnose({"speedup": 1.1, "predicted_speedup": 2.5})
+  d = dg.diagnose(dg.Measurements(measured_speedup=1.1, predicted_speedup=2.5))
   assert d.bottleneck == "host_overhead"
 
 
 def test_ok_with_healthy_run_and_fitted_acceptance():
-  d = dg.diagnose({"mean_tokens_per_call": dg.tokens_per_call(0.8, 8), "k": 8,
-                   "cost_ratio_c": 0.05, "measured_speedup": 3.0,
-                   "host_overhead_fraction": 0.05, "compiles_after_warmup": 0,
-                   "outputs_identical": True})
+  d = dg.diagnose(dg.Measurements(mean_tokens_per_call=dg.tokens_per_call(0.8, 8), k=8,
+                                  cost_ratio_c=0.05, measured_speedup=3.0,
+                                  host_overhead_fraction=0.05, compiles_after_warmup=0,
+                                  outputs_identical=True))
   assert _codes(d) == ["ok"]
   assert d.acceptance_rate == pytest.approx(0.8, abs=1e-6)
   assert d.best_k == 8
 
 
 def test_format_diagnosis():
-  d = dg.diagnose({"acceptance_rate": 0.1, "k": 4, "cost_ratio_c": 0.5,
-                   "compiles_after_warmup": 2})
+  d = dg.diagnose(dg.Measurements(acceptance_rate=0.1, k=4, cost_ratio_c=0.5,
+                                  compiles_after_warmup=2))
   text = dg.format_diagnosis(d)
   assert text.startswith("Bottleneck: recompilation")
   assert "low_acceptance" in text and "plain decoding" in text
   assert "measured=?x" in text
-  assert dg.format_diagnosis(dg.diagnose({})).startswith("Bottleneck: ok")
+  assert dg.format_diagnosis(dg.diagnose(dg.Measurements())).startswith("Bottleneck: ok")
+
+
+def test_measurements_from_a_benchmark_summary():
+  summary = {"speedup": 1.4, "k": 4, "cost_ratio_c": 0.1, "acceptance_rate": 0.6,
+             "baseline_tokens_per_call": None, "per_category": {}, "drafter": "ngram"}
+  m = dg.Measurements.from_summary(summary)
+  assert m == dg.Measurements(measured_speedup=1.4, k=4, cost_ratio_c=0.1,
+                              acceptance_rate=0.6)   # unknown keys dropped, None = default
+  assert dg.Measurements.from_summary({**summary, "measured_speedup": 2.0}).measured_speedup == 2.0
+  with pytest.raises(TypeError, match="Measurements.from_summary"):
+    dg.diagnose(summary)
+  with pytest.raises(TypeError):
+    dg.Measurements(speedup=1.4)   # a typo'd or aliased name is an error, not a skipped check
 
 
 def test_prediction_uses_measured_tokens_per_call():
@@ -197,35 +213,36 @@ def test_prediction_uses_measured_tokens_per_call():
   # steps propose nothing, so pooled tokens per call is 1.27, far below the
   # i.i.d. 1 + a + ... + a^4 = 1.94. Measured 1.0x is then what the model
   # time predicts (1.27 / (4 * 0.01 + 1.29) = 0.955x), not host overhead.
-  m = {"acceptance_rate": 0.5, "k": 4, "cost_ratio_c": 0.01,
-       "verify_cost_by_k": {"4": 1.29}, "measured_speedup": 0.9}
+  m = dg.Measurements(acceptance_rate=0.5, k=4, cost_ratio_c=0.01,
+                      verify_cost_by_k={"4": 1.29}, measured_speedup=0.9)
   assert "host_overhead" in _codes(dg.diagnose(m))
-  d = dg.diagnose({**m, "tokens_per_call": 1.27, "baseline_tokens_per_call": 1.0})
+  d = dg.diagnose(dataclasses.replace(m, tokens_per_call=1.27, baseline_tokens_per_call=1.0))
   assert "host_overhead" not in _codes(d)
   assert d.predicted_speedup == pytest.approx(1.27 / (0.04 + 1.29))
   # baseline_tokens_per_call scales the prediction (e.g. prefill counted).
-  d = dg.diagnose({**m, "tokens_per_call": 1.27, "baseline_tokens_per_call": 1.27 / 2})
+  d = dg.diagnose(dataclasses.replace(m, tokens_per_call=1.27,
+                                      baseline_tokens_per_call=1.27 / 2))
   assert d.predicted_speedup == pytest.approx(2 / 1.33)
 
 
 def test_prefill_share_limits_the_prediction():
-  m = {"acceptance_rate": 0.8, "k": 4, "cost_ratio_c": 0.05}
+  m = dg.Measurements(acceptance_rate=0.8, k=4, cost_ratio_c=0.05)
   decode_only = dg.diagnose(m).predicted_speedup
   assert decode_only == pytest.approx(dg.tokens_per_call(0.8, 4) / 1.2)
   # Amdahl: a quarter of plain decoding's time is prefill, which stays.
-  d = dg.diagnose({**m, "prefill_fraction": 0.25})
+  d = dg.diagnose(dataclasses.replace(m, prefill_fraction=0.25))
   assert d.predicted_speedup == pytest.approx(1 / (0.25 + 0.75 / decode_only))
   with pytest.raises(ValueError, match="prefill_fraction"):
-    dg.diagnose({**m, "prefill_fraction": 1.0})
+    dg.diagnose(dataclasses.replace(m, prefill_fraction=1.0))
 
 
 def test_call_reduction_outranks_pooled_tokens_per_call():
   # Batch 8: rows average 2.5 tokens per call, but each batch runs until its
   # slowest row is done, so loop steps fall only 1.6x.
-  m = {"k": 4, "cost_ratio_c": 0.0, "verify_cost_by_k": {"4": 1.6},
-       "tokens_per_call": 2.5, "call_reduction": 1.6}
+  m = dg.Measurements(k=4, cost_ratio_c=0.0, verify_cost_by_k={"4": 1.6},
+                      tokens_per_call=2.5, call_reduction=1.6)
   assert dg.diagnose(m).predicted_speedup == pytest.approx(1.0)
-  del m["call_reduction"]
+  m = dataclasses.replace(m, call_reduction=None)
   assert dg.diagnose(m).predicted_speedup == pytest.approx(2.5 / 1.6)
 
 

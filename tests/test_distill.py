@@ -34,7 +34,7 @@ def _config(**distill):
   c = config_defaults.config_from_file(os.path.join(REPO, "configs", "tiny.py"))
   c.job = "distill"
   c.max_prompt_len = 128
-  c.train_steps = 8
+  c.distill.train_steps = 8
   d = c.distill
   d.prompts = "builtin"
   d.samples_per_prompt = 4
@@ -213,7 +213,7 @@ def trained(tmp_path_factory, prepared):
                    prompt_loss_weight=1.0, warmup_steps=5, log_every=10, checkpoint_every=30)
   for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "ffn_dim"):
     config.draft[name] = config.model[name]
-  config.train_steps = 60
+  config.distill.train_steps = 60
   summary = distill_job.run_distill(config, workdir, log=_quiet)
   return config, workdir, summary
 
@@ -257,7 +257,7 @@ def test_restore_latest_draft_builds_the_trained_restricted_drafter(trained):
   assert isinstance(model, Transformer) and cfg.head_size == 128 and params["lm_head"]["kernel"].shape == (cfg.d_model, 128)
   ids = np.asarray(params["lm_head"]["token_ids"])
   assert len(set(ids.tolist())) == 128 and 257 in ids     # the byte tokenizer's EOS
-  config.drafter = "model"
+  config.decode.drafter = "model"
   config.draft_checkpoint = workdir
   rt = runtime.build(config)
   assert isinstance(rt.drafter, ModelDrafter) and rt.drafter.model.cfg == cfg
@@ -279,7 +279,7 @@ def test_feature_draft_job_raises_acceptance_and_drafts_exactly(tmp_path, prepar
   for name in ("d_model", "num_heads", "num_kv_heads", "ffn_dim"):
     config.draft[name] = config.model[name]
   config.draft.num_layers = 1
-  config.train_steps = 60
+  config.distill.train_steps = 60
   summary = distill_job.run_distill(config, workdir, log=_quiet)
   assert summary["draft_kind"] == "feature"
   evals, history = summary["evals"], _history(workdir)
@@ -287,13 +287,13 @@ def test_feature_draft_job_raises_acceptance_and_drafts_exactly(tmp_path, prepar
   assert history[-1]["feature_l1"] < history[0]["feature_l1"]
   assert evals[-1]["acceptance_rate"] > evals[0]["acceptance_rate"] + 0.05
 
-  config.drafter = "feature"
+  config.decode.drafter = "feature"
   config.draft_checkpoint = workdir
   rt = runtime.build(config)
   assert isinstance(rt.drafter, FeatureDrafter)
   _assert_exact_with_the_jobs_acceptance(config, rt, summary)
   # a feature checkpoint is not a plain model draft
-  config.drafter = "model"
+  config.decode.drafter = "model"
   with pytest.raises(ValueError, match="drafter=feature"):
     runtime.build(config)
   # the features came with the copied data (the model draft's): nothing was remade
@@ -342,7 +342,7 @@ def test_interrupted_run_resumes_to_the_same_params(tmp_path, prepared, kind):
   config, rt, examples, _ = prepared
   config = _config(head_size=64, checkpoint_every=3, keep_checkpoints=2, draft_kind=kind,
                    unroll=2)
-  config.train_steps = 8
+  config.distill.train_steps = 8
   draft_cfg, data, init_fn, _ = _train_setup(config, rt, examples, head_size=64)
 
   def run(workdir, on_checkpoint=None):
@@ -463,12 +463,12 @@ def test_bad_distill_settings_are_refused(tmp_path):
   with pytest.raises(ValueError, match="distill.loss"):
     distill_job.run_distill(_config(loss="mse"), str(tmp_path), log=_quiet)
   config = _config()
-  config.train_steps = 0
+  config.distill.train_steps = 0
   with pytest.raises(ValueError, match="train_steps"):
     distill_job.run_distill(config, str(tmp_path), log=_quiet)
   # The held-out eval's ngram+<draft> settings are checked before any data is made.
   config = _config()
-  config.lookup_min_match = config.ngram_max_n + 1
+  config.decode.lookup_min_match = config.decode.ngram_max_n + 1
   with pytest.raises(ValueError, match="lookup_min_match"):
     distill_job.run_distill(config, str(tmp_path), log=_quiet)
   assert not os.path.exists(os.path.join(tmp_path, "data"))
@@ -492,7 +492,7 @@ def checkpointed(tmp_path_factory, prepared):
   """A workdir with a 2-step checkpoint of a restricted-head draft."""
   _, rt, examples, _ = prepared
   config = _config(head_size=64, checkpoint_every=2)
-  config.train_steps = 2
+  config.distill.train_steps = 2
   draft_cfg, data, init_fn, _ = _train_setup(config, rt, examples, head_size=64)
   workdir = str(tmp_path_factory.mktemp("checkpointed"))
   result = train_lib.run_training(config, draft_cfg, init_fn, data, workdir, "fp", log=_quiet)

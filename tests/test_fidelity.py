@@ -31,7 +31,7 @@ K = 2
 
 def tiny_config(**changes):
   config = _tiny_config(job="fidelity", k=K, **{"fidelity.num_samples": MIN_SAMPLES}, **changes)
-  assert config.k < config.fidelity.num_tokens   # the bonus token is sampled
+  assert config.decode.k < config.fidelity.num_tokens   # the bonus token is sampled
   return config
 
 
@@ -64,7 +64,8 @@ def share_generators(monkeypatch):
 
   def generator(self, **overrides):
     c = self.config
-    key = (c.drafter, c.rule, c.policy, c.k, c.k_max, c.batch_size, c.max_prompt_len,
+    d = c.decode
+    key = (d.drafter, d.rule, d.policy, d.k, d.k_max, c.batch_size, c.max_prompt_len,
            c.max_new_tokens, self.target.cfg, self.drafter, tuple(sorted(overrides.items())))
     if key not in _SHARED_GENERATORS:
       _SHARED_GENERATORS[key] = original_generator(self, **overrides)

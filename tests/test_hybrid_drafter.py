@@ -208,8 +208,9 @@ def test_rejection_hybrid_preserves_distribution():
   draft model (a perturbed copy of the target) drafts elsewhere."""
   c = load_config("configs/tiny.py")
   c.job = "fidelity"
-  c.drafter, c.rule, c.temperature, c.top_p = "ngram+model", "rejection", 0.7, 0.9
-  c.lookup_min_match, c.k = 1, 2
+  c.decode.drafter, c.decode.rule = "ngram+model", "rejection"
+  c.sampling.temperature, c.sampling.top_p = 0.7, 0.9
+  c.decode.lookup_min_match, c.decode.k = 1, 2
   c.fidelity.num_samples = 10_000   # as tests/test_fidelity.py
   stats = run_fidelity(c, log=lambda *_: None)
   assert stats["impossible_samples"] == 0
@@ -221,11 +222,11 @@ def test_rejection_hybrid_preserves_distribution():
 
 def test_config_checks():
   c = load_config("configs/tiny.py")
-  c.drafter = "ngram+model"
-  c.lookup_min_match = 4      # above ngram_max_n=3
+  c.decode.drafter = "ngram+model"
+  c.decode.lookup_min_match = 4      # above ngram_max_n=3
   with pytest.raises(ValueError, match="lookup_min_match=4"):
     runtime.validate_config(c)
-  c.lookup_min_match = 2
+  c.decode.lookup_min_match = 2
   runtime.validate_config(c)
   drafter, _ = runtime.build_drafter(c, TARGET)
   assert isinstance(drafter, HybridDrafter) and drafter.name == "ngram+model"

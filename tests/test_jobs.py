@@ -24,10 +24,10 @@ TIMEOUT_S = 600
 TINY = f"--config={REPO_ROOT / 'configs' / 'tiny.py'}"
 
 BAD_CONFIGS = {
-    "k0": (["--config.k=0"], "k"),
-    "rule": (["--config.rule=bogus"], "rule"),
-    "temperature": (["--config.temperature=-1"], "temperature"),
-    "top_p": (["--config.top_p=1.5"], "top_p"),
+    "k0": (["--config.decode.k=0"], "k"),
+    "rule": (["--config.decode.rule=bogus"], "rule"),
+    "temperature": (["--config.sampling.temperature=-1"], "temperature"),
+    "top_p": (["--config.sampling.top_p=1.5"], "top_p"),
     "unknown_field": (["--config.bogus_field=1"], "bogus_field"),
     "unknown_nested_field": (["--config.model.bogus_field=1"], "bogus_field"),
 }
@@ -99,7 +99,7 @@ def test_generate(tmp_path):
 @pytest.mark.parametrize("drafter", ["ngram", "model"])
 def test_benchmark(tmp_path, capsys, drafter):
   rc, out, err = run_cli([TINY, f"--workdir={tmp_path}", "--config.job=benchmark",
-                          f"--config.drafter={drafter}", *BENCH_QUICK], capsys)
+                          f"--config.decode.drafter={drafter}", *BENCH_QUICK], capsys)
   assert rc == 0, err[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
   records = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -174,7 +174,7 @@ def test_phase_costs_time_the_loops_own_phases():
 @pytest.mark.slow
 def test_diagnose_job(tmp_path, capsys):
   rc, out, err = run_cli([TINY, f"--workdir={tmp_path}", "--config.job=diagnose",
-                          "--config.drafter=ngram", *BENCH_QUICK], capsys)
+                          "--config.decode.drafter=ngram", *BENCH_QUICK], capsys)
   assert rc == 0, err[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["job"] == "diagnose" and summary["outputs_identical"] is True
@@ -194,7 +194,7 @@ def test_smollm2_config_from_the_command_line(tmp_path, smollm2_scan, smollm2_ca
   the tiny models, and here it would compile three more 30-layer programs.)"""
   job = Job([f"--config={REPO_ROOT / 'configs' / 'smollm2.py'}",
              f"--config.cache_dir={smollm2_cache_dir}", "--config.max_new_tokens=12",
-             "--config.max_prompts=2", "--config.policy=fixed"], str(tmp_path), real_model=True)
+             "--config.max_prompts=2", "--config.decode.policy=fixed"], str(tmp_path), real_model=True)
   rc, out, err = job.result()
   assert rc == 0, err[-3000:]
   records = job.read_jsonl("results.jsonl")

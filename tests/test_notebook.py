@@ -59,4 +59,4 @@ def test_notebook_code_cells_run_on_cpu(tmp_path):
   assert (tmp_path / "generate" / "results.jsonl").exists()
   assert (tmp_path / "sweep" / "notebook_sweep.png").exists()
   with open(tmp_path / "sweep" / "results.jsonl") as f:
-    assert sorted(json.loads(line)["point"]["k"] for line in f) == [1, 4]
+    assert sorted(json.loads(line)["point"]["decode.k"] for line in f) == [1, 4]

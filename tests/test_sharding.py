@@ -363,7 +363,7 @@ def test_loaders_put_params_straight_into_their_shards(report):
 
 def _main(workdir, *flags, devices=8, env=None, timeout=300):
   cmd = [sys.executable, "-m", "specdec_jax.main", "--config=configs/tiny.py",
-         f"--workdir={workdir}", "--config.batch_size=4", "--config.drafter=model",
+         f"--workdir={workdir}", "--config.batch_size=4", "--config.decode.drafter=model",
          "--config.sharding_rules=batch=data,heads=model,kv_heads=model,mlp=model", *flags]
   full_env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
                   XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
@@ -391,8 +391,8 @@ def test_generate_job_sharded_and_multihost_match_single_device(tmp_path):
   references run a fixed K (greedy: the same tokens under any policy); the
   multi-host run takes the default auto policy, whose cost measurement reads
   arrays that span both processes and must agree across them."""
-  single = _main(tmp_path / "single", "--config.policy=fixed", devices=1)
-  sharded = _main(tmp_path / "sharded", "--config.mesh=data=4,model=2", "--config.policy=fixed")
+  single = _main(tmp_path / "single", "--config.decode.policy=fixed", devices=1)
+  sharded = _main(tmp_path / "sharded", "--config.mesh=data=4,model=2", "--config.decode.policy=fixed")
   for proc in (single, sharded):   # side by side
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode == 0, err[-3000:]

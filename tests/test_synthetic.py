@@ -84,9 +84,9 @@ def test_bad_acceptance_is_refused(synthetic_setup, value):
 
 def test_bad_acceptance_in_the_config_is_a_one_line_error(tmp_path, capsys):
   rc, _, err = run_cli(["--config=configs/tiny.py", f"--workdir={tmp_path}",
-                        "--config.rule=synthetic", "--config.synthetic_acceptance=1.2"], capsys)
+                        "--config.decode.rule=synthetic", "--config.decode.synthetic_acceptance=1.2"], capsys)
   assert rc == 2, err
-  assert "config.synthetic_acceptance=1.2 must be a number in [0, 1]" in err
+  assert "config.decode.synthetic_acceptance=1.2 must be a number in [0, 1]" in err
   assert len(err.strip().splitlines()) == 1, err
 
 
@@ -103,7 +103,7 @@ PUBLISHED = {"SmolLM2-135M": 134_515_008, "Llama-3.2-1B": 1_235_814_400,
 def test_shape_configs_have_the_published_parameter_counts(variant, target, draft):
   config = load_config("configs/shapes.py", variant)
   runtime.validate_config(config)
-  assert config.rule == "synthetic"
+  assert config.decode.rule == "synthetic"
 
   def count(model_config):
     shapes = Transformer(runtime.random_model_config(model_config)).expected_params_shapes()

@@ -149,8 +149,8 @@ def test_bad_tree_settings_are_refused_before_compiling(change, match):
 
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(tree_nodes=2, k=4, policy="fixed"), "config.tree_nodes=2 is below k=4"),
-    (dict(tree_nodes=8, drafter="model", policy="fixed"), "needs config.drafter=ngram"),
+    (dict(tree_nodes=2, k=4, policy="fixed"), "config.decode.tree_nodes=2 is below k=4"),
+    (dict(tree_nodes=8, drafter="model", policy="fixed"), "needs config.decode.drafter=ngram"),
     (dict(tree_nodes=8, policy="auto"), "policy=fixed"),
 ])
 def test_bad_tree_config_is_one_line_error(changes, match):

@@ -10,7 +10,7 @@ Layout: ``WORKDIR/checkpoints/<step>/`` with three items:
 
 Orbax writes each step into a temporary folder and renames it when complete,
 so a run killed mid-save leaves the previous checkpoint as the latest one.
-``restore_latest_draft`` is what ``--config.drafter=model`` (or ``feature``)
+``restore_latest_draft`` is what ``--config.decode.drafter=model`` (or ``feature``)
 ``--config.draft_checkpoint=WORKDIR`` uses.
 """
 

@@ -202,7 +202,7 @@ def run_training(config, draft_cfg: ModelConfig, init_fn: Callable[[], dict],
                  evaluate: Callable[[dict], dict] | None = None,
                  on_checkpoint: Callable[[int], None] | None = None,
                  history_file: str | None = None) -> TrainResult:
-  """Trains ``config.train_steps`` steps, resuming from WORKDIR/checkpoints.
+  """Trains ``config.distill.train_steps`` steps, resuming from WORKDIR/checkpoints.
 
   Args:
     init_fn: () -> initial full draft params (only called on a fresh run).
@@ -218,7 +218,7 @@ def run_training(config, draft_cfg: ModelConfig, init_fn: Callable[[], dict],
       seed, or are damaged.
   """
   d = config.distill
-  total = int(config.train_steps)
+  total = int(config.distill.train_steps)
   model = checkpoints.draft_model(d.draft_kind, draft_cfg)
   optimizer, train_step = cached_train_step(
       model, OptimizerSettings.from_config(d), total, d.loss, float(d.feature_loss_weight),

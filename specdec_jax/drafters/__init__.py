@@ -1,5 +1,5 @@
 """Draft sources behind one interface (``base.Drafter``), built from one
-registry: ``KINDS`` says what each ``config.drafter`` name runs, ``build``
+registry: ``KINDS`` says what each ``config.decode.drafter`` name runs, ``build``
 makes it."""
 
 import dataclasses
@@ -14,7 +14,7 @@ from specdec_jax.models.feature_draft import FeatureDraft
 
 @dataclasses.dataclass(frozen=True)
 class DrafterKind:
-  """What a ``config.drafter`` name runs.
+  """What a ``config.decode.drafter`` name runs.
 
   lookup: prompt lookup (``NgramDrafter``), alone or in front of a draft model.
   draft_model: "model" (a Transformer), "feature" (a FeatureDraft) or None.

@@ -57,7 +57,7 @@ def _phase_costs(config, rt, base_gen, spec_gen, probe, base_kwargs, spec_kwargs
 def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   """Runs the measurement; returns (summary, per-prompt records)."""
   if rt.drafter is None:
-    raise ValueError("config.job=benchmark needs a drafter (config.drafter=ngram or model)")
+    raise ValueError("config.job=benchmark needs a drafter (config.decode.drafter=ngram or model)")
   prompts = runtime.load_prompt_list(config)
   prompt_ids = [rt.encode_prompt(p) for p in prompts]
   categories = [generate_job.prompt_record(p)[1] for p in prompts]
@@ -65,9 +65,9 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   base_gen = rt.generator(baseline=True)
   spec_gen = rt.generator()
   base_kwargs, spec_kwargs = rt.run_kwargs(baseline=True), rt.run_kwargs()
-  spec_gen.validate(prompt_ids, [config.max_new_tokens] * len(prompts), config.k,
-                    config.temperature, config.top_k, config.top_p, seeds,
-                    config.tau, config.budget)
+  d, s = config.decode, config.sampling
+  spec_gen.validate(prompt_ids, [config.max_new_tokens] * len(prompts), d.k, s.temperature,
+                    s.top_k, s.top_p, seeds, d.tau, d.budget)
 
   groups = collections.OrderedDict()
   for i, category in enumerate(categories):
@@ -84,9 +84,9 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
       "memory bandwidth")
   base_costs, spec_costs, bandwidth = _phase_costs(
       config, rt, base_gen, spec_gen, [prompt_ids[0]], base_kwargs, spec_kwargs)
-  if config.policy == "auto":
+  if config.decode.policy == "auto":
     spec_kwargs = dict(spec_kwargs, costs=phase_timing.policy_costs(
-        spec_costs, spec_gen.verify_widths, config.k))
+        spec_costs, spec_gen.verify_widths, config.decode.k))
   compiles_warm = compile_count.loop_compiles()
 
   times = {c: {"baseline": [], "speculative": []} for c in groups}
@@ -109,14 +109,14 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   compiles_after_warmup = compile_count.loop_compiles() - compiles_warm
 
   target_step_s = base_costs.verify_s
-  cost_ratio_c = spec_costs.draft_s / (config.k * target_step_s)
+  cost_ratio_c = spec_costs.draft_s / (config.decode.k * target_step_s)
   verify_cost = spec_costs.verify_s / target_step_s
   verify_cost_by_width = {str(w): v / target_step_s
                           for w, v in spec_costs.verify_s_by_width.items()}
   ordered_base = [base_rows[i] for i in range(len(prompts))]
   ordered_spec = [spec_rows[i] for i in range(len(prompts))]
-  greedy = config.temperature == 0
-  comparable = verify.token_identical(config.rule, greedy)
+  greedy = config.sampling.temperature == 0
+  comparable = verify.token_identical(config.decode.rule, greedy)
   identical = [b.output_ids == s.output_ids for b, s in zip(ordered_base, ordered_spec)]
   k_slots = spec_gen.k_max
   acc = metrics.acceptance_summary(ordered_spec, k_slots)
@@ -169,15 +169,15 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
   roofline_step_s = step_bytes / bandwidth
   roofline_tokens_per_s = config.batch_size / roofline_step_s
   summary = {
-      "job": "benchmark", "drafter": config.drafter, "rule": config.rule,
-      "exact_rule": verify.is_exact(config.rule, config.temperature == 0),
-      "synthetic_acceptance": (config.synthetic_acceptance if config.rule == "synthetic"
-                               else None),
-      "matched_numerics": config.matched_numerics,
-      "tree_nodes": int(config.tree_nodes), "tree_topk": int(config.tree_topk),
+      "job": "benchmark", "drafter": config.decode.drafter, "rule": config.decode.rule,
+      "exact_rule": verify.is_exact(config.decode.rule, config.sampling.temperature == 0),
+      "synthetic_acceptance": (config.decode.synthetic_acceptance
+                               if config.decode.rule == "synthetic" else None),
+      "matched_numerics": config.decode.matched_numerics,
+      "tree_nodes": int(config.decode.tree_nodes), "tree_topk": int(config.decode.tree_topk),
       "verify_width": spec_gen.verify_widths[-1],
-      "policy": config.policy, "k": config.k, "k_max": k_slots,
-      "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
+      "policy": config.decode.policy, "k": config.decode.k, "k_max": k_slots,
+      **config.sampling,
       "batch_size": config.batch_size, "num_prompts": len(prompts),
       "max_new_tokens": config.max_new_tokens, "repeats": config.benchmark.repeats,
       "speedup": base_total / spec_total,
@@ -193,7 +193,7 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
       "call_reduction": base_steps / max(spec_steps, 1),
       "tokens_per_call": tokens_per_call,
       "baseline_tokens_per_call": baseline_tokens_per_call,
-      "verify_cost_by_k": {str(config.k): verify_cost},
+      "verify_cost_by_k": {str(config.decode.k): verify_cost},
       "verify_cost_by_width": verify_cost_by_width,
       "loop_steps_by_width": {str(w): n for w, n in counts.steps_by_width.items()},
       "model_predicted_speedup": model_prediction,
@@ -206,7 +206,8 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
       "roofline_fraction_speculative": (tokens(ordered_spec) / spec_total) / roofline_tokens_per_s,
       # Leviathan et al.'s i.i.d. model from the per-token acceptance rate;
       # it overestimates drafters that often propose fewer than K tokens.
-      "predicted_speedup_iid": diagnose.predicted_speedup(a, config.k, cost_ratio_c, verify_cost),
+      "predicted_speedup_iid": diagnose.predicted_speedup(a, config.decode.k, cost_ratio_c,
+                                                          verify_cost),
       "host_overhead_fraction": max(0.0, 1.0 - model_time / spec_total),
       "outputs_identical": all(identical) if comparable else None,
       "num_outputs_different": (len(identical) - sum(identical)) if comparable else None,
@@ -215,7 +216,7 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
       "per_category": per_category,
       **acc,
   }
-  diagnosis = diagnose.diagnose(summary)
+  diagnosis = diagnosis_of(summary)
   # From the measured call reduction, c, verify cost and prefill share: the
   # gap to the measured speedup is time outside the models.
   summary["predicted_speedup"] = diagnosis.predicted_speedup
@@ -300,6 +301,11 @@ def format_table(summary: dict) -> str:
   return "\n".join(lines)
 
 
+def diagnosis_of(summary: dict) -> diagnose.Diagnosis:
+  """The diagnosis of a benchmark summary (or of one extended by job=diagnose)."""
+  return diagnose.diagnose(diagnose.Measurements.from_summary(summary))
+
+
 def run(config, workdir: str, log=print) -> dict:
   workdir = io.prepare_workdir(workdir)
   rt = runtime.build(config)
@@ -311,5 +317,5 @@ def run(config, workdir: str, log=print) -> dict:
     io.append_jsonl(results_path, record)
   io.write_json(os.path.join(workdir, "summary.json"), summary)
   log(format_table(summary))
-  log(diagnose.format_diagnosis(diagnose.diagnose(summary)))
+  log(diagnose.format_diagnosis(diagnosis_of(summary)))
   return summary

@@ -33,10 +33,10 @@ def run(config, workdir: str, log=print) -> dict:
   summary, _ = benchmark.run_benchmark(config, rt, log=log)
   log(benchmark.format_table(summary))
   prompt_ids = [rt.encode_prompt(runtime.load_prompt_list(config)[0])]
-  ks = sorted({1, 2, 4, 8, int(config.k)})
+  ks = sorted({1, 2, 4, 8, int(config.decode.k)})
   summary["verify_cost_by_k"] = verify_cost_by_k(rt, prompt_ids,
                                                  config.benchmark.timing_iters, ks)
-  result = diagnose.diagnose(summary)
+  result = benchmark.diagnosis_of(summary)
   summary["job"] = "diagnose"
   summary["diagnosis"] = {
       "bottleneck": result.bottleneck, "best_k": result.best_k,

@@ -8,7 +8,7 @@
 2. Draft: ``config.draft`` shapes, the target's vocabulary, optionally a
    restricted head over the ``distill.head_size`` tokens the target emits
    most; initialised from the target (``distill.init_from_target``).
-3. Training: ``config.train_steps`` AdamW steps on ``distill.loss``
+3. Training: ``config.distill.train_steps`` AdamW steps on ``distill.loss``
    (kl | tv | kl+tv), checkpoints in WORKDIR/checkpoints; a killed run
    resumes where its last checkpoint left off, with the same batches.
 4. Evaluation: greedy acceptance at K=``distill.eval_k`` on the held-out
@@ -17,8 +17,8 @@
    ``ngram+feature``).
 
 Outputs: WORKDIR/summary.json, WORKDIR/train_log.jsonl (loss curve, evals).
-Use the draft with ``--config.drafter=model --config.draft_checkpoint=WORKDIR``
-(``--config.drafter=feature`` for ``distill.draft_kind='feature'``; prefix
+Use the draft with ``--config.decode.drafter=model --config.draft_checkpoint=WORKDIR``
+(``--config.decode.drafter=feature`` for ``distill.draft_kind='feature'``; prefix
 ``ngram+`` for the hybrid).
 """
 
@@ -45,7 +45,7 @@ def validate(config) -> None:
   d = config.distill
   if d.loss not in losses.LOSSES:
     raise ValueError(f"config.distill.loss={d.loss!r}; expected one of {losses.LOSSES}")
-  positive = {"train_steps": config.train_steps, "distill.batch_size": d.batch_size,
+  positive = {"distill.train_steps": d.train_steps, "distill.batch_size": d.batch_size,
               "distill.gen_batch_size": d.gen_batch_size,
               "distill.gen_max_new_tokens": d.gen_max_new_tokens,
               "distill.teacher_top_k": d.teacher_top_k,
@@ -140,8 +140,8 @@ def run_distill(config, workdir: str, log=print, on_checkpoint=None) -> dict:
   lookup_drafter = None
   if d.eval_with_lookup:
     lookup_drafter = drafters.HybridDrafter.wrap(
-        drafters.NgramDrafter(max_n=config.ngram_max_n, min_n=config.ngram_min_n),
-        draft_drafter, min_match=int(config.lookup_min_match))
+        drafters.NgramDrafter(max_n=config.decode.ngram_max_n, min_n=config.decode.ngram_min_n),
+        draft_drafter, min_match=int(config.decode.lookup_min_match))
   evaluator = evaluate_lib.HeldOutEval(rt, draft_drafter, _held_out_ids(config, rt, log),
                                        d.eval_k, d.eval_max_new_tokens, d.eval_batch_size,
                                        lookup_drafter=lookup_drafter)
@@ -178,8 +178,9 @@ def run(config, workdir: str, log=print) -> dict:
       f"{summary['acceptance_rate']:.3f}, mean tokens per call "
       f"{summary['mean_tokens_per_call']:.2f}"
       + (f" (behind n-gram lookup: {lookup['acceptance_rate']:.3f}, "
-         f"{lookup['mean_tokens_per_call']:.2f}; --config.drafter=ngram+{summary['draft_kind']})"
+         f"{lookup['mean_tokens_per_call']:.2f}; "
+         f"--config.decode.drafter=ngram+{summary['draft_kind']})"
          if lookup else "")
-      + f"; use it with --config.drafter={summary['draft_kind']} "
+      + f"; use it with --config.decode.drafter={summary['draft_kind']} "
       f"--config.draft_checkpoint={os.path.abspath(workdir)}")
   return summary

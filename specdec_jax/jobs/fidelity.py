@@ -33,7 +33,7 @@ def fidelity_config(config) -> ml_collections.ConfigDict:
   """The config with tiny-vocab random models and fidelity-sized buffers."""
   c = ml_collections.ConfigDict(config.to_dict())
   f = config.fidelity
-  if drafters.kind(config.drafter).draft_model == "model" and f.draft_noise > 0:
+  if drafters.kind(config.decode.drafter).draft_model == "model" and f.draft_noise > 0:
     c.draft = ml_collections.ConfigDict(c.model.to_dict())   # perturbed in run_fidelity
   for name, seed in (("model", 100), ("draft", 200)):
     c[name].source = "random"
@@ -48,22 +48,22 @@ def fidelity_config(config) -> ml_collections.ConfigDict:
 
 
 def run_fidelity(config, log=print) -> dict:
-  if config.temperature == 0:
-    raise ValueError("config.job=fidelity needs config.temperature > 0 (greedy is "
+  if config.sampling.temperature == 0:
+    raise ValueError("config.job=fidelity needs config.sampling.temperature > 0 (greedy is "
                      "checked token for token by the tests)")
-  if not drafters.kind(config.drafter).speculative:
+  if not drafters.kind(config.decode.drafter).speculative:
     raise ValueError("config.job=fidelity needs a drafter (ngram or model)")
   f = config.fidelity
   c = fidelity_config(config)
   runtime.validate_config(c)
   target, target_params, _ = runtime.load_model(c.model, c)
   drafter, draft_params = runtime.build_drafter(c, target, target_params=target_params)
-  if drafters.kind(config.drafter).draft_model == "model" and f.draft_noise > 0:
+  if drafters.kind(config.decode.drafter).draft_model == "model" and f.draft_noise > 0:
     draft_params = perturbed_copy(target_params, f.draft_noise, config.seed)
   rt = runtime.Runtime(config=c, target=target, target_params=target_params,
                        tokenizer=_NoEosTokenizer(), drafter=drafter, draft_params=draft_params)
   generator = rt.generator()
-  sp = sampling.SamplingParams.create(c.temperature, c.top_k, c.top_p)
+  sp = sampling.SamplingParams.create(**c.sampling)
   prompt = [int(t) for t in f.get("prompt", (0, 1, 2))]
   if not prompt or max(prompt) >= f.vocab_size or min(prompt) < 0:
     raise ValueError(f"config.fidelity.prompt={tuple(prompt)} needs token ids in "
@@ -84,10 +84,10 @@ def run_fidelity(config, log=print) -> dict:
   stats = fidelity.chi_square_test(samples, expected)
   stats.update(drafts, acceptance_rate=drafts["accepted"] / max(drafts["proposed"], 1))
   stats["passed"] = bool(stats["p_value"] > f.alpha)
-  stats.update(rule=config.rule, drafter=config.drafter, k=config.k,
-               temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+  stats.update(rule=config.decode.rule, drafter=config.decode.drafter, k=config.decode.k,
+               **config.sampling,
                vocab_size=f.vocab_size, num_tokens=f.num_tokens, alpha=f.alpha,
-               exact_rule=verify.is_exact(config.rule, greedy=False))
+               exact_rule=verify.is_exact(config.decode.rule, greedy=False))
   return stats
 
 

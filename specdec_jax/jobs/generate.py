@@ -43,9 +43,9 @@ def run(config, workdir: str, log=print) -> dict:
   generator = rt.generator(baseline=rt.drafter is None)
   kwargs = rt.run_kwargs(baseline=rt.drafter is None)
   seeds = [config.seed + i for i in range(len(prompts))]
-  generator.validate(prompt_ids, [config.max_new_tokens] * len(prompts),
-                     kwargs.get("k", 0), config.temperature, config.top_k, config.top_p,
-                     seeds, config.tau, config.budget)
+  s = config.sampling
+  generator.validate(prompt_ids, [config.max_new_tokens] * len(prompts), kwargs.get("k", 0),
+                     s.temperature, s.top_k, s.top_p, seeds, config.decode.tau, config.decode.budget)
   kwargs["costs"] = rt.measure_costs(generator, prompt_ids, log)
 
   results_path = os.path.join(workdir, "results.jsonl")
@@ -76,7 +76,7 @@ def run(config, workdir: str, log=print) -> dict:
   wall_s = time.perf_counter() - t_start
   summary = {
       "job": "generate", "num_prompts": len(prompts), "batch_size": config.batch_size,
-      "drafter": config.drafter, "k": config.k if k_max else 0,
+      "drafter": config.decode.drafter, "k": config.decode.k if k_max else 0,
       "new_tokens": new_tokens, "load_time_s": load_s,
       "wall_time_s": wall_s,  # includes compilation; job=benchmark times warm runs
       "compiles": compile_count.loop_compiles() - compiles_before,

@@ -1,10 +1,10 @@
 """Sweep job: run one benchmark per point of a grid of config values.
 
 The grid comes from ``config.sweep``, which maps config field names to lists
-of values, e.g. ``sweep.k = [1, 2, 4, 8]`` and ``sweep.drafter = ['ngram',
-'model']``. Nested fields are written either as nested ConfigDicts
-(``sweep.draft = ConfigDict(dict(num_layers=[1, 2]))``) or as dotted keys in a
-``ConfigDict(allow_dotted_keys=True)``; both mean ``draft.num_layers``.
+of values. Nested fields are written either as nested ConfigDicts
+(``sweep.decode = ConfigDict(dict(k=[1, 2, 4, 8], drafter=['ngram', 'model']))``
+means ``decode.k`` and ``decode.drafter``) or as dotted keys in a
+``ConfigDict(allow_dotted_keys=True)``.
 
 The grid is the cartesian product of the lists. Fields are ordered by name
 (the first varies slowest) and values in list order, so the order is
@@ -30,6 +30,7 @@ import traceback
 
 import ml_collections
 
+from specdec_jax import config_defaults
 from specdec_jax.jobs import io
 
 RESULTS_FILE = "results.jsonl"
@@ -122,7 +123,8 @@ def _run_points(config, points, rows_by_key, path, run_point, log) -> list:
 def sweep_fields(config) -> list:
   """Validated [(dotted field name, list of values)], sorted by name."""
   if "sweep" not in config:
-    raise ValueError("config has no 'sweep' field; add e.g. config.sweep.k = [1, 2, 4]")
+    raise ValueError("config has no 'sweep' field; add e.g. "
+                     "config.sweep.decode = ConfigDict(dict(k=[1, 2, 4]))")
   fields = sorted(_flatten(config.sweep or {}, prefix=""))
   for name, values in fields:
     if name == "sweep" or name.startswith("sweep."):
@@ -166,6 +168,8 @@ def _is_mapping(value) -> bool:
 
 def _check_field_exists(config, name: str) -> None:
   """Raises ValueError naming the field when ``name`` is not in config."""
+  if name in config_defaults.MOVED_FIELDS and name not in config:
+    raise ValueError(f"sweep field {name!r} is now {config_defaults.MOVED_FIELDS[name]!r}")
   node = config
   parts = name.split(".")
   for depth, part in enumerate(parts):
@@ -488,7 +492,7 @@ def run(config, workdir: str, log=print) -> list:
 
   if not sweep_fields(config):
     raise ValueError("config.job=sweep needs a non-empty config.sweep grid, e.g. "
-                     "--config.sweep=... in the config file (sweep.k=[1, 2, 4])")
+                     "--config.sweep=... in the config file (sweep.decode.k=[1, 2, 4])")
 
   def run_point(point_config):
     rt = runtime.build(point_config)   # checks the point's config first

@@ -155,8 +155,9 @@ def _render_jinja(template: str, messages, add_generation_prompt, **special) -> 
       messages=list(messages), add_generation_prompt=add_generation_prompt, **special)
 
 
-class _TemplateMixin:
-  """apply_chat_template from a template string.
+class _LoadedTokenizer:
+  """What the tokenizers loaded from files share: special ids kept in
+  ``_bos_id`` / ``_eos_ids``, and apply_chat_template from a template string.
 
   ChatML templates (SmolLM2, Qwen) are rendered in Python (plain messages; a
   template's tool-calling branches are not reproduced), anything else with
@@ -164,6 +165,16 @@ class _TemplateMixin:
   """
 
   chat_template: str | None = None
+  _bos_id: int | None = None
+  _eos_ids: tuple[int, ...] = ()
+
+  @property
+  def bos_id(self) -> int | None:
+    return self._bos_id
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    return self._eos_ids
 
   def _special_strings(self) -> dict:
     return {}
@@ -187,7 +198,7 @@ _END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>",
 _CONTROL, _USER_DEFINED = 3, 4
 
 
-class HFTokenizer(_TemplateMixin, Tokenizer):
+class HFTokenizer(_LoadedTokenizer, Tokenizer):
   """Wraps a ``tokenizers.Tokenizer``.
 
   Special-token strings in the text (``<|im_start|>``...) map to their ids;
@@ -211,14 +222,6 @@ class HFTokenizer(_TemplateMixin, Tokenizer):
   @property
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
-
-  @property
-  def bos_id(self) -> int | None:
-    return self._bos_id
-
-  @property
-  def eos_ids(self) -> tuple[int, ...]:
-    return self._eos_ids
 
   def encode(self, text: str, add_bos: bool = False) -> list[int]:
     ids = self._tok.encode(text, add_special_tokens=False).ids
@@ -292,7 +295,7 @@ def load_tokenizer_from_gguf(info) -> HFTokenizer:
 # SentencePiece backend.
 
 
-class SentencePieceTokenizer(_TemplateMixin, Tokenizer):
+class SentencePieceTokenizer(_LoadedTokenizer, Tokenizer):
   """A SentencePiece ``.model`` file.
 
   Control pieces written in the text (``<s>``, ``</s>``) map to their ids;
@@ -324,14 +327,6 @@ class SentencePieceTokenizer(_TemplateMixin, Tokenizer):
   @property
   def vocab_size(self) -> int:
     return self._sp.get_piece_size()
-
-  @property
-  def bos_id(self) -> int | None:
-    return self._bos_id
-
-  @property
-  def eos_ids(self) -> tuple[int, ...]:
-    return self._eos_ids
 
   def encode(self, text: str, add_bos: bool = False) -> list[int]:
     ids = [self._bos_id] if add_bos else []
