@@ -151,10 +151,15 @@ class Generator:
       verify_widths = (1, tree_nodes + 1)
     widths = tuple(verify_widths) if verify_widths else decode.default_verify_widths(k_max)
     decode.check_verify_widths(widths, k_max)
+    # Past the text: the widest verify block's scratch (a tree's nodes) and
+    # the draft model's own tree scratch.
+    room = widths[-1]
+    if tree_nodes:
+      room = max(room, drafter.tree_scratch_slots(k_max, tree_nodes, tree_topk))
     # The static decode settings, built once; ``spec(greedy)`` adds the flag.
     self.decode_spec = decode.DecodeSpec(
         batch_size=batch_size, k_max=k_max,
-        num_slots=max_prompt_len + max_new_tokens + widths[-1],
+        num_slots=max_prompt_len + max_new_tokens + room,
         max_new_tokens=max_new_tokens, eos_ids=tuple(int(e) for e in eos_ids), greedy=False,
         rule=rule, policy=policy, typical_epsilon=typical_epsilon,
         typical_alpha=typical_alpha, verify_widths=widths, tree_nodes=tree_nodes,

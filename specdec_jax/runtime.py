@@ -95,12 +95,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if d.tree_nodes:
     if d.matched_numerics:
       raise ValueError("config.decode.tree_nodes > 0 and matched_numerics=True do not combine")
-    if d.drafter != "ngram":
-      raise ValueError(f"config.decode.tree_nodes={d.tree_nodes} needs config.decode.drafter=ngram "
-                       f"(got {d.drafter!r}): the only drafter that builds trees here")
     try:
-      tree.check_setup(d.tree_nodes, d.tree_topk, effective_k_max(config), NgramDrafter(),
-                       d.rule, d.policy)
+      tree.check_setup(d.tree_nodes, d.tree_topk, effective_k_max(config),
+                       drafter if drafter.speculative else None, d.rule, d.policy)
     except ValueError as e:
       raise ValueError(f"config.decode.{e}") from None
   for name in ("model", "draft"):

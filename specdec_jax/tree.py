@@ -41,13 +41,14 @@ def check_settings(tree_nodes, tree_topk, k_max: int) -> None:
 def check_setup(tree_nodes, tree_topk, k_max, drafter, rule, policy,
                 verify_widths=None) -> None:
   """ValueError, naming the fix, unless draft trees can run with these
-  settings (docs/design.md, "Draft trees"); tree_nodes > 0."""
+  settings (docs/design.md, "Draft trees"); tree_nodes > 0. ``drafter``: a
+  Drafter or its registry entry (``drafters.DrafterKind``)."""
   check_settings(tree_nodes, tree_topk, k_max)
   if k_max == 0 or drafter is None:
     raise ValueError(f"tree_nodes={tree_nodes} needs a drafter and k >= 1")
   if not drafter.builds_trees:
     raise ValueError(f"tree_nodes={tree_nodes}: the {drafter.name!r} drafter does not "
-                     "build draft trees (drafter=ngram does)")
+                     "build draft trees (drafter=ngram and drafter=model do)")
   if rule not in TREE_RULES:
     raise ValueError(f"tree_nodes={tree_nodes} with rule={rule!r}: trees verify with rule "
                      f"{' or '.join(TREE_RULES)} (greedy at temperature 0)")

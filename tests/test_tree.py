@@ -1,20 +1,23 @@
 """Draft trees (specdec_jax/tree.py, docs/design.md "Draft trees"): the n-gram
-drafter's tree, the tree mask, exactness against plain decoding (greedy and
-coupled, with a missing cache move caught), rejection-sampling fidelity on
-trees (a broken residual caught), zero recompiles and refused settings."""
+and draft-model trees (hand examples), the tree mask, exactness against plain
+decoding (greedy and coupled, with a missing cache move caught),
+rejection-sampling fidelity on trees (a broken residual caught), zero
+recompiles and refused settings."""
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import TARGET, VOCAB, init, tiny_config
+from common import FEATURE_DRAFT, TARGET, VOCAB, init, tiny_config
 from specdec_jax import compile_count
 from specdec_jax import runtime
 from specdec_jax import sampling
 from specdec_jax import tree
-from specdec_jax.drafters import ModelDrafter, NgramDrafter
+from specdec_jax.drafters import FeatureDrafter, ModelDrafter, NgramDrafter
+from specdec_jax.drafters import tree_expansion
 from specdec_jax.drafters.base import DraftContext
 from specdec_jax.generation import Generator
 from specdec_jax.jobs.fidelity import run_fidelity
@@ -36,12 +39,22 @@ def branching_prompts(seed: int):
   return prompts
 
 
+TREE_DRAFTERS = {"ngram": NgramDrafter(), "model": ModelDrafter(TARGET)}
+
+
 @functools.lru_cache(maxsize=None)
-def generators(rule: str):
-  make = lambda **kw: Generator(TARGET, NgramDrafter(), k_max=K, rule=rule, max_prompt_len=16,
-                                max_new_tokens=MAX_NEW, batch_size=BATCH, **kw)
+def generators(rule: str, drafter: str = "ngram", topk: int = TOPK):
+  make = lambda **kw: Generator(TARGET, TREE_DRAFTERS[drafter], k_max=K, rule=rule,
+                                max_prompt_len=16, max_new_tokens=MAX_NEW, batch_size=BATCH,
+                                **kw)
   return (Generator(TARGET, max_prompt_len=16, max_new_tokens=MAX_NEW, batch_size=BATCH),
-          make(tree_nodes=NODES, tree_topk=TOPK))
+          make(tree_nodes=NODES, tree_topk=topk))
+
+
+def noisy_copy(target_params, seed: int, scale: float):
+  """The target's params plus ``scale`` times another random init: a draft
+  model whose guesses are right often, not always."""
+  return jax.tree.map(lambda a, b: a + scale * b, target_params, init(TARGET, 100 + seed))
 
 
 def _context(texts, k, width=32):
@@ -84,23 +97,78 @@ def test_ngram_tree_hand_example():
   assert anc[:, 4].tolist() == [False, False, False, True, True, False]
 
 
-def _run(gen, tp, prompts, temperature=0.0):
+def test_model_tree_hand_example():
+  # Root: p(1) = .6, p(2) = .3; after 1: p(3) = .9, p(4) = .05; after 2:
+  # p(3) = .5, p(4) = .4. Scores (path probabilities): 1 .6, 1-3 .54, 2 .3,
+  # 2-3 .15, 2-4 .12, 1-4 .03. The 4 best, laid out by depth.
+  after = jnp.log(jnp.asarray([[.01, .01, .01, .01, .01],
+                               [.01, .02, .02, .9, .05],
+                               [.04, .03, .03, .5, .4]] + [[.2] * 5] * 2))
+
+  def advance(state, tokens_BT, positions_BT, slots_BT, visible_BTS):
+    # The state records what the frontier was fed (one depth here: k = 2).
+    del state
+    return after[tokens_BT], (positions_BT, slots_BT, visible_BTS)
+
+  ctx = _context([[0, 0, 0]], 2, width=16)
+  root = jnp.log(jnp.asarray([[.04, .6, .3, .03, .03]]))
+  fed = (jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32),
+         jnp.zeros((1, 2, 16), bool))
+  expand = functools.partial(tree_expansion.expand_tree, root_logits_BV=root, state=fed,
+                             advance=advance, num_slots=16, scratch_start=14, greedy=True)
+  proposal, fed = expand(ctx, 2, 4, 2)
+  assert np.asarray(proposal.draft_BK)[0].tolist() == [1, 2, 3, 3]
+  assert np.asarray(proposal.parent_BK)[0].tolist() == [-1, -1, 0, 1]
+  assert np.asarray(proposal.depth_BK)[0].tolist() == [1, 1, 2, 2]
+  assert int(proposal.num_proposed_B[0]) == 4
+  # The frontier (1, 2) went to position 3 and scratch slots 14, 15, each
+  # seeing the committed slots 0-2 and itself.
+  positions, slots, visible = (np.asarray(x)[0] for x in fed)
+  assert positions.tolist() == [3, 3] and slots.tolist() == [14, 15]
+  assert np.flatnonzero(visible[0]).tolist() == [0, 1, 2, 14]
+  assert np.flatnonzero(visible[1]).tolist() == [0, 1, 2, 15]
+  # Three nodes drop 2-3; a row's k_b = 1 keeps depth 1 only.
+  proposal, _ = expand(ctx, 2, 3, 2)
+  assert np.asarray(proposal.draft_BK)[0].tolist() == [1, 2, 3]
+  assert np.asarray(proposal.parent_BK)[0].tolist() == [-1, -1, 0]
+  proposal, _ = expand(ctx.replace(max_k_B=jnp.asarray([1], jnp.int32)), 2, 3, 2)
+  assert int(proposal.num_proposed_B[0]) == 2
+  assert np.asarray(proposal.draft_BK)[0, :2].tolist() == [1, 2]
+
+
+def test_exact_self_draft_chain_tree_accepts_every_node():
+  """A draft model identical to the target, one branch per node: each pass
+  must accept the whole path (k nodes) until the budget. Fails if a node is
+  fed at the wrong position or slot, or sees the wrong keys."""
+  plain, trees = generators("rejection", "model", topk=1)
+  tp = init(TARGET, 0)
+  result = _run(trees, tp, branching_prompts(0), draft_params=tp)
+  assert [r.output_ids for r in result.rows] == [
+      r.output_ids for r in _run(plain, tp, branching_prompts(0)).rows]
+  for row in result.rows:
+    assert row.accepted_per_step[:-1] == [K] * (len(row.accepted_per_step) - 1), row
+
+
+def _run(gen, tp, prompts, temperature=0.0, draft_params=None):
   seeds = [11, 12, 13]
-  return gen.generate(tp, {} if gen.drafter is not None else None, prompts,
-                      temperature=temperature, seeds=seeds)
+  if draft_params is None and gen.drafter is not None:
+    draft_params = {}
+  return gen.generate(tp, draft_params, prompts, temperature=temperature, seeds=seeds)
 
 
+@pytest.mark.parametrize("drafter", ["ngram", "model"])
 @pytest.mark.parametrize("rule,temperature", [("rejection", 0.0), ("coupled", 1.0)],
                          ids=["greedy", "coupled"])
-def test_tree_equals_plain_decoding_and_never_recompiles(rule, temperature):
-  plain, trees = generators(rule)
+def test_tree_equals_plain_decoding_and_never_recompiles(rule, temperature, drafter):
+  plain, trees = generators(rule, drafter)
   accepting_steps = 0
   before = None
   for seed in range(4):
     tp = init(TARGET, seed)
     prompts = branching_prompts(seed)
     ref = [r.output_ids for r in _run(plain, tp, prompts, temperature).rows]
-    result = _run(trees, tp, prompts, temperature)
+    dp = noisy_copy(tp, seed, 0.05) if drafter == "model" else None
+    result = _run(trees, tp, prompts, temperature, draft_params=dp)
     assert [r.output_ids for r in result.rows] == ref, f"seed {seed}"
     for row in result.rows:
       assert len(row.accepted_by_slot) == K
@@ -135,7 +203,7 @@ def test_a_missing_cache_move_is_caught(monkeypatch):
     (dict(tree_topk=9), r"tree_topk=9 must be an int in \[1, tree_nodes=8\]"),
     (dict(rule="typical"), "rule='typical'"),
     (dict(policy="auto"), "policy=fixed"),
-    (dict(drafter=ModelDrafter(TARGET)), "does not build draft trees"),
+    (dict(drafter=FeatureDrafter(FEATURE_DRAFT)), "does not build draft trees"),
     (dict(verify_widths=(1, 9)), "sets the verify widths"),
 ])
 def test_bad_tree_settings_are_refused_before_compiling(change, match):
@@ -150,7 +218,7 @@ def test_bad_tree_settings_are_refused_before_compiling(change, match):
 
 @pytest.mark.parametrize("changes,match", [
     (dict(tree_nodes=2, k=4, policy="fixed"), "config.decode.tree_nodes=2 is below k=4"),
-    (dict(tree_nodes=8, drafter="model", policy="fixed"), "needs config.decode.drafter=ngram"),
+    (dict(tree_nodes=8, drafter="feature", policy="fixed"), "'feature' drafter does not build"),
     (dict(tree_nodes=8, policy="auto"), "policy=fixed"),
 ])
 def test_bad_tree_config_is_one_line_error(changes, match):

@@ -18,11 +18,14 @@ class DrafterKind:
 
   lookup: prompt lookup (``NgramDrafter``), alone or in front of a draft model.
   draft_model: "model" (a Transformer), "feature" (a FeatureDraft) or None.
+  builds_trees: the drafter implements ``propose_tree`` (``tree.check_setup``
+    reads it from a drafter or from its registry entry alike).
   """
 
   name: str
   lookup: bool
   draft_model: str | None
+  builds_trees: bool = False
 
   @property
   def speculative(self) -> bool:
@@ -33,9 +36,9 @@ class DrafterKind:
 # repeated n-gram, the draft model elsewhere (drafters/hybrid.py).
 KINDS = {kind.name: kind for kind in (
     DrafterKind("none", lookup=False, draft_model=None),
-    DrafterKind("model", lookup=False, draft_model="model"),
+    DrafterKind("model", lookup=False, draft_model="model", builds_trees=True),
     DrafterKind("feature", lookup=False, draft_model="feature"),
-    DrafterKind("ngram", lookup=True, draft_model=None),
+    DrafterKind("ngram", lookup=True, draft_model=None, builds_trees=True),
     DrafterKind("ngram+model", lookup=True, draft_model="model"),
     DrafterKind("ngram+feature", lookup=True, draft_model="feature"),
 )}

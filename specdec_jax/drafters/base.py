@@ -108,6 +108,13 @@ class Drafter:
     ``ctx.max_k_B``), ``topk`` branches (``builds_trees`` drafters)."""
     raise NotImplementedError(f"the {self.name!r} drafter does not build draft trees")
 
+  def tree_scratch_slots(self, k: int, num_nodes: int, topk: int) -> int:
+    """Slots at the end of the buffer that ``propose_tree`` feeds into its own
+    state (a draft model's cache); the buffer holds max(N + 1, this) past
+    the text. Default: none."""
+    del k, num_nodes, topk
+    return 0
+
   def record_features(self, state: Any, hidden_BTD: jax.Array,
                       positions_BT: jax.Array) -> Any:
     """Takes the target's hidden states of a pass (default: not read)."""

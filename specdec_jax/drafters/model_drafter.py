@@ -4,6 +4,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from specdec_jax.drafters import tree_expansion
 from specdec_jax.drafters.base import DraftContext, Drafter
 from specdec_jax.drafters.chain import draft_chain
 from specdec_jax.models.transformer import Transformer
@@ -21,12 +22,15 @@ class ModelDrafter(Drafter):
   them with ``resync_all_drafts``, for a wrapper (HybridDrafter) whose steps
   can commit up to K drafts this model never saw. Its last logits draft
   slot 0; then ``chain.draft_chain`` runs one single-token step per further
-  slot under ``lax.scan``.
+  slot under ``lax.scan``. ``propose_tree`` grows a draft tree instead
+  (``tree_expansion``); its nodes live in scratch slots, so it re-feeds the
+  last k + 1 committed tokens, whatever was accepted.
   """
 
   model: Transformer
   name: str = "model"
   resync_all_drafts: bool = False
+  builds_trees = True   # a class constant, not a field: ``propose_tree``
 
   @property
   def draft_model(self) -> Transformer:
@@ -45,20 +49,41 @@ class ModelDrafter(Drafter):
     _, cache = self.model.apply(params, prompt_BT, positions_BT, state)
     return cache
 
+  def _resync(self, params, cache, ctx: DraftContext, width: int):
+    """Feeds positions length-width .. length-1 (clamped at 0: a repeated
+    position 0 rewrites the same entry with the same token); returns the
+    logits for position length and the cache."""
+    pos_BR = jnp.maximum(ctx.length_B[:, None] - width + jnp.arange(width), 0)
+    tok_BR = jnp.take_along_axis(ctx.tokens_BS, pos_BR, axis=1)
+    logits_BRV, cache = self.model.apply(params, tok_BR, pos_BR, cache)
+    return logits_BRV[:, -1], cache
+
+  def tree_scratch_slots(self, k: int, num_nodes: int, topk: int) -> int:
+    del num_nodes
+    return tree_expansion.scratch_slots(k, topk)
+
+  def propose_tree(self, params, state, ctx: DraftContext, k: int, num_nodes: int,
+                   topk: int, *, greedy: bool, purpose: int):
+    del purpose   # the tree's candidates are the draft's top-k, not samples
+    root_logits_BV, cache = self._resync(params, state, ctx, k + 1)
+
+    def advance(cache, tokens_BT, positions_BT, slots_BT, visible_BTS):
+      return self.model.apply(params, tokens_BT, positions_BT, cache, slots_BT=slots_BT,
+                              visible_BTS=visible_BTS)
+
+    num_slots = cache.num_slots
+    return tree_expansion.expand_tree(
+        ctx, k, num_nodes, topk, root_logits_BV, cache, advance, num_slots=num_slots,
+        scratch_start=num_slots - tree_expansion.scratch_slots(k, topk), greedy=greedy)
+
   def propose(self, params, state, ctx: DraftContext, k: int, *, greedy: bool,
               purpose: int):
     length_B = ctx.length_B
-    width = k + 1 if self.resync_all_drafts else 2
-    # Positions length-width .. length-1 (clamped at 0: a repeated position 0
-    # rewrites the same entry with the same token).
-    pos_BR = jnp.maximum(length_B[:, None] - width + jnp.arange(width), 0)
-    tok_BR = jnp.take_along_axis(ctx.tokens_BS, pos_BR, axis=1)
-    logits_BRV, cache = self.model.apply(params, tok_BR, pos_BR, state)
+    logits_BV, cache = self._resync(params, state, ctx, k + 1 if self.resync_all_drafts else 2)
 
     def advance(cache, token_B, i):
       logits_B1V, cache = self.model.apply(params, token_B[:, None],
                                            (length_B + i)[:, None], cache)
       return logits_B1V[:, 0], cache
 
-    return draft_chain(ctx, k, logits_BRV[:, -1], cache, advance, greedy=greedy,
-                       purpose=purpose)
+    return draft_chain(ctx, k, logits_BV, cache, advance, greedy=greedy, purpose=purpose)
