@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from specdec_jax.models import checkpoint
 from specdec_jax.models import gguf_import
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.transformer import Transformer
@@ -104,7 +105,9 @@ def test_tiny_llama_roundtrip(tmp_path, tiny_params, tie):
     params.pop("lm_head")
   path = str(tmp_path / "tiny.gguf")
   write_gguf(path, cfg, params)
-  got_cfg, got, info = gguf_import.load_gguf(path)
+  calls = []
+  got_cfg, got, info = gguf_import.load_gguf(path, progress=lambda *a: calls.append(a))
+  assert calls == [(i + 1, cfg.num_layers) for i in range(cfg.num_layers)]
   # GGUF stores eps as float32 (transformers reads the same rounded value).
   assert got_cfg == dataclasses.replace(cfg, rms_eps=float(np.float32(cfg.rms_eps)))
   _assert_trees_close(got, params)
@@ -117,6 +120,16 @@ def test_tiny_llama_roundtrip(tmp_path, tiny_params, tie):
   ref, _ = model.apply(params, tokens, pos, model.init_cache(1, 12))
   out, _ = model.apply(got, tokens, pos, model.init_cache(1, 12))
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+def test_conversion_progress_lines_with_eta():
+  lines = []
+  progress = checkpoint.ConversionProgress("tiny", lines.append)
+  for done in range(1, 31):
+    progress(done, 30)
+  assert len(lines) == 4, lines        # about every quarter, and the last layer
+  assert lines[-1].startswith("tiny: converting the GGUF (first run only): layer 30/30")
+  assert all("ETA" in line for line in lines)
 
 
 def test_unpermute_inverts_llama_cpp_permutation():

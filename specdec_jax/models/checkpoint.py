@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 from typing import Callable
@@ -194,17 +195,19 @@ def load_smollm2(cache_dir: str, dtype: str = "float32", sharding_fn=None):
 
 
 def load_gguf_cached(gguf_path: str, cache_dir: str, name: str, dtype: str = "float32",
-                     sharding_fn=None):
+                     sharding_fn=None, log=None):
   """A GGUF model converted once and cached with orbax in ``cache_dir/name``.
 
   The first call converts the GGUF and saves params + tokenizer there; later
   calls restore from there. A damaged cache entry is rebuilt. ``sharding_fn``
   (``ModelConfig -> params sharding pytree``) loads the params straight into
-  their shards.
+  their shards. The conversion's progress goes to ``log`` (one string per
+  line; default stderr).
 
   Returns:
     (ModelConfig, params, HFTokenizer).
   """
+  log = _stderr if log is None else log
   entry = os.path.join(os.path.abspath(cache_dir), name)
   tok_dir = os.path.join(entry, "tokenizer")
   if os.path.exists(entry):
@@ -219,9 +222,34 @@ def load_gguf_cached(gguf_path: str, cache_dir: str, name: str, dtype: str = "fl
     except (ValueError, OSError) as e:
       logging.warning("rebuilding the cache entry %s: %s", entry, e)
   start = time.perf_counter()
-  cfg, params, info = gguf_import.load_gguf(gguf_path, dtype, sharding_fn)
+  cfg, params, info = gguf_import.load_gguf(gguf_path, dtype, sharding_fn,
+                                            progress=ConversionProgress(name, log))
   tokenizer = tokenizers_lib.load_tokenizer_from_gguf(info)
   save_params(entry, params, cfg, force=True,
               write_extra=lambda folder: tokenizer.save(os.path.join(folder, "tokenizer")))
-  logging.info("%s converted from GGUF and cached in %.1fs", name, time.perf_counter() - start)
+  log(f"{name}: converted from GGUF and cached in {entry} ({time.perf_counter() - start:.0f} s; "
+      "later runs restore it)")
   return cfg, params, tokenizer
+
+
+def _stderr(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
+
+
+class ConversionProgress:
+  """``load_gguf``'s progress as a line about every quarter of the layers,
+  with the time left at the rate so far."""
+
+  def __init__(self, name: str, log=_stderr, every: float = 0.25):
+    self.name, self.log, self.every = name, log, every
+    self.start, self.next_fraction = time.perf_counter(), every
+
+  def __call__(self, done: int, total: int) -> None:
+    fraction = done / total
+    if fraction + 1e-9 < self.next_fraction and done < total:
+      return
+    self.next_fraction = fraction + self.every
+    elapsed = time.perf_counter() - self.start
+    eta = elapsed / fraction * (1 - fraction)
+    self.log(f"{self.name}: converting the GGUF (first run only): layer {done}/{total}, "
+             f"{elapsed:.0f} s, ETA {eta:.0f} s")

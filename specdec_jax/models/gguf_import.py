@@ -178,7 +178,7 @@ def permute_qk(w_OI: np.ndarray, n_heads: int) -> np.ndarray:
           .swapaxes(1, 2).reshape(w_OI.shape))
 
 
-def load_gguf(path: str, dtype: str = "float32", sharding_fn=None):
+def load_gguf(path: str, dtype: str = "float32", sharding_fn=None, progress=None):
   """Loads a Llama-architecture GGUF file.
 
   Args:
@@ -186,6 +186,8 @@ def load_gguf(path: str, dtype: str = "float32", sharding_fn=None):
     dtype: params dtype ("float32", "bfloat16", "float16").
     sharding_fn: optional ``ModelConfig -> params sharding pytree``; params
       then go from host memory straight into their shards (placement.py).
+    progress: optional ``(layers_done, num_layers) -> None``, called after
+      each layer's tensors are dequantized.
 
   Returns:
     (ModelConfig, params pytree in the layout of transformer.py, GGUFInfo).
@@ -234,6 +236,8 @@ def load_gguf(path: str, dtype: str = "float32", sharding_fn=None):
       if heads is not None:
         arr = unpermute_qk(arr, heads)
       stacks[key].append(arr if arr.ndim == 1 else arr.T)
+    if progress is not None:
+      progress(layer + 1, cfg.num_layers)
 
   to_jnp = lambda x: jnp.asarray(x, dtype=cfg.jnp_dtype)
   if shardings is not None:
