@@ -156,10 +156,12 @@ def _run(gen, tp, prompts, temperature=0.0, draft_params=None):
   return gen.generate(tp, draft_params, prompts, temperature=temperature, seeds=seeds)
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "model"])
-@pytest.mark.parametrize("rule,temperature", [("rejection", 0.0), ("coupled", 1.0)],
-                         ids=["greedy", "coupled"])
-def test_tree_equals_plain_decoding_and_never_recompiles(rule, temperature, drafter):
+@pytest.mark.parametrize("drafter,rule,temperature", [
+    ("ngram", "rejection", 0.0), ("ngram", "coupled", 1.0), ("model", "coupled", 1.0)],
+    ids=["greedy-ngram", "coupled-ngram", "coupled-model"])
+def test_tree_equals_plain_decoding_and_never_recompiles(drafter, rule, temperature):
+  # (Greedy model trees: test_exact_self_draft_chain_tree_accepts_every_node
+  # and test_model_tree_hand_example; greedy acceptance is the n-gram's.)
   plain, trees = generators(rule, drafter)
   accepting_steps = 0
   before = None
@@ -236,7 +238,8 @@ def _broken_recursive_rejection(p_BV, draft_BN, child_BN, keys_B2, position_B, v
 ORIGINAL_REJECTION = tree._recursive_rejection
 TREE_FIDELITY = dict(drafter="ngram", rule="rejection", temperature=1.0, k=2, policy="fixed",
                      tree_nodes=6, tree_topk=3,
-                     **{"fidelity.prompt": (0, 1, 2, 0, 1, 3, 0, 1, 4, 0, 1)})
+                     **{"fidelity.prompt": (0, 1, 2, 0, 1, 3, 0, 1, 4, 0, 1),
+                        "fidelity.num_samples": 10000})
 
 
 @pytest.mark.slow
@@ -249,8 +252,8 @@ def test_tree_rejection_preserves_distribution_and_a_broken_residual_fails(monke
   assert stats["steps_accepting_2_or_more"] > 0.02 * stats["n_samples"], stats
   assert stats["accepted"] < stats["proposed"], stats
   # The broken rule is far off (p ~ 1e-170 at 4,000 samples, TV ~ 0.2 against
-  # 0.02 for the exact rule at 20,000): a fifth of the samples catch it.
+  # 0.02 for the exact rule at 20,000): 4,000 samples catch it.
   monkeypatch.setattr(tree, "_recursive_rejection", _broken_recursive_rejection)
-  broken = run_fidelity(tiny_config(**TREE_FIDELITY, **{"fidelity.num_samples": 4000}),
+  broken = run_fidelity(tiny_config(**{**TREE_FIDELITY, "fidelity.num_samples": 4000}),
                         log=lambda *a: None)
   assert not broken["passed"] and broken["p_value"] < 1e-3, broken
