@@ -49,7 +49,7 @@ def test_sweep_job_end_to_end(tmp_path, capsys):
   # flat --config.sweep.k (the name before decode settings were grouped)
   # still works, with a one-line note.
   rc, _, err = _main(capsys, tmp_path, "--config.sweep.k=(1, 2)", "--config.decode.k_max=2",
-                     "--config.decode.k=2",
+                     "--config.decode.k=2", "--config.decode.policy=fixed",
                      "--config.sweep.decode.drafter=('ngram',)", "--config.benchmark.repeats=1",
                      "--config.benchmark.timing_iters=2", "--config.benchmark.timing_rounds=1",
                      "--config.max_new_tokens=8", config="configs/tiny.py:sweep")
