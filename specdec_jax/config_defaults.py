@@ -169,11 +169,11 @@ MOVED_FIELDS = {
 
 def upgrade_flags(argv: list[str], warn) -> list[str]:
   """``--config.k=4`` -> ``--config.decode.k=4`` (and every MOVED_FIELDS
-  name, also under ``--config.sweep.``), calling ``warn(line)`` once per
-  flag rewritten."""
+  name, also under ``--config.sweep.`` and as a negated boolean
+  ``--noconfig.``), calling ``warn(line)`` once per flag rewritten."""
   upgraded = []
   for arg in argv:
-    for prefix in ("--config.sweep.", "--config."):
+    for prefix in ("--config.sweep.", "--config.", "--noconfig."):
       name, sep, value = arg[len(prefix):].partition("=")
       if arg.startswith(prefix) and name in MOVED_FIELDS:
         new = prefix + MOVED_FIELDS[name]

@@ -126,10 +126,11 @@ def test_flat_flags_are_rewritten_with_one_note_each():
   argv = config_defaults.upgrade_flags(
       ["prog", "--config.k=3", "--config.temperature", "0.5", "--config.decode.k_max=4",
        "--config.sweep.drafter=('ngram',)", "--config.train_steps=9", "--config.kk=1",
-       "--workdir=/tmp/k"], notes.append)
+       "--noconfig.matched_numerics", "--workdir=/tmp/k"], notes.append)
   assert argv == ["prog", "--config.decode.k=3", "--config.sampling.temperature", "0.5",
                   "--config.decode.k_max=4", "--config.sweep.decode.drafter=('ngram',)",
-                  "--config.distill.train_steps=9", "--config.kk=1", "--workdir=/tmp/k"]
+                  "--config.distill.train_steps=9", "--config.kk=1",
+                  "--noconfig.decode.matched_numerics", "--workdir=/tmp/k"]
   assert notes == [
       "note: --config.k is now --config.decode.k (the flat name is deprecated)",
       "note: --config.temperature is now --config.sampling.temperature (the flat name is "
@@ -137,7 +138,9 @@ def test_flat_flags_are_rewritten_with_one_note_each():
       "note: --config.sweep.drafter is now --config.sweep.decode.drafter (the flat name is "
       "deprecated)",
       "note: --config.train_steps is now --config.distill.train_steps (the flat name is "
-      "deprecated)"]
+      "deprecated)",
+      "note: --noconfig.matched_numerics is now --noconfig.decode.matched_numerics (the flat "
+      "name is deprecated)"]
 
 
 def test_flat_flag_still_sets_the_grouped_field(tmp_path, capsys):
