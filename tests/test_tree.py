@@ -115,7 +115,7 @@ def test_model_tree_hand_example():
   fed = (jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32),
          jnp.zeros((1, 2, 16), bool))
   expand = functools.partial(tree_expansion.expand_tree, root_logits_BV=root, state=fed,
-                             advance=advance, num_slots=16, scratch_start=14, greedy=True)
+                             advance=advance, num_slots=16, greedy=True)
   proposal, fed = expand(ctx, 2, 4, 2)
   assert np.asarray(proposal.draft_BK)[0].tolist() == [1, 2, 3, 3]
   assert np.asarray(proposal.parent_BK)[0].tolist() == [-1, -1, 0, 1]

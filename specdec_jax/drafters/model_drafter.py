@@ -71,10 +71,8 @@ class ModelDrafter(Drafter):
       return self.model.apply(params, tokens_BT, positions_BT, cache, slots_BT=slots_BT,
                               visible_BTS=visible_BTS)
 
-    num_slots = cache.num_slots
-    return tree_expansion.expand_tree(
-        ctx, k, num_nodes, topk, root_logits_BV, cache, advance, num_slots=num_slots,
-        scratch_start=num_slots - tree_expansion.scratch_slots(k, topk), greedy=greedy)
+    return tree_expansion.expand_tree(ctx, k, num_nodes, topk, root_logits_BV, cache, advance,
+                                      num_slots=cache.num_slots, greedy=greedy)
 
   def propose(self, params, state, ctx: DraftContext, k: int, *, greedy: bool,
               purpose: int):

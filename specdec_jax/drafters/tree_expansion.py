@@ -45,7 +45,7 @@ def _log_q(logits_BXV, ctx: DraftContext, greedy: bool) -> jax.Array:
 
 
 def expand_tree(ctx: DraftContext, k: int, num_nodes: int, topk: int, root_logits_BV,
-                state: Any, advance: TreeAdvance, *, num_slots: int, scratch_start: int,
+                state: Any, advance: TreeAdvance, *, num_slots: int,
                 greedy: bool) -> tuple[Proposal, Any]:
   """A tree of ``num_nodes`` nodes of depth <= min(k, max_k_B) (module doc).
 
@@ -56,9 +56,9 @@ def expand_tree(ctx: DraftContext, k: int, num_nodes: int, topk: int, root_logit
     advance: feeds a block of frontier nodes at the given positions into the
       given cache slots under the given mask [B, T, num_slots]; returns their
       next-token logits and the state.
-    num_slots: the draft cache's slots.
-    scratch_start: the first of the ``scratch_slots(k, topk)`` draft-cache
-      slots the frontier nodes go to (beyond every committed position).
+    num_slots: the draft cache's slots; the frontier nodes go to its last
+      ``scratch_slots(k, topk)`` (beyond every committed position: the
+      buffer holds them, ``Drafter.tree_scratch_slots``).
 
   Returns (Proposal with parent_BK / depth_BK and q_BKV None, the state).
   """
@@ -67,6 +67,7 @@ def expand_tree(ctx: DraftContext, k: int, num_nodes: int, topk: int, root_logit
   rows_B1 = jnp.arange(batch)[:, None]
   pool = max(topk + max(k - 1, 0) * topk * topk, num_nodes)
   pad = pool - topk
+  scratch_start = num_slots - scratch_slots(k, topk)
 
   score_BT, token_BT = jax.lax.top_k(_log_q(root_logits_BV, ctx, greedy), topk)
   carry = dict(
