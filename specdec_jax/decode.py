@@ -25,6 +25,7 @@ from specdec_jax import sampling
 from specdec_jax import tree
 from specdec_jax import verify
 from specdec_jax.drafters.base import DraftContext, Drafter, Proposal
+from specdec_jax.models import kv_cache
 from specdec_jax.models.kv_cache import KVCache
 from specdec_jax.models.transformer import Transformer
 
@@ -363,14 +364,17 @@ def _update_stats(stats: Stats, step, proposal: Proposal, n_B, reached_BK, expec
       target_calls_B=stats.target_calls_B + active_B)
 
 
-def _verify_at_width(spec: DecodeSpec, target: Transformer, width: int, target_params,
-                     state: DecodeState, proposal: Proposal, run: RunParams):
-  """One target call over [last, d_0 .. d_{width-2}] and the acceptance rule.
+def _verify_at_width(spec: DecodeSpec, target: Transformer, width: int, in_switch: bool,
+                     target_params, state: DecodeState, proposal: Proposal, run: RunParams):
+  """One target pass over [last, d_0 .. d_{width-2}] and the acceptance rule.
 
   Every active row proposed at most width - 1 drafts (``verify_phase`` picks
   the width), so the slots beyond are never read. Returns a ``_Verified``;
-  the per-slot arrays are padded to the K_max (+ 1) of the other widths
-  (zeros: never read).
+  the per-slot arrays are padded to the K_max (+ 1) of the other widths.
+  ``in_switch``: the pass only reads the cache and hands back its keys and
+  values, padded to the widest width (zeros, never written); else it writes
+  them itself (``transformer.run_blocks``: each way avoids a cache copy
+  where it is used).
   """
   k = spec.k_max
   d = min(width - 1, k)   # drafts this width holds; rows beyond are padding
@@ -381,37 +385,46 @@ def _verify_at_width(spec: DecodeSpec, target: Transformer, width: int, target_p
   padding_BP = jnp.zeros((last_B1.shape[0], width - 1 - d), jnp.int32)
   block_BW = jnp.concatenate([last_B1, sub.draft_BK, padding_BP], axis=1)
   positions_BW = state.length_B[:, None] - 1 + jnp.arange(width)[None, :]
-  logits_BWV, hidden_BWD, target_cache = target.apply_with_hidden(
-      target_params, block_BW, positions_BW, state.target_cache)
+  if in_switch:
+    logits_BWV, hidden_BWD, block = target.forward(
+        target_params, block_BW, positions_BW, state.target_cache)
+    widest = spec.verify_widths[-1]
+    written = dict(block=kv_cache.pad_block(block, widest),
+                   slots_BX=jnp.pad(positions_BW, ((0, 0), (0, widest - width)),
+                                    constant_values=spec.num_slots))   # padding: dropped
+  else:
+    logits_BWV, hidden_BWD, target_cache = target.apply_with_hidden(
+        target_params, block_BW, positions_BW, state.target_cache)
+    written = dict(target_cache=target_cache)
   n_B, x_B, expected_BD = _accept(spec, sub, logits_BWV[:, :d + 1], state, run)
   pad = lambda x: jnp.pad(x, [(0, 0), (0, k - d)] + [(0, 0)] * (x.ndim - 2))
   slots_K = jnp.arange(k)[None, :]
   reached_BK = (slots_K <= n_B[:, None]) & (slots_K < sub.num_proposed_B[:, None])
   return _Verified(n_B=n_B, x_B=x_B, committed_BK=pad(sub.draft_BK), reached_BK=reached_BK,
                    expected_BK=pad(expected_BD), hidden_BK1D=pad(hidden_BWD[:, :d + 1]),
-                   target_cache=target_cache)
+                   **written)
 
 
 def _verify_tree(spec: DecodeSpec, target: Transformer, target_params, state: DecodeState,
                  proposal: Proposal, run: RunParams):
-  """One target pass over [last, the tree's N nodes] under the tree mask,
-  the walk of ``tree.accept`` and the accepted path's move from scratch into
-  its slots (docs/design.md, "Draft trees")."""
+  """One target pass over [last, the tree's N nodes] under the tree mask and
+  the walk of ``tree.accept``; only the root's and the accepted path's keys
+  and values are written, into the slots of their positions (docs/design.md,
+  "Draft trees")."""
   tokens_BW, positions_BW, slots_BW, visible_BWS = tree.verify_block(
       state.tokens_BS, state.length_B, proposal, spec.num_slots, spec.k_max)
-  logits_BWV, hidden_BWD, target_cache = target.apply_with_hidden(
+  logits_BWV, hidden_BWD, block = target.forward(
       target_params, tokens_BW, positions_BW, state.target_cache, slots_BT=slots_BW,
       visible_BTS=visible_BWS)
   n_B, x_B, committed_BK, path_BK, reached_BK, expected_BK = tree.accept(
       logits_BWV, proposal, state.keys_B2, state.length_B, spec.k_max, greedy=spec.greedy,
       rule=spec.rule, sampling_params=run.sampling)
-  target_cache = tree.move_path(target_cache, path_BK, state.length_B, spec.num_slots,
-                                spec.tree_nodes)
   batch, _, dim = hidden_BWD.shape
   return _Verified(n_B=n_B, x_B=x_B, committed_BK=committed_BK, reached_BK=reached_BK,
                    expected_BK=expected_BK,
                    hidden_BK1D=jnp.zeros((batch, spec.k_max + 1, dim), hidden_BWD.dtype),
-                   target_cache=target_cache)
+                   block=block, slots_BX=tree.path_slots(path_BK, state.length_B,
+                                                          spec.tree_nodes, spec.num_slots))
 
 
 @flax.struct.dataclass
@@ -419,7 +432,12 @@ class _Verified:
   """What one verify branch hands back: n_B accepted drafts, x_B the
   target's token, committed_BK the accepted tokens in order (then padding),
   reached_BK / expected_BK per draft slot (per depth for a tree), the pass's
-  hidden states for a feature drafter and the target cache."""
+  hidden states for a feature drafter, and either the written cache
+  (``target_cache``: a pass outside a switch) or the pass's keys and values
+  (``block``, X = the widest verify width) with the cache slot each goes to
+  (``slots_BX``; S: not written), which ``verify_phase`` writes after the
+  switch: a branch that wrote the cache itself would make XLA copy the
+  whole cache into and out of the conditional on every step."""
 
   n_B: jax.Array
   x_B: jax.Array
@@ -427,7 +445,9 @@ class _Verified:
   reached_BK: jax.Array
   expected_BK: jax.Array
   hidden_BK1D: jax.Array
-  target_cache: Any
+  target_cache: Any = None
+  block: Any = None
+  slots_BX: jax.Array | None = None
 
 
 def verify_phase(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
@@ -445,17 +465,21 @@ def verify_phase(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
   k = spec.k_max
   active_B = state.finish_B == RUNNING
   widths = spec.verify_widths
-  branches = [functools.partial(_verify_at_width, spec, target, w) for w in widths]
-  if spec.tree_nodes:   # widths (1, N + 1): a plain step, or the tree
-    branches[-1] = functools.partial(_verify_tree, spec, target)
   if len(widths) == 1:
     index = jnp.int32(0)
-    verified = branches[0](target_params, state, proposal, run)
+    verified = _verify_at_width(spec, target, widths[0], False, target_params, state, proposal,
+                                run)
+    target_cache = verified.target_cache
   else:
+    branches = [functools.partial(_verify_at_width, spec, target, w, True) for w in widths]
+    if spec.tree_nodes:   # widths (1, N + 1): a plain step, or the tree
+      branches[-1] = functools.partial(_verify_tree, spec, target)
     needed = jnp.max(jnp.where(active_B, proposal.num_proposed_B, 0)) + 1
     index = jnp.sum(jnp.asarray(widths) < needed).astype(jnp.int32)
     verified = jax.lax.switch(index, branches, target_params, state, proposal, run)
-  n_B, x_B, target_cache = verified.n_B, verified.x_B, verified.target_cache
+    # The one in-place write of the step's keys and values.
+    target_cache = kv_cache.write_block(state.target_cache, verified.block, verified.slots_BX)
+  n_B, x_B = verified.n_B, verified.x_B
   hidden_BK1D = verified.hidden_BK1D
   width = jnp.asarray(widths, jnp.int32)[index]
   if k > 0 and reads_target_features(drafter):

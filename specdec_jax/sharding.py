@@ -418,6 +418,10 @@ class ConstrainedModel:
                                          **kwargs)
     return logits_BTV, self._pin(cache)
 
+  def forward(self, params, tokens_BT, positions_BT, cache, **kwargs):
+    """Same contract as ``Transformer.forward`` (the cache is only read)."""
+    return self.model.forward(params, tokens_BT, positions_BT, self._pin(cache), **kwargs)
+
   def apply_with_hidden(self, params, tokens_BT, positions_BT, cache, **kwargs):
     """Same contract as ``Transformer.apply_with_hidden``."""
     logits_BTV, hidden_BTD, cache = self.model.apply_with_hidden(

@@ -1,5 +1,5 @@
 """Draft trees: the verify pass's block and mask, exact acceptance on a tree
-and the accepted path's cache move (docs/design.md, "Draft trees").
+and the slots the accepted path is written to (docs/design.md, "Draft trees").
 
 A tree proposal (``drafters.base.Proposal`` with ``parent_BK``) holds N nodes
 per row: ``draft_BK`` [B, N] tokens, ``parent_BK`` [B, N] (``ROOT`` = -1 for a
@@ -13,7 +13,6 @@ import jax.numpy as jnp
 
 from specdec_jax import sampling
 from specdec_jax import verify
-from specdec_jax.models import kv_cache
 
 ROOT = -1
 TREE_RULES = ("rejection", "coupled")   # at temperature > 0; greedy at 0
@@ -74,10 +73,11 @@ def ancestors(parent_BN: jax.Array, depth_max: int) -> jax.Array:
 
 def verify_block(tokens_BS, length_B, proposal, num_slots: int, depth_max: int):
   """The tree pass's inputs: (tokens_BW, positions_BW, slots_BW, visible_BWS)
-  with W = N + 1. The root goes to its own slot length - 1, node j to
-  scratch slot S - N + j; each key is rotated at its real position
-  length - 1 + depth. A query sees the committed slots <= length - 1 and
-  the scratch slots of its ancestors and itself."""
+  with W = N + 1. The root stands for its own slot length - 1, node j for
+  scratch slot S - N + j (slots only name the entries for the mask: the
+  pass writes nothing there, ``path_slots``); each key is rotated at its
+  real position length - 1 + depth. A query sees the committed slots
+  <= length - 1 and the entries of its ancestors and itself."""
   draft_BN, depth_BN = proposal.draft_BK, proposal.depth_BK
   batch, n = draft_BN.shape
   last_B1 = jnp.take_along_axis(tokens_BS, length_B[:, None] - 1, axis=1)
@@ -192,10 +192,17 @@ def _recursive_rejection(p_BV, draft_BN, child_BN, keys_B2, position_B, vocab):
   return jnp.stack(hit, axis=1), r_BV, mass_B
 
 
-def move_path(cache, path_BK, length_B, num_slots: int, num_nodes: int):
-  """Copies the accepted nodes' keys and values from scratch into the slots
-  of their positions: node path[i] (depth i + 1) to slot length + i."""
-  k = path_BK.shape[1]
-  from_BK = num_slots - num_nodes + jnp.maximum(path_BK, 0)
-  to_BK = jnp.where(path_BK >= 0, length_B[:, None] + jnp.arange(k)[None, :], num_slots)
-  return kv_cache.move(cache, from_BK, to_BK)
+def path_slots(path_BK, length_B, num_nodes: int, num_slots: int) -> jax.Array:
+  """Where the tree pass's entries go (``kv_cache.write_block``), [B, N + 1]:
+  the root to slot length - 1, the accepted node path[i] (depth i + 1) to
+  slot length + i, every other node nowhere (S: dropped). Rejected nodes
+  are never written, so rejection leaves the cache as it was."""
+  batch, k = path_BK.shape
+  rows_B1 = jnp.arange(batch)[:, None]
+  slots_BW = jnp.full((batch, num_nodes + 1), num_slots, jnp.int32)
+  slots_BW = slots_BW.at[:, 0].set(length_B - 1)
+  # Block index of node path[i] is path[i] + 1; unaccepted depths (-1) go
+  # past the block and are dropped.
+  index_BK = jnp.where(path_BK >= 0, path_BK + 1, num_nodes + 1)
+  return slots_BW.at[rows_B1, index_BK].set(
+      (length_B[:, None] + jnp.arange(k)[None, :]).astype(jnp.int32), mode="drop")

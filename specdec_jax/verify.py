@@ -132,9 +132,11 @@ def next_token_distribution(p_BK1V, q_BKV, draft_BK, n_B, rejected_B):
   q_n_BV = jnp.where(rejected_B[:, None], q_n_BV, 0.0)
   residual_BV = jnp.maximum(p_n_BV - q_n_BV, 0.0)
   mass_B1 = jnp.sum(residual_BV, axis=-1, keepdims=True)
-  # p == q leaves no residual mass; a rejection is then impossible in exact
-  # arithmetic, so fall back to p rather than divide by zero.
-  return jnp.where(mass_B1 > 1e-12, residual_BV / jnp.maximum(mass_B1, 1e-30), p_n_BV)
+  # Without a rejection the bonus is p_n itself, untouched (the same draw as a
+  # plain step's). p == q leaves no residual mass; a rejection is then
+  # impossible in exact arithmetic, so fall back to p rather than divide by 0.
+  use_residual_B1 = rejected_B[:, None] & (mass_B1 > 1e-12)
+  return jnp.where(use_residual_B1, residual_BV / jnp.maximum(mass_B1, 1e-30), p_n_BV)
 
 
 def coupled_accept(draft_BK, p_BK1V, num_proposed_B, keys_B2, length_B):

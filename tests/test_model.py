@@ -14,6 +14,7 @@ import pytest
 from common import assert_close_in_float32
 from specdec_jax.generation import Generator
 from specdec_jax.models import kv_cache
+from specdec_jax.models.kv_cache import KVCache
 from specdec_jax.models import transformer
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.transformer import Transformer
@@ -331,43 +332,85 @@ def test_padding_invariance_greedy_generation(padding_setup):
 # ----------------------------------------------------------------------------
 # KV cache writes out of range are dropped.
 
-def _cache_and_values(num_slots=6):
+def _cache_and_values(num_slots=6, width=1):
+  """A stacked cache (L=2, B=2, S, G=1, H=4) and a block of ``width`` new
+  entries per layer and row."""
   rng = np.random.default_rng(5)
-  cache = jnp.asarray(rng.normal(size=(2, 2, num_slots, 1, 4)).astype(np.float32))
-  new = jnp.asarray(rng.normal(size=(2, 1, 1, 4)).astype(np.float32))  # [B=2, T=1, G, H]
-  return cache, new
+  cache = KVCache(*(jnp.asarray(rng.normal(size=(2, 2, num_slots, 1, 4)).astype(np.float32))
+                    for _ in range(2)))
+  block = KVCache(*(jnp.asarray(rng.normal(size=(2, 2, width, 1, 4)).astype(np.float32))
+                    for _ in range(2)))
+  return cache, block
 
 
 @pytest.mark.parametrize("bad_pos", [6, -1, 7, 100])
 def test_kv_write_out_of_range_is_dropped(bad_pos):
-  cache, new = _cache_and_values()
-  positions = jnp.full((2, 1), bad_pos, jnp.int32)
-  out = kv_cache.write_layer(cache, 1, new, positions)
-  np.testing.assert_array_equal(np.asarray(out), np.asarray(cache))
+  cache, block = _cache_and_values()
+  out = kv_cache.write_block(cache, block, jnp.full((2, 1), bad_pos, jnp.int32))
+  np.testing.assert_array_equal(np.asarray(out.k_LBSGH), np.asarray(cache.k_LBSGH))
+  np.testing.assert_array_equal(np.asarray(out.v_LBSGH), np.asarray(cache.v_LBSGH))
 
 
 def test_kv_write_block_running_past_end():
   """A block at positions [S-2, S-1, S, S+1]: the first two land, the rest
   are dropped (clamping would overwrite slot S-1 with a later token)."""
-  cache, _ = _cache_and_values()
-  num_slots = cache.shape[2]
-  rng = np.random.default_rng(6)
-  new = jnp.asarray(rng.normal(size=(2, 4, 1, 4)).astype(np.float32))
+  cache, block = _cache_and_values(width=4)
+  num_slots = cache.num_slots
   positions = jnp.asarray([[num_slots - 2 + i for i in range(4)],
                            [-1, 0, 1, num_slots]], jnp.int32)
-  out = np.asarray(kv_cache.write_layer(cache, 0, new, positions))
-  expected = np.asarray(cache).copy()
-  expected[0, 0, num_slots - 2] = new[0, 0]
-  expected[0, 0, num_slots - 1] = new[0, 1]
-  expected[0, 1, 0] = new[1, 1]
-  expected[0, 1, 1] = new[1, 2]
+  out = np.asarray(kv_cache.write_block(cache, block, positions).k_LBSGH)
+  expected = np.asarray(cache.k_LBSGH).copy()
+  new = np.asarray(block.k_LBSGH)
+  expected[:, 0, num_slots - 2] = new[:, 0, 0]
+  expected[:, 0, num_slots - 1] = new[:, 0, 1]
+  expected[:, 1, 0] = new[:, 1, 1]
+  expected[:, 1, 1] = new[:, 1, 2]
   np.testing.assert_array_equal(out, expected)
 
 
-def test_kv_write_per_row_positions():
-  cache, new = _cache_and_values()
-  out = np.asarray(kv_cache.write_layer(cache, 1, new, jnp.asarray([[2], [4]], jnp.int32)))
-  expected = np.asarray(cache).copy()
-  expected[1, 0, 2] = new[0, 0]
-  expected[1, 1, 4] = new[1, 0]
+def test_kv_write_per_row_positions_in_both_layouts():
+  cache, block = _cache_and_values()
+  slots = jnp.asarray([[2], [4]], jnp.int32)
+  out = np.asarray(kv_cache.write_block(cache, block, slots).v_LBSGH)
+  expected = np.asarray(cache.v_LBSGH).copy()
+  expected[:, 0, 2] = np.asarray(block.v_LBSGH)[:, 0, 0]
+  expected[:, 1, 4] = np.asarray(block.v_LBSGH)[:, 1, 0]
   np.testing.assert_array_equal(out, expected)
+  per_layer = lambda c: kv_cache.LayerCaches(tuple(c.k_LBSGH), tuple(c.v_LBSGH))
+  unrolled = kv_cache.write_block(per_layer(cache), per_layer(block), slots)
+  np.testing.assert_array_equal(np.asarray(unrolled.stacked().v_LBSGH), expected)
+
+
+def test_forward_reads_the_cache_and_equals_writing_first():
+  """``forward`` attends as if the block were written first, whatever stale
+  entries the cache holds at its slots: the same bits as ``apply``, for a
+  chain block and for a block with duplicate and out-of-range slots; the
+  negative control (the stale entries read as they are) differs."""
+  model = make_model(layer_loop="unrolled")
+  params = model.prepare_params(init(make_model(), 3))
+  rng = np.random.default_rng(2)
+  tokens = jnp.asarray(rng.integers(0, VOCAB, size=(2, 9)), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 9))
+  _, cache = model.apply(params, tokens[:, :6], positions[:, :6], model.init_cache(2, 12))
+  # Stale entries at the slots the next block stands for (6..8).
+  stale = model.apply(params, tokens[:, 3:6], positions[:, 6:9], cache)[1]
+  odd_slots = jnp.asarray([[6, 6, 8], [7, 12, -1]], jnp.int32)
+  for slots in (None, odd_slots):
+    ref, _, written = model.apply_with_hidden(params, tokens[:, 6:9], positions[:, 6:9], stale,
+                                              slots_BT=slots)
+    logits, _, block = model.forward(params, tokens[:, 6:9], positions[:, 6:9], stale,
+                                     slots_BT=slots)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(ref))
+    assert block.num_slots == 3   # the block's own entries, for write_block
+    again = kv_cache.write_block(stale, block, positions[:, 6:9] if slots is None else slots)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(written)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  clean, _ = model.apply(params, tokens[:, 6:9], positions[:, 6:9], cache)
+  with pytest.MonkeyPatch.context() as patch:
+    nothing_pending = lambda slots_BT, num_slots: (
+        jnp.zeros((2, num_slots), bool), jnp.zeros((2, num_slots), jnp.int32))
+    patch.setattr(transformer, "pending_slots", nothing_pending)
+    wrong = model.forward(params, tokens[:, 6:9], positions[:, 6:9], stale)[0]
+  ref = model.forward(params, tokens[:, 6:9], positions[:, 6:9], stale)[0]
+  assert_close_in_float32(ref, clean, what="forward over stale slots vs a clean cache")
+  assert np.max(np.abs(np.asarray(wrong) - np.asarray(ref))) > 1e-3

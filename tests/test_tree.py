@@ -183,10 +183,15 @@ def test_tree_equals_plain_decoding_and_never_recompiles(drafter, rule, temperat
   assert accepting_steps > 0   # not vacuous: tree nodes were accepted
 
 
-def test_a_missing_cache_move_is_caught(monkeypatch):
-  """Negative control: without moving the accepted path from scratch into its
-  slots, later steps attend stale keys and greedy output departs from plain."""
-  monkeypatch.setattr(tree, "move_path", lambda cache, *args: cache)
+def test_a_missing_path_write_is_caught(monkeypatch):
+  """Negative control: without writing the accepted path's keys and values
+  into its slots (only the root's), later steps attend stale keys and greedy
+  output departs from plain."""
+  def root_only(path_BK, length_B, num_nodes, num_slots):
+    slots = jnp.full((length_B.shape[0], num_nodes + 1), num_slots, jnp.int32)
+    return slots.at[:, 0].set(length_B - 1)
+
+  monkeypatch.setattr(tree, "path_slots", root_only)
   trees = Generator(TARGET, NgramDrafter(), k_max=K, max_prompt_len=16,
                     max_new_tokens=MAX_NEW, batch_size=BATCH, tree_nodes=NODES, tree_topk=TOPK)
   plain = generators("rejection")[0]

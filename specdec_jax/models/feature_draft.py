@@ -100,7 +100,7 @@ class FeatureDraft:
     fused_BT2D = jnp.concatenate(
         [norm("embed_norm", embed_BTD), norm("feature_norm", prev_features_BTD)], axis=-1)
     x_BTD = fused_BT2D @ params["fc"]["kernel"] + params["fc"]["bias"]
-    x_BTD, cache = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache)
+    x_BTD, cache, _ = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache)
     g_BTD = rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_eps)
     return g_BTD, cache
 

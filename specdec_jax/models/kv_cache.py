@@ -2,9 +2,13 @@
 
 Invariant (docs/design.md, "The cache invariant"): slot j holds the key and
 value of the token at absolute position j; a query at position t attends
-slots <= t; a forward pass writes its slots before attending. Slots at or
-beyond a row's committed length may be stale, and are never read before
-being overwritten, so rejecting drafts costs nothing.
+slots <= t, a block's own entries in place of the slots it stands for
+(written before the attention reads the cache, or by ``write_block`` after a
+pass that only read it). Slots at
+or beyond a row's committed length may be stale, and are never read, so
+rejecting drafts costs nothing.
+
+The same two containers hold a block's new entries (T slots instead of S).
 
 ``KVCache``: stacked [L, B, S, G, H] arrays (the ``scan`` layout; sharded
 per the rules by their dimension suffix). ``LayerCaches``: one [B, S, G, H]
@@ -89,16 +93,24 @@ def write_layer(kv_LBSGH: jax.Array, layer: jax.Array, kv_BTGH: jax.Array,
       kv_BTGH.astype(kv_LBSGH.dtype), mode="drop")
 
 
-def move(cache, from_slots_BM: jax.Array, to_slots_BM: jax.Array):
-  """Copies each row's entries at ``from_slots`` to ``to_slots`` in every
-  layer (a draft tree's accepted path, from scratch into the slots of its
-  positions); a ``to`` slot outside [0, S) is not written."""
-  rows_B1 = jnp.arange(from_slots_BM.shape[0])[:, None]
+def write_block(cache, block, slots_BT: jax.Array):
+  """Writes a block's keys and values (``transformer.run_blocks``'s
+  ``block``: the cache's layout with T slots) into every layer at their
+  per-row slots; slots outside [0, S) are dropped. Outside a conditional the
+  scatter updates the (donated or loop-carried) buffers in place."""
   if isinstance(cache, LayerCaches):
-    num_slots = cache.num_slots
-    to_BM = _safe_positions(to_slots_BM, num_slots)
-    moved = lambda x: x.at[rows_B1, to_BM].set(x[rows_B1, from_slots_BM], mode="drop")
-    return LayerCaches(tuple(map(moved, cache.k)), tuple(map(moved, cache.v)))
-  to_BM = _safe_positions(to_slots_BM, cache.num_slots)
-  moved = lambda x: x.at[:, rows_B1, to_BM].set(x[:, rows_B1, from_slots_BM], mode="drop")
-  return KVCache(moved(cache.k_LBSGH), moved(cache.v_LBSGH))
+    put = lambda buf, new: write(buf, new, slots_BT)
+    return LayerCaches(tuple(map(put, cache.k, block.k)), tuple(map(put, cache.v, block.v)))
+  rows_B1 = jnp.arange(slots_BT.shape[0])[:, None]
+  safe_BT = _safe_positions(slots_BT, cache.num_slots)
+  put = lambda buf, new: buf.at[:, rows_B1, safe_BT].set(new.astype(buf.dtype), mode="drop")
+  return KVCache(put(cache.k_LBSGH, block.k_LBSGH), put(cache.v_LBSGH, block.v_LBSGH))
+
+
+def pad_block(block, width: int):
+  """A block's entries padded with zeros to ``width`` slots (the widest
+  verify width: every branch of the width switch returns one shape)."""
+  axis = 1 if isinstance(block, LayerCaches) else 2
+  pad = lambda x: jnp.pad(x, [(0, 0)] * axis + [(0, width - x.shape[axis])]
+                          + [(0, 0)] * (x.ndim - axis - 1))
+  return jax.tree.map(pad, block)

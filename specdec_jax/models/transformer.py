@@ -31,12 +31,17 @@ and ``apply`` spreads its N logits into full-vocabulary logits that are -inf
 elsewhere, so every consumer still sees logits_BTV.
 
 The KV cache follows the layout (``models/kv_cache.py``) and the invariant of
-docs/design.md: slot j holds position j, a block writes before it attends.
+docs/design.md: slot j holds position j; a block attends as if it had been
+written first. ``apply`` writes each layer's entries before attending;
+``Transformer.forward`` only reads the cache and returns the block's entries
+for a later ``kv_cache.write_block`` (``run_blocks`` says when each avoids a
+copy of the cache).
 """
 
 import dataclasses
 import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -115,22 +120,74 @@ def window_index(windows: tuple[int, ...], positions_BT: jax.Array) -> jax.Array
   return index.astype(jnp.int32)
 
 
+@flax.struct.dataclass
+class PendingBlock:
+  """A block's keys and values not yet written to the cache, and where they
+  go: ``taken_BS`` the slots the block writes, ``entry_BS`` which of its T
+  entries each slot gets (the later of two for one slot; entries for slots
+  outside [0, S) go nowhere). ``k_BTGH`` / ``v_BTGH`` are one layer's."""
+
+  k_BTGH: jax.Array
+  v_BTGH: jax.Array
+  taken_BS: jax.Array
+  entry_BS: jax.Array
+
+
+def pending_slots(slots_BT: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
+  """(taken_BS, entry_BS) of ``PendingBlock`` for a block bound for
+  ``slots_BT``: what a write of it would do to each slot."""
+  batch, seq = slots_BT.shape
+  rows_B1 = jnp.arange(batch)[:, None]
+  safe_BT = jnp.where((slots_BT >= 0) & (slots_BT < num_slots), slots_BT, num_slots)
+  # Entry t + 1 (0: none) per slot; the largest t wins, as the later write would.
+  entry_BS = jnp.zeros((batch, num_slots), jnp.int32).at[rows_B1, safe_BT].max(
+      jnp.broadcast_to(jnp.arange(1, seq + 1, dtype=jnp.int32), (batch, seq)), mode="drop")
+  return entry_BS > 0, jnp.maximum(entry_BS - 1, 0)
+
+
+def _with_pending(keys_BSGH, values_BSGH, pending: PendingBlock):
+  """The cache's keys and values as a write of ``pending`` would leave them
+  (over the slots given: a window's prefix of the cache): elementwise
+  selects, which XLA can merge into the layout copy it makes of the keys
+  and values for the attention dots anyway."""
+  width = keys_BSGH.shape[1]
+  seq = pending.k_BTGH.shape[1]
+  # One select per entry (T is a verify width, small): a gather by entry_BS
+  # instead made a SmolLM2 width-1 verify cost 1.11 plain steps, these 1.00.
+  gets_BTS11 = [(pending.taken_BS[:, :width] & (pending.entry_BS[:, :width] == t))[
+      :, :, None, None] for t in range(seq)]
+
+  def overlay(cached_BSGH, new_BTGH):
+    for t in range(seq):
+      cached_BSGH = jnp.where(gets_BTS11[t], new_BTGH[:, t:t + 1], cached_BSGH)
+    return cached_BSGH
+
+  return overlay(keys_BSGH, pending.k_BTGH), overlay(values_BSGH, pending.v_BTGH)
+
+
 def attend(cfg: ModelConfig, q_BTNH, keys_BSGH, values_BSGH, positions_BT,
-           window: int | None = None, visible_BTS: jax.Array | None = None) -> jax.Array:
+           window: int | None = None, visible_BTS: jax.Array | None = None,
+           pending: PendingBlock | None = None) -> jax.Array:
   """Causal attention over the cache (a query at position t sees slots <= t),
   reading only its first ``window`` slots (default: all; every visible slot
   must lie inside: ``window_index``). Slots past the window are masked
   anyway, so the result is the same. ``visible_BTS`` (a draft tree's mask,
-  docs/design.md) replaces the causal mask. Returns [B, T, N*H]."""
+  docs/design.md) replaces the causal mask. ``pending``: a block not yet
+  written, read as if it were (the same values in the same slots, so the
+  same bits as attending the written cache). Returns [B, T, N*H]."""
   batch, seq, n, h = q_BTNH.shape
   g = cfg.num_kv_heads
   if window is not None:
     keys_BSGH, values_BSGH = keys_BSGH[:, :window], values_BSGH[:, :window]
+  if pending is not None:
+    keys_BSGH, values_BSGH = _with_pending(keys_BSGH, values_BSGH, pending)
   q_BTGMH = q_BTNH.reshape(batch, seq, g, n // g, h)
   scores = jnp.einsum("btgmh,bsgh->bgmts", q_BTGMH, keys_BSGH,
                       preferred_element_type=jnp.float32) * (h ** -0.5)
   if visible_BTS is None:
     visible_BTS = jnp.arange(keys_BSGH.shape[1])[None, None, :] <= positions_BT[:, :, None]
+  else:
+    visible_BTS = visible_BTS[:, :, :keys_BSGH.shape[1]]
   scores = jnp.where(visible_BTS[:, None, None], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(q_BTNH.dtype)
   out_BTGMH = jnp.einsum("bgmts,bsgh->btgmh", probs, values_BSGH)
@@ -138,28 +195,32 @@ def attend(cfg: ModelConfig, q_BTNH, keys_BSGH, values_BSGH, positions_BT,
 
 
 def windowed_attend(cfg: ModelConfig, windows, index, q_BTNH, keys_BSGH, values_BSGH,
-                    positions_BT) -> jax.Array:
+                    positions_BT, pending: PendingBlock | None = None) -> jax.Array:
   """``attend`` over the window ``windows[index]`` (one ``lax.switch`` over
   the static windows; a single window needs none). A step's attention then
   reads the slots the text has reached, not the whole buffer."""
   if len(windows) == 1:
-    return attend(cfg, q_BTNH, keys_BSGH, values_BSGH, positions_BT)
-  branches = [functools.partial(attend, cfg, window=w) for w in windows]
-  return jax.lax.switch(index, branches, q_BTNH, keys_BSGH, values_BSGH, positions_BT)
+    return attend(cfg, q_BTNH, keys_BSGH, values_BSGH, positions_BT, pending=pending)
+  def branch(window, q_BTNH, keys_BSGH, values_BSGH, positions_BT, pending):
+    return attend(cfg, q_BTNH, keys_BSGH, values_BSGH, positions_BT, window, pending=pending)
+
+  branches = [functools.partial(branch, w) for w in windows]
+  return jax.lax.switch(index, branches, q_BTNH, keys_BSGH, values_BSGH, positions_BT, pending)
 
 
 def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSGH,
                  positions_BT, windows=None, which_window=None,
-                 visible_BTS=None) -> jax.Array:
-  """The rest of the block once its keys are in the cache: attention (over
-  ``windows[which_window]`` when given; under ``visible_BTS`` when given),
-  output projection, MLP (fused or separate gate/up), both residuals."""
+                 visible_BTS=None, pending: PendingBlock | None = None) -> jax.Array:
+  """The rest of the block once its keys are in the cache (or ``pending``):
+  attention (over ``windows[which_window]`` when given; under
+  ``visible_BTS`` when given), output projection, MLP (fused or separate
+  gate/up), both residuals."""
   if visible_BTS is not None:
     attended = attend(cfg, q_BTNH, keys_BSGH, values_BSGH, positions_BT,
-                      visible_BTS=visible_BTS)
+                      visible_BTS=visible_BTS, pending=pending)
   else:
     attended = windowed_attend(cfg, windows or (keys_BSGH.shape[1],), which_window, q_BTNH,
-                               keys_BSGH, values_BSGH, positions_BT)
+                               keys_BSGH, values_BSGH, positions_BT, pending)
   x_BTD = x_BTD + _dense(p["attn"]["o"], attended)
   h_BTD = rms_norm(x_BTD, p["mlp_norm"]["scale"], cfg.rms_eps)
   mlp = p["mlp"]
@@ -173,49 +234,87 @@ def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSG
 
 def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Array, cache,
                min_window: int = 0, slots_BT: jax.Array | None = None,
-               visible_BTS: jax.Array | None = None):
+               visible_BTS: jax.Array | None = None, write: bool = True):
   """The stack of blocks. ``layers`` stacked on L (a dict, with a
   ``KVCache``): ``lax.scan``; a tuple of per-layer dicts (with
   ``LayerCaches``): a Python loop. ``min_window`` > 0: attention reads the
   smallest of ``attention_windows(num_slots, min_window)`` that holds the
   block's positions, chosen once for every layer. A draft tree's pass gives
   the cache slots its keys go to (``slots_BT``, default the positions) and
-  its mask (``visible_BTS``); it reads the whole cache. Returns (x_BTD,
-  updated cache)."""
-  windows = attention_windows(cache.num_slots, min_window)
+  its mask (``visible_BTS``); it reads the whole cache.
+
+  ``write=True``: each layer writes its keys and values into its cache
+  before its attention reads the buffer (XLA then updates it in place).
+  ``write=False``: the cache is only read, each layer's attention sees its
+  new entries where the write would put them (``PendingBlock``), and the
+  caller writes ``block`` later (``kv_cache.write_block``). Inside a
+  ``lax.switch`` only the second avoids a copy of the whole cache into and
+  out of the branch; outside one, only the first does (XLA copies a buffer
+  that is read before an unrelated in-place write). Both attend the same
+  values in the same slots: bit-identical results.
+
+  Returns (x_BTD, cache: updated when ``write``, block: the block's keys and
+  values in the cache's layout with T slots).
+  """
+  num_slots = cache.num_slots
+  windows = attention_windows(num_slots, min_window)
   index = window_index(windows, positions_BT)
   slots_BT = positions_BT if slots_BT is None else slots_BT
+  taken_BS, entry_BS = pending_slots(slots_BT, num_slots)
+
+  def attend_layer(p, x, q_BTNH, k_BSGH, v_BSGH, k_BTGH, v_BTGH):
+    pending = None if write else PendingBlock(k_BTGH, v_BTGH, taken_BS, entry_BS)
+    return block_output(cfg, p, x, q_BTNH, k_BSGH, v_BSGH, positions_BT, windows, index,
+                        visible_BTS, pending)
+
   if isinstance(layers, (tuple, list)):
     if not isinstance(cache, kv_cache_lib.LayerCaches):
       raise TypeError("unrolled layers need LayerCaches (Transformer.init_cache)")
-    keys, values = [], []
+    keys, values, new_keys, new_values = [], [], [], []
     for p, k_BSGH, v_BSGH in zip(layers, cache.k, cache.v):
       q_BTNH, k_BTGH, v_BTGH = attention_inputs(cfg, p, x_BTD, positions_BT)
-      k_BSGH = kv_cache_lib.write(k_BSGH, k_BTGH, slots_BT)
-      v_BSGH = kv_cache_lib.write(v_BSGH, v_BTGH, slots_BT)
-      x_BTD = block_output(cfg, p, x_BTD, q_BTNH, k_BSGH, v_BSGH, positions_BT, windows, index,
-                           visible_BTS)
+      k_BTGH, v_BTGH = k_BTGH.astype(k_BSGH.dtype), v_BTGH.astype(v_BSGH.dtype)
+      if write:
+        k_BSGH = kv_cache_lib.write(k_BSGH, k_BTGH, slots_BT)
+        v_BSGH = kv_cache_lib.write(v_BSGH, v_BTGH, slots_BT)
+      x_BTD = attend_layer(p, x_BTD, q_BTNH, k_BSGH, v_BSGH, k_BTGH, v_BTGH)
       keys.append(k_BSGH)
       values.append(v_BSGH)
-    return x_BTD, kv_cache_lib.LayerCaches(tuple(keys), tuple(values))
+      new_keys.append(k_BTGH)
+      new_values.append(v_BTGH)
+    return (x_BTD, kv_cache_lib.LayerCaches(tuple(keys), tuple(values)),
+            kv_cache_lib.LayerCaches(tuple(new_keys), tuple(new_values)))
   if not isinstance(cache, kv_cache_lib.KVCache):
     raise TypeError("stacked layers need a stacked KVCache (Transformer.init_cache)")
 
-  def layer_step(carry, layer_inputs):
-    x, k_all, v_all = carry
-    p, layer = layer_inputs
+  def new_entries(p, x):
     q_BTNH, k_BTGH, v_BTGH = attention_inputs(cfg, p, x, positions_BT)
-    # One scatter into the loop-carried buffer, updated in place.
-    k_all = kv_cache_lib.write_layer(k_all, layer, k_BTGH, slots_BT)
-    v_all = kv_cache_lib.write_layer(v_all, layer, v_BTGH, slots_BT)
-    x = block_output(cfg, p, x, q_BTNH, k_all[layer], v_all[layer], positions_BT, windows,
-                     index, visible_BTS)
-    return (x, k_all, v_all), None
+    dtype = cache.k_LBSGH.dtype
+    return q_BTNH, k_BTGH.astype(dtype), v_BTGH.astype(dtype)
 
-  (x_BTD, k_LBSGH, v_LBSGH), _ = jax.lax.scan(
-      layer_step, (x_BTD, cache.k_LBSGH, cache.v_LBSGH),
-      (layers, jnp.arange(cfg.num_layers)))
-  return x_BTD, kv_cache_lib.KVCache(k_LBSGH, v_LBSGH)
+  if write:
+    def layer_step(carry, layer_inputs):
+      x, k_all, v_all = carry
+      p, layer = layer_inputs
+      q_BTNH, k_BTGH, v_BTGH = new_entries(p, x)
+      # One scatter into the loop-carried buffer, updated in place.
+      k_all = kv_cache_lib.write_layer(k_all, layer, k_BTGH, slots_BT)
+      v_all = kv_cache_lib.write_layer(v_all, layer, v_BTGH, slots_BT)
+      x = attend_layer(p, x, q_BTNH, k_all[layer], v_all[layer], k_BTGH, v_BTGH)
+      return (x, k_all, v_all), (k_BTGH, v_BTGH)
+
+    (x_BTD, k_LBSGH, v_LBSGH), (k_LBTGH, v_LBTGH) = jax.lax.scan(
+        layer_step, (x_BTD, cache.k_LBSGH, cache.v_LBSGH), (layers, jnp.arange(cfg.num_layers)))
+    cache = kv_cache_lib.KVCache(k_LBSGH, v_LBSGH)
+  else:
+    def layer_step(x, layer_inputs):
+      p, k_BSGH, v_BSGH = layer_inputs
+      q_BTNH, k_BTGH, v_BTGH = new_entries(p, x)
+      return attend_layer(p, x, q_BTNH, k_BSGH, v_BSGH, k_BTGH, v_BTGH), (k_BTGH, v_BTGH)
+
+    x_BTD, (k_LBTGH, v_LBTGH) = jax.lax.scan(
+        layer_step, x_BTD, (layers, cache.k_LBSGH, cache.v_LBSGH))
+  return x_BTD, cache, kv_cache_lib.KVCache(k_LBTGH, v_LBTGH)
 
 
 # ----------------------------------------------------------------------------
@@ -378,6 +477,17 @@ class Transformer:
                                                   full_vocab, slots_BT, visible_BTS)
     return logits_BTV, cache
 
+  def forward(self, params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache,
+              full_vocab: bool = True, slots_BT=None, visible_BTS=None):
+    """``apply_with_hidden`` that reads the cache and writes nothing: returns
+    (logits_BTV, hidden_BTD, block), ``block`` the block's keys and values
+    for ``kv_cache.write_block`` (bit-identical logits; ``run_blocks``). For
+    a pass inside a ``lax.switch`` (the verify widths), which then writes
+    once, in place, after it."""
+    logits_BTV, hidden_BTD, _, block = self._run(params, tokens_BT, positions_BT, cache,
+                                                 full_vocab, slots_BT, visible_BTS, write=False)
+    return logits_BTV, hidden_BTD, block
+
   def apply_with_hidden(self, params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
                         cache, full_vocab: bool = True, slots_BT=None, visible_BTS=None):
     """``apply`` that also returns hidden_BTD: the final-normed states the head
@@ -386,13 +496,19 @@ class Transformer:
     Returns:
       (logits_BTV float32, hidden_BTD, updated cache).
     """
+    logits_BTV, hidden_BTD, cache, _ = self._run(params, tokens_BT, positions_BT, cache,
+                                                 full_vocab, slots_BT, visible_BTS, write=True)
+    return logits_BTV, hidden_BTD, cache
+
+  def _run(self, params, tokens_BT, positions_BT, cache, full_vocab, slots_BT, visible_BTS,
+           write: bool):
     cfg = self.cfg
     embedding_VD = params["embed"]["embedding"]
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(cfg.jnp_dtype)
-    x_BTD, cache = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache,
-                              self.min_window, slots_BT, visible_BTS)
+    x_BTD, cache, block = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache,
+                                     self.min_window, slots_BT, visible_BTS, write)
     hidden_BTD = rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_eps)
-    return self.head_logits(params, hidden_BTD, full_vocab), hidden_BTD, cache
+    return self.head_logits(params, hidden_BTD, full_vocab), hidden_BTD, cache, block
 
   def head_logits(self, params: dict, hidden_BTD: jax.Array,
                   full_vocab: bool = True) -> jax.Array:
