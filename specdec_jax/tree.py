@@ -74,24 +74,28 @@ def ancestors(parent_BN: jax.Array, depth_max: int) -> jax.Array:
 def verify_block(tokens_BS, length_B, proposal, num_slots: int, depth_max: int):
   """The tree pass's inputs: (tokens_BW, positions_BW, slots_BW, visible_BWS)
   with W = N + 1. The root stands for its own slot length - 1, node j for
-  scratch slot S - N + j (slots only name the entries for the mask: the
-  pass writes nothing there, ``path_slots``); each key is rotated at its
-  real position length - 1 + depth. A query sees the committed slots
-  <= length - 1 and the entries of its ancestors and itself."""
+  slot length + j, past the committed text (the slots only name the entries
+  for the mask: the pass writes nothing, ``path_slots`` says what is
+  written); each key is rotated at its real position length - 1 + depth. A
+  query sees the committed slots <= length - 1 and the entries of its
+  ancestors and itself. Every named slot is below length + N, so the pass
+  reads the attention window that holds them, as a chain step does."""
   draft_BN, depth_BN = proposal.draft_BK, proposal.depth_BK
   batch, n = draft_BN.shape
   last_B1 = jnp.take_along_axis(tokens_BS, length_B[:, None] - 1, axis=1)
   tokens_BW = jnp.concatenate([last_B1, draft_BN], axis=1)
   positions_BW = length_B[:, None] - 1 + jnp.concatenate(
       [jnp.zeros((batch, 1), jnp.int32), depth_BN], axis=1)
-  scratch = num_slots - n
-  slots_BW = jnp.concatenate([length_B[:, None] - 1,
-                              jnp.broadcast_to(scratch + jnp.arange(n), (batch, n))], axis=1)
-  committed_BS = jnp.arange(num_slots)[None, :] <= length_B[:, None] - 1
+  slots_BW = length_B[:, None] - 1 + jnp.arange(n + 1)[None, :]
+  slot_ids_S = jnp.arange(num_slots)[None, None, :]
+  committed_BWS = slot_ids_S <= (length_B - 1)[:, None, None]
   anc_BJI = jnp.swapaxes(ancestors(proposal.parent_BK, depth_max), 1, 2)   # [b, query j, key i]
   tree_BWN = jnp.concatenate([jnp.zeros((batch, 1, n), bool), anc_BJI], axis=1)
-  tree_BWS = jnp.pad(tree_BWN, ((0, 0), (0, 0), (scratch, 0)))
-  visible_BWS = committed_BS[:, None, :] | tree_BWS
+  # Query w sees node i's entry, named slot length + i.
+  node_slot_BN = length_B[:, None] + jnp.arange(n)[None, :]
+  sees_node_BWS = jnp.any(tree_BWN[:, :, :, None]
+                          & (slot_ids_S[:, :, None, :] == node_slot_BN[:, None, :, None]), axis=2)
+  visible_BWS = committed_BWS | sees_node_BWS
   return tokens_BW, positions_BW.astype(jnp.int32), slots_BW.astype(jnp.int32), visible_BWS
 
 

@@ -145,29 +145,42 @@ def test_speculative_no_recompiles_after_warmup(params):
 
 def test_windowed_attention_in_the_loop_is_exact_and_compiles_once(params):
   """Target and draft read 8, 16 or all 61 cache slots as the rows grow
-  (``Transformer.min_window``): greedy speculative decoding equals plain
-  greedy decoding over the whole cache, and crossing windows never recompiles."""
+  (``Transformer.min_window``): greedy speculative decoding, with chains and
+  with trees, equals plain greedy decoding over the whole cache, and crossing
+  windows never recompiles."""
   tp, dp = params
   windowed = lambda model: dataclasses.replace(model, min_window=8)
   plain_whole = Generator(TARGET, max_prompt_len=16, max_new_tokens=40, batch_size=2)
   gens = {"plain": Generator(windowed(TARGET), max_prompt_len=16, max_new_tokens=40,
                              batch_size=2),
           "model": Generator(windowed(TARGET), ModelDrafter(windowed(DRAFT)), k_max=4,
-                             max_prompt_len=16, max_new_tokens=40, batch_size=2)}
+                             max_prompt_len=16, max_new_tokens=40, batch_size=2),
+          # Trees name their nodes' slots past the text: the window holds them.
+          "ngram_tree": Generator(windowed(TARGET), NgramDrafter(), k_max=3, tree_nodes=6,
+                                  tree_topk=3, max_prompt_len=16, max_new_tokens=40,
+                                  batch_size=2),
+          "model_tree": Generator(windowed(TARGET), ModelDrafter(windowed(DRAFT)), k_max=3,
+                                  tree_nodes=5, tree_topk=2, max_prompt_len=16,
+                                  max_new_tokens=40, batch_size=2)}
   assert transformer.attention_windows(gens["model"].num_slots, 8) == (8, 16, 61)
   rng = np.random.default_rng(11)
   compiles = {}
+  accepted = {"ngram_tree": 0, "model_tree": 0}
   for i in range(3):
     prompts = random_prompts(rng, [3, 14])
     prompts[1] = (prompts[1][:5] * 3)[:14]   # copy-heavy: drafts accepted
     ref = [r.output_ids for r in plain_whole.generate(tp, None, prompts).rows]
     assert [len(o) for o in ref] == [40, 40]
     for name, gen in gens.items():
-      result = gen.generate(tp, dp if name == "model" else None, prompts)
+      result = gen.generate(tp, dp if name.startswith("model") else None, prompts,
+                            **({"k": 3} if name.endswith("tree") else {}))
       assert [r.output_ids for r in result.rows] == ref, f"{name}, round {i}"
+      if name.endswith("tree"):
+        accepted[name] += sum(sum(r.accepted_per_step) for r in result.rows)
     if i == 0:
       compiles = loop_compiles()
   assert loop_compiles() == compiles
+  assert min(accepted.values()) > 0, accepted   # the trees' nodes were accepted
 
 
 # ----------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import pytest
 
 from common import assert_close_in_float32
 from specdec_jax.generation import Generator
+from specdec_jax import tree
+from specdec_jax.drafters.base import Proposal
 from specdec_jax.models import kv_cache
 from specdec_jax.models.kv_cache import KVCache
 from specdec_jax.models import transformer
@@ -242,6 +244,41 @@ def test_windowed_attention_equals_the_whole_cache(layer_loop, monkeypatch):
                       lambda windows, positions: jnp.int32(0))   # always 4 slots
   wrong = decode(windowed)
   assert max(np.max(np.abs(a - b)) for a, b in zip(wrong, ref)) > 1e-2
+
+
+def test_windowed_tree_pass_equals_the_whole_cache(monkeypatch):
+  """A draft tree's verify pass under windows gives every node the logits of
+  the whole cache, also where its nodes' slots (named past the text) reach
+  the next window before their positions do; the negative control, the
+  window its positions alone would pick, misses those nodes."""
+  whole = make_model(layer_loop="unrolled")
+  windowed = Transformer(whole.cfg, "unrolled", min_window=4)
+  params = whole.prepare_params(init(make_model(), 5))
+  num_slots = 40
+  assert transformer.attention_windows(num_slots, 4) == (4, 8, 16, 40)
+  rng = np.random.default_rng(8)
+  tokens_BS = jnp.asarray(rng.integers(0, VOCAB, size=(2, num_slots)), jnp.int32)
+  length_B = jnp.asarray([6, 5], jnp.int32)
+  _, cache = whole.apply(params, tokens_BS[:, :5], jnp.broadcast_to(jnp.arange(5), (2, 5)),
+                         whole.init_cache(2, num_slots))
+  # Four nodes, two per depth: positions reach 5 + 2 = 7 (window 8), their
+  # slots 6 + 3 = 9 (window 16).
+  proposal = Proposal(draft_BK=jnp.asarray(rng.integers(0, VOCAB, size=(2, 4)), jnp.int32),
+                      q_BKV=None, num_proposed_B=jnp.asarray([4, 4], jnp.int32),
+                      parent_BK=jnp.asarray([[-1, -1, 0, 1]] * 2, jnp.int32),
+                      depth_BK=jnp.asarray([[1, 1, 2, 2]] * 2, jnp.int32))
+  block = tree.verify_block(tokens_BS, length_B, proposal, num_slots, 2)
+  tokens_BW, positions_BW, slots_BW, visible_BWS = block
+  assert int(jnp.max(positions_BW)) == 7 and int(jnp.max(slots_BW)) == 9
+
+  def logits(model):
+    return np.asarray(model.forward(params, tokens_BW, positions_BW, cache, slots_BT=slots_BW,
+                                    visible_BTS=visible_BWS)[0])
+
+  ref = logits(whole)
+  assert_close_in_float32(logits(windowed), ref, what="windowed vs whole-cache tree pass")
+  monkeypatch.setattr(transformer, "window_index", lambda windows, reach: jnp.int32(1))
+  assert np.max(np.abs(logits(windowed) - ref)) > 1e-2
 
 
 # ----------------------------------------------------------------------------

@@ -195,17 +195,22 @@ def attend(cfg: ModelConfig, q_BTNH, keys_BSGH, values_BSGH, positions_BT,
 
 
 def windowed_attend(cfg: ModelConfig, windows, index, q_BTNH, keys_BSGH, values_BSGH,
-                    positions_BT, pending: PendingBlock | None = None) -> jax.Array:
+                    positions_BT, visible_BTS: jax.Array | None = None,
+                    pending: PendingBlock | None = None) -> jax.Array:
   """``attend`` over the window ``windows[index]`` (one ``lax.switch`` over
   the static windows; a single window needs none). A step's attention then
   reads the slots the text has reached, not the whole buffer."""
   if len(windows) == 1:
-    return attend(cfg, q_BTNH, keys_BSGH, values_BSGH, positions_BT, pending=pending)
-  def branch(window, q_BTNH, keys_BSGH, values_BSGH, positions_BT, pending):
-    return attend(cfg, q_BTNH, keys_BSGH, values_BSGH, positions_BT, window, pending=pending)
+    return attend(cfg, q_BTNH, keys_BSGH, values_BSGH, positions_BT,
+                  visible_BTS=visible_BTS, pending=pending)
+
+  def branch(window, q_BTNH, keys_BSGH, values_BSGH, positions_BT, visible_BTS, pending):
+    return attend(cfg, q_BTNH, keys_BSGH, values_BSGH, positions_BT, window, visible_BTS,
+                  pending)
 
   branches = [functools.partial(branch, w) for w in windows]
-  return jax.lax.switch(index, branches, q_BTNH, keys_BSGH, values_BSGH, positions_BT, pending)
+  return jax.lax.switch(index, branches, q_BTNH, keys_BSGH, values_BSGH, positions_BT,
+                        visible_BTS, pending)
 
 
 def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSGH,
@@ -215,12 +220,8 @@ def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSG
   attention (over ``windows[which_window]`` when given; under
   ``visible_BTS`` when given), output projection, MLP (fused or separate
   gate/up), both residuals."""
-  if visible_BTS is not None:
-    attended = attend(cfg, q_BTNH, keys_BSGH, values_BSGH, positions_BT,
-                      visible_BTS=visible_BTS, pending=pending)
-  else:
-    attended = windowed_attend(cfg, windows or (keys_BSGH.shape[1],), which_window, q_BTNH,
-                               keys_BSGH, values_BSGH, positions_BT, pending)
+  attended = windowed_attend(cfg, windows or (keys_BSGH.shape[1],), which_window, q_BTNH,
+                             keys_BSGH, values_BSGH, positions_BT, visible_BTS, pending)
   x_BTD = x_BTD + _dense(p["attn"]["o"], attended)
   h_BTD = rms_norm(x_BTD, p["mlp_norm"]["scale"], cfg.rms_eps)
   mlp = p["mlp"]
@@ -239,9 +240,10 @@ def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Arr
   ``KVCache``): ``lax.scan``; a tuple of per-layer dicts (with
   ``LayerCaches``): a Python loop. ``min_window`` > 0: attention reads the
   smallest of ``attention_windows(num_slots, min_window)`` that holds the
-  block's positions, chosen once for every layer. A draft tree's pass gives
-  the cache slots its keys go to (``slots_BT``, default the positions) and
-  its mask (``visible_BTS``); it reads the whole cache.
+  block's positions (and, under a tree's mask, the slots its entries stand
+  for), chosen once for every layer. A draft tree's pass gives the cache
+  slots its keys go to (``slots_BT``, default the positions) and its mask
+  (``visible_BTS``).
 
   ``write=True``: each layer writes its keys and values into its cache
   before its attention reads the buffer (XLA then updates it in place).
@@ -258,8 +260,12 @@ def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Arr
   """
   num_slots = cache.num_slots
   windows = attention_windows(num_slots, min_window)
-  index = window_index(windows, positions_BT)
   slots_BT = positions_BT if slots_BT is None else slots_BT
+  # The window must hold every slot a query may see: those <= its position
+  # and, with a tree's mask, the slots its block's entries stand for.
+  reach_BT = positions_BT if visible_BTS is None else jnp.maximum(
+      positions_BT, jnp.where(slots_BT < num_slots, slots_BT, 0))
+  index = window_index(windows, reach_BT)
   taken_BS, entry_BS = pending_slots(slots_BT, num_slots)
 
   def attend_layer(p, x, q_BTNH, k_BSGH, v_BSGH, k_BTGH, v_BTGH):
