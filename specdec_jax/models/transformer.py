@@ -112,10 +112,11 @@ def attention_windows(num_slots: int, smallest: int) -> tuple[int, ...]:
   return tuple(windows) + (num_slots,)
 
 
-def window_index(windows: tuple[int, ...], positions_BT: jax.Array) -> jax.Array:
-  """Index of the smallest window holding every query's visible slots
-  (slots <= the largest position in the block, over all rows)."""
-  needed = jnp.max(positions_BT) + 1
+def window_index(windows: tuple[int, ...], reach_BT: jax.Array) -> jax.Array:
+  """Index of the smallest window holding every query's visible slots, from
+  ``reach_BT``, the largest slot each query may see (its position; under a
+  tree's mask, also the slots its block's entries stand for), over all rows."""
+  needed = jnp.max(reach_BT) + 1
   index = jnp.sum(jnp.asarray(windows[:-1], jnp.int32) < needed)
   return index.astype(jnp.int32)
 
@@ -154,12 +155,13 @@ def _with_pending(keys_BSGH, values_BSGH, pending: PendingBlock):
   seq = pending.k_BTGH.shape[1]
   # One select per entry (T is a verify width, small): a gather by entry_BS
   # instead made a SmolLM2 width-1 verify cost 1.11 plain steps, these 1.00.
-  gets_BTS11 = [(pending.taken_BS[:, :width] & (pending.entry_BS[:, :width] == t))[
+  # gets_BS11[t]: the slots that entry t goes to.
+  gets_BS11 = [(pending.taken_BS[:, :width] & (pending.entry_BS[:, :width] == t))[
       :, :, None, None] for t in range(seq)]
 
   def overlay(cached_BSGH, new_BTGH):
     for t in range(seq):
-      cached_BSGH = jnp.where(gets_BTS11[t], new_BTGH[:, t:t + 1], cached_BSGH)
+      cached_BSGH = jnp.where(gets_BS11[t], new_BTGH[:, t:t + 1], cached_BSGH)
     return cached_BSGH
 
   return overlay(keys_BSGH, pending.k_BTGH), overlay(values_BSGH, pending.v_BTGH)
