@@ -421,7 +421,7 @@ def test_kv_write_per_row_positions_in_both_layouts():
 def test_forward_reads_the_cache_and_equals_writing_first():
   """``forward`` attends as if the block were written first, whatever stale
   entries the cache holds at its slots: the same bits as ``apply``, for a
-  chain block and for a block with duplicate and out-of-range slots; the
+  chain block and for a block with permuted and out-of-range slots; the
   negative control (the stale entries read as they are) differs."""
   model = make_model(layer_loop="unrolled")
   params = model.prepare_params(init(make_model(), 3))
@@ -431,7 +431,7 @@ def test_forward_reads_the_cache_and_equals_writing_first():
   _, cache = model.apply(params, tokens[:, :6], positions[:, :6], model.init_cache(2, 12))
   # Stale entries at the slots the next block stands for (6..8).
   stale = model.apply(params, tokens[:, 3:6], positions[:, 6:9], cache)[1]
-  odd_slots = jnp.asarray([[6, 6, 8], [7, 12, -1]], jnp.int32)
+  odd_slots = jnp.asarray([[6, 8, 7], [7, 12, -1]], jnp.int32)
   for slots in (None, odd_slots):
     ref, _, written = model.apply_with_hidden(params, tokens[:, 6:9], positions[:, 6:9], stale,
                                               slots_BT=slots)

@@ -84,6 +84,12 @@ EQUIVALENCE = """
         return super().apply_with_hidden(params, tokens_BT, positions_BT, cache, full_vocab,
                                          *args)
 
+      def forward(self, params, tokens_BT, positions_BT, cache, *args, **kwargs):
+        # The verify pass inside the width switch (it only reads the cache).
+        if self.cfg == TCFG:
+          jax.debug.inspect_array_sharding(cache.k_LBSGH, callback=record("target_cache"))
+        return super().forward(params, tokens_BT, positions_BT, cache, *args, **kwargs)
+
     target, draft = Inspecting(TCFG), Inspecting(DCFG)
     tp = target.init_params(jax.random.PRNGKey(0))
     dp = draft.init_params(jax.random.PRNGKey(1))

@@ -4,9 +4,9 @@ Invariant (docs/design.md, "The cache invariant"): slot j holds the key and
 value of the token at absolute position j; a query at position t attends
 slots <= t, a block's own entries in place of the slots it stands for
 (written before the attention reads the cache, or by ``write_block`` after a
-pass that only read it). Slots at
-or beyond a row's committed length may be stale, and are never read, so
-rejecting drafts costs nothing.
+pass that only read it). Slots at or beyond a row's committed length may be
+stale and are never attended (masked, or replaced by the block's entries),
+so rejecting drafts costs nothing.
 
 The same two containers hold a block's new entries (T slots instead of S).
 

@@ -125,8 +125,8 @@ def window_index(windows: tuple[int, ...], reach_BT: jax.Array) -> jax.Array:
 class PendingBlock:
   """A block's keys and values not yet written to the cache, and where they
   go: ``taken_BS`` the slots the block writes, ``entry_BS`` which of its T
-  entries each slot gets (the later of two for one slot; entries for slots
-  outside [0, S) go nowhere). ``k_BTGH`` / ``v_BTGH`` are one layer's."""
+  entries each slot gets (entries for slots outside [0, S) go nowhere).
+  ``k_BTGH`` / ``v_BTGH`` are one layer's."""
 
   k_BTGH: jax.Array
   v_BTGH: jax.Array
@@ -140,7 +140,7 @@ def pending_slots(slots_BT: jax.Array, num_slots: int) -> tuple[jax.Array, jax.A
   batch, seq = slots_BT.shape
   rows_B1 = jnp.arange(batch)[:, None]
   safe_BT = jnp.where((slots_BT >= 0) & (slots_BT < num_slots), slots_BT, num_slots)
-  # Entry t + 1 (0: none) per slot; the largest t wins, as the later write would.
+  # Entry t + 1 (0: none) per slot (a slot named twice would get the later).
   entry_BS = jnp.zeros((batch, num_slots), jnp.int32).at[rows_B1, safe_BT].max(
       jnp.broadcast_to(jnp.arange(1, seq + 1, dtype=jnp.int32), (batch, seq)), mode="drop")
   return entry_BS > 0, jnp.maximum(entry_BS - 1, 0)
@@ -171,9 +171,10 @@ def attend(cfg: ModelConfig, q_BTNH, keys_BSGH, values_BSGH, positions_BT,
            window: int | None = None, visible_BTS: jax.Array | None = None,
            pending: PendingBlock | None = None) -> jax.Array:
   """Causal attention over the cache (a query at position t sees slots <= t),
-  reading only its first ``window`` slots (default: all; every visible slot
-  must lie inside: ``window_index``). Slots past the window are masked
-  anyway, so the result is the same. ``visible_BTS`` (a draft tree's mask,
+  reading only its first ``window`` slots (default: all). Every visible slot
+  must lie inside, which the caller's window choice ensures (``run_blocks``:
+  from the block's positions and, under a tree's mask, its slots; a mask
+  that shows other slots past those needs the whole cache). ``visible_BTS`` (a draft tree's mask,
   docs/design.md) replaces the causal mask. ``pending``: a block not yet
   written, read as if it were (the same values in the same slots, so the
   same bits as attending the written cache). Returns [B, T, N*H]."""
@@ -255,7 +256,9 @@ def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Arr
   ``lax.switch`` only the second avoids a copy of the whole cache into and
   out of the branch; outside one, only the first does (XLA copies a buffer
   that is read before an unrelated in-place write). Both attend the same
-  values in the same slots: bit-identical results.
+  values in the same slots, so the results are the same bits (tested on
+  CPU), provided no slot is named twice with different entries (a scatter's
+  choice between two updates of one index is implementation-defined).
 
   Returns (x_BTD, cache: updated when ``write``, block: the block's keys and
   values in the cache's layout with T slots).
@@ -489,7 +492,7 @@ class Transformer:
               full_vocab: bool = True, slots_BT=None, visible_BTS=None):
     """``apply_with_hidden`` that reads the cache and writes nothing: returns
     (logits_BTV, hidden_BTD, block), ``block`` the block's keys and values
-    for ``kv_cache.write_block`` (bit-identical logits; ``run_blocks``). For
+    for ``kv_cache.write_block`` (the same logits; ``run_blocks``). For
     a pass inside a ``lax.switch`` (the verify widths), which then writes
     once, in place, after it."""
     logits_BTV, hidden_BTD, _, block = self._run(params, tokens_BT, positions_BT, cache,
