@@ -271,7 +271,8 @@ def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Arr
   reach_BT = positions_BT if visible_BTS is None else jnp.maximum(
       positions_BT, jnp.where(slots_BT < num_slots, slots_BT, 0))
   index = window_index(windows, reach_BT)
-  taken_BS, entry_BS = pending_slots(slots_BT, num_slots)
+  # Where a read-only pass's entries would go (a writing pass has them in place).
+  taken_BS, entry_BS = (None, None) if write else pending_slots(slots_BT, num_slots)
 
   def attend_layer(p, x, q_BTNH, k_BSGH, v_BSGH, k_BTGH, v_BTGH):
     pending = None if write else PendingBlock(k_BTGH, v_BTGH, taken_BS, entry_BS)
