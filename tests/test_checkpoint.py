@@ -133,8 +133,8 @@ def test_save_refuses_params_not_matching_config(tmp_path):
 def test_smollm2_restores_from_its_cache(smollm2, smollm2_cache_dir):
   """The session's SmolLM2 was converted from the GGUF into this cache; a
   second load restores the same params and tokenizer from orbax, and both
-  equal a direct GGUF import (one conversion of the 135M model in all)."""
-  import hf_reference  # pylint: disable=g-import-not-at-top
+  equal a direct GGUF import (one conversion of the 135M model in all). (The
+  tokenizer's parity with transformers' is test_smollm2_reference's.)"""
   target, params, tok = smollm2
   start = time.perf_counter()
   cfg2, params2, tok2 = checkpoint.load_smollm2(smollm2_cache_dir)
@@ -142,7 +142,7 @@ def test_smollm2_restores_from_its_cache(smollm2, smollm2_cache_dir):
   assert cfg2 == target.cfg
   _assert_identical(params2, transformer.stack_params(params, target.cfg))
   text = "<|im_start|>user\nDef 12 😀  x<|im_end|>"
-  assert tok2.encode(text) == tok.encode(text) == hf_reference.hf_smollm2_tokenizer()(text)["input_ids"]
+  assert tok2.encode(text) == tok.encode(text) and len(tok.encode(text)) > 5
   assert tok2.eos_ids == (2, 0) and tok2.chat_template == tok.chat_template
 
 
