@@ -177,8 +177,10 @@ def test_coupled_equals_plain_sampling_at_batch_3(smollm2_scan, prompts):
       params, None, prompts, seeds=[s + 100 for s in seeds], **warp)
   assert [r.output_ids for r in plain.rows] != [r.output_ids for r in other_seeds.rows]
   draft, dp = layer_skip_draft(target, params)
-  for name, drafter, d in (("ngram", NgramDrafter(), {}),
-                           ("ngram+model", HybridDrafter.wrap(NgramDrafter(), ModelDrafter(draft)), dp)):
+  # (The hybrid: lookup drafts on the rows whose text repeats, the draft
+  # model's on the others; the n-gram drafter alone is tested on the tiny
+  # models.)
+  for name, drafter, d in (("ngram+model", HybridDrafter.wrap(NgramDrafter(), ModelDrafter(draft)), dp),):
     result = generator(smollm2, drafter, 3, rule="coupled", max_new=24).generate(
         params, d, prompts, seeds=seeds, **warp)
     assert [r.output_ids for r in result.rows] == [r.output_ids for r in plain.rows], name
@@ -191,7 +193,9 @@ def test_coupled_equals_plain_sampling_at_batch_3(smollm2_scan, prompts):
 SAMPLE_PROMPT = "My favourite colour is"
 SAMPLE_WARP = dict(temperature=1.0, top_k=5)
 SAMPLE_BATCH = 64
-NUM_SAMPLES = 384
+# The typical rule (lossy) scores p ~ 5e-7 at 256 samples and the exact
+# rule 0.47 (1e-8 and 0.82 at 384; measured), against the test's 1e-3.
+NUM_SAMPLES = 256
 
 
 @pytest.fixture(scope="session")
