@@ -59,9 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
       ngram_min_n=1,
       lookup_min_match=2,       # ngram+...: lookup drafts where >= this many tokens match
       # Draft trees (specdec_jax/tree.py): N nodes per row, depth <= k,
-      # tree_topk branches; 0 drafts chains. Trees come from drafter=ngram or
-      # drafter=model, verified greedily, by rejection or coupled, with
-      # policy=fixed.
+      # tree_topk branches; 0 drafts chains. Every drafter builds trees,
+      # verified greedily, by rejection or coupled, with policy=fixed.
       tree_nodes=0,
       tree_topk=2,
   ))

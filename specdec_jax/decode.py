@@ -419,10 +419,13 @@ def _verify_tree(spec: DecodeSpec, target: Transformer, target_params, state: De
   n_B, x_B, committed_BK, path_BK, reached_BK, expected_BK = tree.accept(
       logits_BWV, proposal, state.keys_B2, state.length_B, spec.k_max, greedy=spec.greedy,
       rule=spec.rule, sampling_params=run.sampling)
-  batch, _, dim = hidden_BWD.shape
+  # A feature drafter's features: the root's (position length - 1) and the
+  # accepted path's nodes' (length ..); past the path stale, never read.
+  rows_B1 = jnp.arange(hidden_BWD.shape[0])[:, None]
+  path_index_BK1 = jnp.concatenate(
+      [jnp.zeros_like(path_BK[:, :1]), jnp.maximum(path_BK, 0) + 1], axis=1)
   return _Verified(n_B=n_B, x_B=x_B, committed_BK=committed_BK, reached_BK=reached_BK,
-                   expected_BK=expected_BK,
-                   hidden_BK1D=jnp.zeros((batch, spec.k_max + 1, dim), hidden_BWD.dtype),
+                   expected_BK=expected_BK, hidden_BK1D=hidden_BWD[rows_B1, path_index_BK1],
                    block=block, slots_BX=tree.path_slots(path_BK, state.length_B,
                                                           spec.tree_nodes, spec.num_slots))
 

@@ -47,7 +47,7 @@ def check_setup(tree_nodes, tree_topk, k_max, drafter, rule, policy,
     raise ValueError(f"tree_nodes={tree_nodes} needs a drafter and k >= 1")
   if not drafter.builds_trees:
     raise ValueError(f"tree_nodes={tree_nodes}: the {drafter.name!r} drafter does not "
-                     "build draft trees (drafter=ngram and drafter=model do)")
+                     "build draft trees (every built-in drafter does)")
   if rule not in TREE_RULES:
     raise ValueError(f"tree_nodes={tree_nodes} with rule={rule!r}: trees verify with rule "
                      f"{' or '.join(TREE_RULES)} (greedy at temperature 0)")

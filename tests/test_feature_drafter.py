@@ -246,3 +246,37 @@ def test_rejection_with_restricted_feature_head_preserves_distribution():
   assert counts["accepted"] > n // 4, counts
   assert counts["proposed"] - counts["accepted"] > n // 4, counts
   assert counts["bonus_tokens"] > n // 50, counts
+
+
+def test_draft_tree_steps_record_the_accepted_paths_features():
+  """With draft trees the features of the accepted path come from the tree's
+  verify pass, whose nodes are not in position order: after each step the
+  recorded features below length-1 must still be the target's features of
+  the committed text (a one-layer target and its exact feature copy, so
+  that paths several nodes deep are accepted)."""
+  target, tp, draft, dp = _copy_of_one_layer_target(5)
+  prompts = make_prompts(14)
+  batch = len(prompts)
+  g = Generator(target, FeatureDrafter(draft), k_max=3, max_prompt_len=16,
+                max_new_tokens=MAX_NEW, batch_size=batch, tree_nodes=6, tree_topk=2)
+  spec = g.spec(greedy=True)
+  req = g.request(prompts, max_new_tokens=MAX_NEW, k=3)
+  state = jax.jit(functools.partial(decode.prefill, spec, target, g.drafter))(
+      tp, dp, req.requests, req.run)
+  step_fn = jax.jit(functools.partial(decode.step, spec, target, g.drafter))
+  accepted = 0
+  for step in range(4):
+    before = np.asarray(state.length_B)
+    state = step_fn(tp, dp, state, req.run)
+    length = np.asarray(state.length_B)
+    accepted += int(np.sum(length - before - 1))
+    tokens = state.tokens_BS
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    _, hidden, _ = target.apply_with_hidden(tp, tokens, positions,
+                                            target.init_cache(batch, tokens.shape[1]))
+    recorded = np.asarray(state.drafter_state.features_BSD)
+    for b in range(batch):
+      n = int(length[b])
+      assert_close_in_float32(recorded[b, :n - 1], np.asarray(hidden[b, :n - 1]),
+                              what=f"features, step {step} row {b}")
+  assert accepted >= 2 * 4 * batch   # paths deeper than one node were accepted

@@ -1,6 +1,7 @@
 """Draft trees (specdec_jax/tree.py, docs/design.md "Draft trees"): the n-gram
-and draft-model trees (hand examples), the tree mask, exactness against plain
-decoding (greedy and coupled, with a missing cache move caught),
+and draft-model trees (hand examples), the feature draft's tree against the
+target's own top-k, the tree mask, exactness against plain decoding (greedy
+and coupled, every drafter, with a missing cache write caught),
 rejection-sampling fidelity on trees (a broken residual caught), zero
 recompiles and refused settings."""
 
@@ -11,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import FEATURE_DRAFT, TARGET, VOCAB, init, tiny_config
+from common import FEATURE_DRAFT, TARGET, VOCAB, feature_params, init, tiny_config
 from specdec_jax import compile_count
 from specdec_jax import runtime
 from specdec_jax import sampling
 from specdec_jax import tree
-from specdec_jax.drafters import FeatureDrafter, ModelDrafter, NgramDrafter
+from specdec_jax.drafters import FeatureDrafter, HybridDrafter, ModelDrafter, NgramDrafter
 from specdec_jax.drafters import tree_expansion
 from specdec_jax.drafters.base import DraftContext
 from specdec_jax.generation import Generator
@@ -39,7 +40,9 @@ def branching_prompts(seed: int):
   return prompts
 
 
-TREE_DRAFTERS = {"ngram": NgramDrafter(), "model": ModelDrafter(TARGET)}
+TREE_DRAFTERS = {"ngram": NgramDrafter(), "model": ModelDrafter(TARGET),
+                 "feature": FeatureDrafter(FEATURE_DRAFT),
+                 "ngram+feature": HybridDrafter.wrap(NgramDrafter(), FeatureDrafter(FEATURE_DRAFT))}
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,15 +108,15 @@ def test_model_tree_hand_example():
                                [.01, .02, .02, .9, .05],
                                [.04, .03, .03, .5, .4]] + [[.2] * 5] * 2))
 
-  def advance(state, tokens_BT, positions_BT, slots_BT, visible_BTS):
+  def advance(state, tokens_BT, positions_BT, slots_BT, visible_BTS, parent_slot_BT):
     # The state records what the frontier was fed (one depth here: k = 2).
     del state
-    return after[tokens_BT], (positions_BT, slots_BT, visible_BTS)
+    return after[tokens_BT], (positions_BT, slots_BT, visible_BTS, parent_slot_BT)
 
   ctx = _context([[0, 0, 0]], 2, width=16)
   root = jnp.log(jnp.asarray([[.04, .6, .3, .03, .03]]))
   fed = (jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32),
-         jnp.zeros((1, 2, 16), bool))
+         jnp.zeros((1, 2, 16), bool), jnp.zeros((1, 2), jnp.int32))
   expand = functools.partial(tree_expansion.expand_tree, root_logits_BV=root, state=fed,
                              advance=advance, num_slots=16, greedy=True)
   proposal, fed = expand(ctx, 2, 4, 2)
@@ -123,8 +126,9 @@ def test_model_tree_hand_example():
   assert int(proposal.num_proposed_B[0]) == 4
   # The frontier (1, 2) went to position 3 and scratch slots 14, 15, each
   # seeing the committed slots 0-2 and itself.
-  positions, slots, visible = (np.asarray(x)[0] for x in fed)
+  positions, slots, visible, parent_slots = (np.asarray(x)[0] for x in fed)
   assert positions.tolist() == [3, 3] and slots.tolist() == [14, 15]
+  assert parent_slots.tolist() == [-1, -1]   # children of the root
   assert np.flatnonzero(visible[0]).tolist() == [0, 1, 2, 14]
   assert np.flatnonzero(visible[1]).tolist() == [0, 1, 2, 15]
   # Three nodes drop 2-3; a row's k_b = 1 keeps depth 1 only.
@@ -156,12 +160,23 @@ def _run(gen, tp, prompts, temperature=0.0, draft_params=None):
   return gen.generate(tp, draft_params, prompts, temperature=temperature, seeds=seeds)
 
 
+def _draft_params(drafter: str, tp, seed: int):
+  if drafter == "model":
+    return noisy_copy(tp, seed, 0.05)
+  if drafter.endswith("feature"):
+    return feature_params(200 + seed, tp)
+  return None
+
+
 @pytest.mark.parametrize("drafter,rule,temperature", [
-    ("ngram", "rejection", 0.0), ("ngram", "coupled", 1.0), ("model", "coupled", 1.0)],
-    ids=["greedy-ngram", "coupled-ngram", "coupled-model"])
+    ("ngram", "rejection", 0.0), ("ngram", "coupled", 1.0), ("model", "coupled", 1.0),
+    ("feature", "rejection", 0.0), ("ngram+feature", "coupled", 1.0)],
+    ids=["greedy-ngram", "coupled-ngram", "coupled-model", "greedy-feature",
+         "coupled-ngram+feature"])
 def test_tree_equals_plain_decoding_and_never_recompiles(drafter, rule, temperature):
   # (Greedy model trees: test_exact_self_draft_chain_tree_accepts_every_node
-  # and test_model_tree_hand_example; greedy acceptance is the n-gram's.)
+  # and test_model_tree_hand_example. The feature draft's tree itself:
+  # test_feature_draft_tree_children_are_the_drafts_top_k_along_their_path.)
   plain, trees = generators(rule, drafter)
   accepting_steps = 0
   before = None
@@ -169,7 +184,7 @@ def test_tree_equals_plain_decoding_and_never_recompiles(drafter, rule, temperat
     tp = init(TARGET, seed)
     prompts = branching_prompts(seed)
     ref = [r.output_ids for r in _run(plain, tp, prompts, temperature).rows]
-    dp = noisy_copy(tp, seed, 0.05) if drafter == "model" else None
+    dp = _draft_params(drafter, tp, seed)
     result = _run(trees, tp, prompts, temperature, draft_params=dp)
     assert [r.output_ids for r in result.rows] == ref, f"seed {seed}"
     for row in result.rows:
@@ -181,6 +196,56 @@ def test_tree_equals_plain_decoding_and_never_recompiles(drafter, rule, temperat
       before = compile_count.loop_compiles()
   assert compile_count.loop_compiles() == before
   assert accepting_steps > 0   # not vacuous: tree nodes were accepted
+
+
+def test_feature_draft_tree_children_are_the_drafts_top_k_along_their_path():
+  """The feature draft's tree, the whole pool kept: every expanded node's
+  children must be the draft's own top-k after feeding that node's path one
+  token at a time, each with the previous token's estimate g (the chain's
+  way, an independent reference). Fails if a node is fed at the wrong
+  position or slot, sees the wrong entries, or reads another node's
+  feature (a sibling's, the root's) in place of its parent's."""
+  tp = init(TARGET, 0)
+  dp = feature_params(5, tp, scale=0.5)
+  drafter = FeatureDrafter(FEATURE_DRAFT)
+  draft = FEATURE_DRAFT
+  k, topk = 3, 2
+  nodes = topk + (k - 1) * topk * topk      # the whole pool
+  prompts = [[5, 9, 2, 7, 1, 4], [3, 8, 8, 1, 6, 2]]
+  prompt_BT = jnp.asarray(prompts, jnp.int32)
+  positions_BT = jnp.broadcast_to(jnp.arange(6), (2, 6))
+  num_slots = 32
+  _, hidden_BTD, _ = TARGET.apply_with_hidden(tp, prompt_BT, positions_BT,
+                                              TARGET.init_cache(2, num_slots))
+  state = drafter.record_features(drafter.init_state(2, num_slots), hidden_BTD, positions_BT)
+  state = drafter.prefill(dp, state, prompt_BT, positions_BT)
+  ctx = _context(prompts, k, width=num_slots)
+  proposal, _ = jax.jit(functools.partial(drafter.propose_tree, k=k, num_nodes=nodes, topk=topk,
+                                          greedy=True, purpose=0))(dp, state, ctx)
+  draft_BN, parent_BN = np.asarray(proposal.draft_BK), np.asarray(proposal.parent_BK)
+  assert np.asarray(proposal.num_proposed_B).tolist() == [nodes, nodes]
+  # The reference: the committed block with the target's features, then the
+  # path's tokens one by one, each with the estimate g of the one before.
+  g_B1D, cache = drafter._resync(dp, state, ctx, k)   # pylint: disable=protected-access
+  hidden = jax.jit(draft.hidden)
+
+  def draft_top_k(b, path):
+    g, c = g_B1D, cache
+    for depth, token in enumerate(path):
+      tokens = jnp.full((2, 1), token, jnp.int32)
+      g, c = hidden(dp, tokens, g, jnp.full((2, 1), len(prompts[b]) + depth, jnp.int32), c)
+    return set(np.argsort(-np.asarray(draft.logits(dp, g)[b, 0]))[:topk].tolist())
+
+  expanded = 0
+  for b in range(2):
+    def path(j):
+      return (path(parent_BN[b, j]) if parent_BN[b, j] >= 0 else []) + [int(draft_BN[b, j])]
+    for parent in [-1] + list(range(nodes)):
+      children = {int(draft_BN[b, j]) for j in range(nodes) if parent_BN[b, j] == parent}
+      if children:
+        expanded += 1
+        assert children == draft_top_k(b, path(parent) if parent >= 0 else []), (b, parent)
+  assert expanded == 2 * (1 + topk + topk)   # the root and topk frontier nodes per depth
 
 
 def test_a_missing_path_write_is_caught(monkeypatch):
@@ -204,13 +269,18 @@ def test_a_missing_path_write_is_caught(monkeypatch):
   assert differs > 0
 
 
+class ChainOnlyDrafter(NgramDrafter):
+  """A drafter without ``propose_tree`` (every built-in drafter has one)."""
+  builds_trees = False
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(tree_nodes=3), "tree_nodes=3 is below k=4"),
     (dict(tree_topk=0), "tree_topk=0"),
     (dict(tree_topk=9), r"tree_topk=9 must be an int in \[1, tree_nodes=8\]"),
     (dict(rule="typical"), "rule='typical'"),
     (dict(policy="auto"), "policy=fixed"),
-    (dict(drafter=FeatureDrafter(FEATURE_DRAFT)), "does not build draft trees"),
+    (dict(drafter=ChainOnlyDrafter()), "does not build draft trees"),
     (dict(verify_widths=(1, 9)), "sets the verify widths"),
 ])
 def test_bad_tree_settings_are_refused_before_compiling(change, match):
@@ -225,7 +295,6 @@ def test_bad_tree_settings_are_refused_before_compiling(change, match):
 
 @pytest.mark.parametrize("changes,match", [
     (dict(tree_nodes=2, k=4, policy="fixed"), "config.decode.tree_nodes=2 is below k=4"),
-    (dict(tree_nodes=8, drafter="feature", policy="fixed"), "'feature' drafter does not build"),
     (dict(tree_nodes=8, policy="auto"), "policy=fixed"),
 ])
 def test_bad_tree_config_is_one_line_error(changes, match):

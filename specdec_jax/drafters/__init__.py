@@ -37,10 +37,10 @@ class DrafterKind:
 KINDS = {kind.name: kind for kind in (
     DrafterKind("none", lookup=False, draft_model=None),
     DrafterKind("model", lookup=False, draft_model="model", builds_trees=True),
-    DrafterKind("feature", lookup=False, draft_model="feature"),
+    DrafterKind("feature", lookup=False, draft_model="feature", builds_trees=True),
     DrafterKind("ngram", lookup=True, draft_model=None, builds_trees=True),
-    DrafterKind("ngram+model", lookup=True, draft_model="model"),
-    DrafterKind("ngram+feature", lookup=True, draft_model="feature"),
+    DrafterKind("ngram+model", lookup=True, draft_model="model", builds_trees=True),
+    DrafterKind("ngram+feature", lookup=True, draft_model="feature", builds_trees=True),
 )}
 DRAFTERS = tuple(KINDS)
 

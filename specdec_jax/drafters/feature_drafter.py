@@ -18,6 +18,13 @@ Each propose:
    ``lax.scan``, each feeding back the draft's own estimate g in place of the
    target's unknown feature; once every row has stopped proposing, the steps
    skip the forward pass (``lax.cond``).
+
+``propose_tree`` grows a draft tree instead (``tree_expansion``, as the draft
+model does): after the same resync, each frontier node is fed with its
+parent's estimate g (the root's children with the resync's last output),
+and the nodes' own estimates are kept per scratch slot for their children.
+The target's features of the accepted path come back from the tree's verify
+pass like a chain's (``decode._verify_tree``).
 """
 
 import dataclasses
@@ -26,6 +33,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from specdec_jax.drafters import tree_expansion
 from specdec_jax.drafters.base import DraftContext, Drafter
 from specdec_jax.drafters.chain import draft_chain
 from specdec_jax.models.feature_draft import FeatureDraft
@@ -55,7 +63,8 @@ class FeatureDrafter(Drafter):
 
   model: FeatureDraft
   name: str = "feature"
-  reads_target_features = True   # a class constant, not a field
+  reads_target_features = True   # class constants, not fields
+  builds_trees = True
 
   @property
   def draft_model(self) -> FeatureDraft:
@@ -83,15 +92,49 @@ class FeatureDrafter(Drafter):
     _, cache = self.model.hidden(params, prompt_BT, prev_BTD, positions_BT, state.cache)
     return state.replace(cache=cache)
 
-  def propose(self, params, state: FeatureDrafterState, ctx: DraftContext, k: int, *,
-              greedy: bool, purpose: int):
-    length_B = ctx.length_B
+  def _resync(self, params, state: FeatureDrafterState, ctx: DraftContext, k: int):
+    """Feeds positions length-k-1 .. length-1 (clamped at 0) with the target's
+    features; returns g_B1D at position length - 1 and the draft cache."""
     offsets_K1 = jnp.arange(k + 1) - k           # -k .. 0
-    pos_BK1 = jnp.maximum(length_B[:, None] - 1 + offsets_K1[None, :], 0)
+    pos_BK1 = jnp.maximum(ctx.length_B[:, None] - 1 + offsets_K1[None, :], 0)
     tok_BK1 = jnp.take_along_axis(ctx.tokens_BS, pos_BK1, axis=1)
     g_BK1D, cache = self.model.hidden(params, tok_BK1, _prev_features(state.features_BSD, pos_BK1),
                                       pos_BK1, state.cache)
-    g_B1D = g_BK1D[:, -1:]
+    return g_BK1D[:, -1:], cache
+
+  def tree_scratch_slots(self, k: int, num_nodes: int, topk: int) -> int:
+    del num_nodes
+    return tree_expansion.scratch_slots(k, topk)
+
+  def propose_tree(self, params, state: FeatureDrafterState, ctx: DraftContext, k: int,
+                   num_nodes: int, topk: int, *, greedy: bool, purpose: int):
+    del purpose   # the tree's candidates are the draft's top-k, not samples
+    g_B1D, cache = self._resync(params, state, ctx, k)
+    num_slots = cache.num_slots
+    scratch = tree_expansion.scratch_slots(k, topk)
+    start = num_slots - scratch
+    rows_B1 = jnp.arange(g_B1D.shape[0])[:, None]
+
+    def advance(carry, tokens_BT, positions_BT, slots_BT, visible_BTS, parent_slot_BT):
+      cache, g_BXD = carry      # g of the node fed into scratch slot start + x
+      parent_g_BTD = jnp.where((parent_slot_BT >= 0)[..., None],
+                               g_BXD[rows_B1, jnp.clip(parent_slot_BT - start, 0, scratch - 1)],
+                               g_B1D)
+      g_BTD, cache = self.model.hidden(params, tokens_BT, parent_g_BTD, positions_BT, cache,
+                                       slots_BT=slots_BT, visible_BTS=visible_BTS)
+      g_BXD = g_BXD.at[rows_B1, slots_BT - start].set(g_BTD, mode="drop")
+      return self.model.logits(params, g_BTD), (cache, g_BXD)
+
+    g_BXD = jnp.zeros((g_B1D.shape[0], max(scratch, 1), g_B1D.shape[-1]), g_B1D.dtype)
+    proposal, (cache, _) = tree_expansion.expand_tree(
+        ctx, k, num_nodes, topk, self.model.logits(params, g_B1D)[:, 0], (cache, g_BXD),
+        advance, num_slots=num_slots, greedy=greedy)
+    return proposal, state.replace(cache=cache)
+
+  def propose(self, params, state: FeatureDrafterState, ctx: DraftContext, k: int, *,
+              greedy: bool, purpose: int):
+    length_B = ctx.length_B
+    g_B1D, cache = self._resync(params, state, ctx, k)
 
     def advance(carry, token_B, i):
       cache, g_B1D = carry

@@ -21,6 +21,9 @@ model never saw. Rows that take the lookup's drafts have k_b = 0 for the
 model, so when every row of the batch does (a batch of 1 on a lookup step)
 the model's K-1 scan steps skip their forward pass and only the resync block
 runs.
+
+Draft trees (``propose_tree``) choose the same way per row: the lookup's
+branches (its best matches) or the draft model's tree.
 """
 
 import dataclasses
@@ -79,6 +82,13 @@ class HybridDrafter(Drafter):
   def reads_target_features(self) -> bool:
     return self.draft.reads_target_features
 
+  @property
+  def builds_trees(self) -> bool:
+    return self.lookup.builds_trees and self.draft.builds_trees
+
+  def tree_scratch_slots(self, k, num_nodes, topk):
+    return self.draft.tree_scratch_slots(k, num_nodes, topk)
+
   def record_features(self, state, hidden_BTD, positions_BT):
     return self.draft.record_features(state, hidden_BTD, positions_BT)
 
@@ -88,11 +98,34 @@ class HybridDrafter(Drafter):
   def prefill(self, params, state, prompt_BT, positions_BT):
     return self.draft.prefill(params, state, prompt_BT, positions_BT)
 
-  def propose(self, params, state, ctx: DraftContext, k: int, *, greedy: bool,
-              purpose: int):
+  def _split(self, ctx: DraftContext, k: int):
+    """(the lookup's chain, its draft count, use_lookup_B, the draft model's
+    context: k_b = 0 on the rows that take the lookup's drafts)."""
     lookup_BK, lookup_num_B, match_len_B = self.lookup.lookup(ctx, k)
     use_lookup_B = match_len_B >= self.min_match
     model_ctx = ctx.replace(max_k_B=jnp.where(use_lookup_B, 0, ctx.max_k_B))
+    return lookup_BK, lookup_num_B, use_lookup_B, model_ctx
+
+  def propose_tree(self, params, state, ctx: DraftContext, k: int, num_nodes: int,
+                   topk: int, *, greedy: bool, purpose: int):
+    _, _, use_lookup_B, model_ctx = self._split(ctx, k)
+    lookup, _ = self.lookup.propose_tree(params, (), ctx, k, num_nodes, topk,
+                                         greedy=greedy, purpose=purpose)
+    model, state = self.draft.propose_tree(params, state, model_ctx, k, num_nodes, topk,
+                                           greedy=greedy, purpose=purpose)
+    pick = lambda a, b: jnp.where(use_lookup_B[:, None], a, b).astype(jnp.int32)
+    proposal = Proposal(
+        draft_BK=pick(lookup.draft_BK, model.draft_BK), q_BKV=None,
+        num_proposed_B=jnp.where(use_lookup_B, lookup.num_proposed_B,
+                                 model.num_proposed_B).astype(jnp.int32),
+        parent_BK=pick(lookup.parent_BK, model.parent_BK),
+        depth_BK=pick(lookup.depth_BK, model.depth_BK),
+        shadow_B=jnp.where(use_lookup_B, 1, 0).astype(jnp.int32))
+    return proposal, state
+
+  def propose(self, params, state, ctx: DraftContext, k: int, *, greedy: bool,
+              purpose: int):
+    lookup_BK, lookup_num_B, use_lookup_B, model_ctx = self._split(ctx, k)
     model, state = self.draft.propose(params, state, model_ctx, k, greedy=greedy,
                                       purpose=purpose)
     pick = lambda a, b: jnp.where(use_lookup_B.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)

@@ -67,7 +67,8 @@ class ModelDrafter(Drafter):
     del purpose   # the tree's candidates are the draft's top-k, not samples
     root_logits_BV, cache = self._resync(params, state, ctx, k + 1)
 
-    def advance(cache, tokens_BT, positions_BT, slots_BT, visible_BTS):
+    def advance(cache, tokens_BT, positions_BT, slots_BT, visible_BTS, parent_slot_BT):
+      del parent_slot_BT   # the cache holds all a node's context
       return self.model.apply(params, tokens_BT, positions_BT, cache, slots_BT=slots_BT,
                               visible_BTS=visible_BTS)
 

@@ -25,8 +25,11 @@ from specdec_jax import sampling
 from specdec_jax.drafters.base import DraftContext, Proposal
 from specdec_jax.tree import ROOT
 
-# (state, tokens_BT, positions_BT, slots_BT, visible_BTS) -> (logits_BTV, state)
-TreeAdvance = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+# (state, tokens_BT, positions_BT, slots_BT, visible_BTS, parent_slot_BT)
+#   -> (logits_BTV, state); parent_slot_BT: the slot the node's parent was fed
+#   into, -1 for a child of the root (a feature draft reads its parent's output).
+TreeAdvance = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
+                       tuple[jax.Array, Any]]
 
 
 def scratch_slots(k: int, topk: int) -> int:
@@ -54,7 +57,8 @@ def expand_tree(ctx: DraftContext, k: int, num_nodes: int, topk: int, root_logit
       children).
     state: the draft's state, threaded through ``advance``.
     advance: feeds a block of frontier nodes at the given positions into the
-      given cache slots under the given mask [B, T, num_slots]; returns their
+      given cache slots under the given mask [B, T, num_slots], told the
+      slot each node's parent went to (-1: the root); returns their
       next-token logits and the state.
     num_slots: the draft cache's slots; the frontier nodes go to its last
       ``scratch_slots(k, topk)`` (beyond every committed position: the
@@ -97,8 +101,10 @@ def expand_tree(ctx: DraftContext, k: int, num_nodes: int, topk: int, root_logit
       visible_BTS = visible_BTS | (slot_ids_S[None, None, :] == slot_BT[:, :, None])
       node_BT = jnp.where(node_BT >= 0, c["parent"][rows_B1, jnp.maximum(node_BT, 0)], ROOT)
     positions_BT = jnp.broadcast_to((length_B - 1 + d)[:, None], (batch, topk))
+    parent_BT = c["parent"][rows_B1, front_BT]
+    parent_slot_BT = jnp.where(parent_BT >= 0, fed_slot[rows_B1, jnp.maximum(parent_BT, 0)], -1)
     logits_BTV, state = advance(state, c["token"][rows_B1, front_BT], positions_BT, slots_BT,
-                                visible_BTS)
+                                visible_BTS, parent_slot_BT)
     child_lq_BTC, child_token_BTC = jax.lax.top_k(_log_q(logits_BTV, ctx, greedy), topk)
     start = topk + (d - 1) * topk * topk
     put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(

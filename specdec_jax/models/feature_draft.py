@@ -85,7 +85,7 @@ class FeatureDraft:
     return self.blocks.init_cache(batch_size, num_slots)
 
   def hidden(self, params: dict, tokens_BT: jax.Array, prev_features_BTD: jax.Array,
-             positions_BT: jax.Array, cache):
+             positions_BT: jax.Array, cache, slots_BT=None, visible_BTS=None):
     """g_BTD, the draft's estimates of the target's features, and the cache.
 
     Args:
@@ -93,6 +93,8 @@ class FeatureDraft:
       prev_features_BTD: the target's feature f_{t-1} (or the draft's own
         estimate of it while drafting); zeros at position 0.
       positions_BT: int32 absolute positions (cache slots).
+      slots_BT, visible_BTS: a draft tree's pass (``run_blocks``): the cache
+        slots its keys go to and its attention mask.
     """
     cfg = self.cfg
     norm = lambda name, x: rms_norm(x.astype(cfg.jnp_dtype), params[name]["scale"], cfg.rms_eps)
@@ -100,7 +102,8 @@ class FeatureDraft:
     fused_BT2D = jnp.concatenate(
         [norm("embed_norm", embed_BTD), norm("feature_norm", prev_features_BTD)], axis=-1)
     x_BTD = fused_BT2D @ params["fc"]["kernel"] + params["fc"]["bias"]
-    x_BTD, cache, _ = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache)
+    x_BTD, cache, _ = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache,
+                                 slots_BT=slots_BT, visible_BTS=visible_BTS)
     g_BTD = rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_eps)
     return g_BTD, cache
 
