@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
       lookup_min_match=2,       # ngram+...: lookup drafts where >= this many tokens match
       # Draft trees (specdec_jax/tree.py): N nodes per row, depth <= k,
       # tree_topk branches; 0 drafts chains. Every drafter builds trees,
-      # verified greedily, by rejection or coupled, with policy=fixed.
+      # verified greedily, by rejection or coupled, with policy=fixed or auto.
       tree_nodes=0,
       tree_topk=2,
   ))

@@ -499,8 +499,10 @@ def verify_phase(spec: DecodeSpec, target: Transformer, drafter: Drafter | None,
     # been the token the target just chose? (1 right, 0 wrong, -1 no news)
     shadow_B = jnp.where((proposal.num_proposed_B == 0) & (proposal.shadow_B > 0),
                          (proposal.draft_BK[:, 0] == x_B).astype(jnp.int32), -1)
-  policy_state = policies.update(spec.policy, state.policy_state, n_B,
-                                 proposal.num_proposed_B, active_B, run.k, shadow_B)
+  # A tree's n_B accepted nodes are out of its depth, not its node count.
+  out_of_B = tree.proposed_depth(proposal) if spec.tree_nodes else proposal.num_proposed_B
+  policy_state = policies.update(spec.policy, state.policy_state, n_B, out_of_B, active_B,
+                                 run.k, shadow_B)
   state = state.replace(target_cache=target_cache, policy_state=policy_state, stats=stats)
   state, _ = _commit(spec, state, verified.committed_BK, n_B, x_B)
   return state.replace(step=state.step + 1)

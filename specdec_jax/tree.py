@@ -16,6 +16,8 @@ from specdec_jax import verify
 
 ROOT = -1
 TREE_RULES = ("rejection", "coupled")   # at temperature > 0; greedy at 0
+# auto: a row drafts a tree (of the depth the costs favour) or nothing.
+TREE_POLICIES = ("fixed", "auto")
 # Purpose of the accept test of the i-th sibling at a position: above the
 # purposes of ``sampling`` (0-3), one per node index.
 SIBLING_PURPOSE_BASE = 16
@@ -51,11 +53,18 @@ def check_setup(tree_nodes, tree_topk, k_max, drafter, rule, policy,
   if rule not in TREE_RULES:
     raise ValueError(f"tree_nodes={tree_nodes} with rule={rule!r}: trees verify with rule "
                      f"{' or '.join(TREE_RULES)} (greedy at temperature 0)")
-  if policy != "fixed":
+  if policy not in TREE_POLICIES:
     raise ValueError(f"tree_nodes={tree_nodes} with policy={policy!r}: trees draft with "
-                     "policy=fixed")
+                     f"policy={' or policy='.join(TREE_POLICIES)}")
   if verify_widths:
     raise ValueError("tree_nodes > 0 sets the verify widths itself (1, tree_nodes + 1)")
+
+
+def proposed_depth(proposal) -> jax.Array:
+  """int32 [B]: the depth of a row's deepest node (0: no tree), what a
+  tree's accepted-node count is out of (the policies' acceptance rate)."""
+  valid_BN = jnp.arange(proposal.draft_BK.shape[1])[None, :] < proposal.num_proposed_B[:, None]
+  return jnp.max(jnp.where(valid_BN, proposal.depth_BK, 0), axis=1).astype(jnp.int32)
 
 
 def ancestors(parent_BN: jax.Array, depth_max: int) -> jax.Array:

@@ -637,20 +637,27 @@ def test_auto_k_hand_values():
                          K_MAX).tolist() == [0]
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_auto_policy_drafts_where_it_pays_and_stays_exact(temperature):
+@pytest.mark.parametrize("temperature,tree_nodes", [(0.0, 0), (1.0, 0), (1.0, 8)],
+                         ids=["greedy", "coupled", "coupled-tree"])
+def test_auto_policy_drafts_where_it_pays_and_stays_exact(temperature, tree_nodes):
   """The lookup's drafts are all right on a target that copies its last token
   and mostly wrong on a random one. At CPU-like costs (a verify pass of K+1
   tokens at 1.6 plain steps) the auto policy keeps drafting on the first and
   soon stops on the second (its shadow checks of the lookup keep the
   estimate honest); output is plain decoding's either way (coupled rule when
-  sampling); prohibitive costs mean plain steps only."""
+  sampling); prohibitive costs mean plain steps only. With draft trees
+  (the lookup's branches, a verify pass of N + 1 tokens) the same: a row
+  drafts a tree or nothing."""
   from specdec_jax import policies
   tp = init(TARGET, 90)
   copying = dict(tp, layers=jax.tree.map(jnp.zeros_like, tp["layers"]))
   prompts, seeds = make_prompts(91), [1, 2, 3, 4, 5]
   rule = "coupled" if temperature > 0 else "rejection"
   g = gen("ngram", 5, rule=rule, policy="auto")
+  if tree_nodes:
+    g = Generator(TARGET, NgramDrafter(), k_max=K_MAX, rule=rule, policy="auto",
+                  max_prompt_len=16, max_new_tokens=MAX_NEW, batch_size=5,
+                  tree_nodes=tree_nodes, tree_topk=2)
   cpu = policies.Costs(verify_W=jnp.asarray([1.0, 1.6]), draft=jnp.float32(0.0))
   never = policies.Costs(verify_W=jnp.asarray([1.0, 100.0]), draft=jnp.float32(0.0))
   drafting = {}

@@ -279,7 +279,7 @@ class ChainOnlyDrafter(NgramDrafter):
     (dict(tree_topk=0), "tree_topk=0"),
     (dict(tree_topk=9), r"tree_topk=9 must be an int in \[1, tree_nodes=8\]"),
     (dict(rule="typical"), "rule='typical'"),
-    (dict(policy="auto"), "policy=fixed"),
+    (dict(policy="adaptive"), "policy=fixed or policy=auto"),
     (dict(drafter=ChainOnlyDrafter()), "does not build draft trees"),
     (dict(verify_widths=(1, 9)), "sets the verify widths"),
 ])
@@ -295,7 +295,7 @@ def test_bad_tree_settings_are_refused_before_compiling(change, match):
 
 @pytest.mark.parametrize("changes,match", [
     (dict(tree_nodes=2, k=4, policy="fixed"), "config.decode.tree_nodes=2 is below k=4"),
-    (dict(tree_nodes=8, policy="auto"), "policy=fixed"),
+    (dict(tree_nodes=8, policy="budget"), "policy=fixed or policy=auto"),
 ])
 def test_bad_tree_config_is_one_line_error(changes, match):
   with pytest.raises(ValueError, match=match):

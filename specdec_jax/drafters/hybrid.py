@@ -119,8 +119,7 @@ class HybridDrafter(Drafter):
         num_proposed_B=jnp.where(use_lookup_B, lookup.num_proposed_B,
                                  model.num_proposed_B).astype(jnp.int32),
         parent_BK=pick(lookup.parent_BK, model.parent_BK),
-        depth_BK=pick(lookup.depth_BK, model.depth_BK),
-        shadow_B=jnp.where(use_lookup_B, 1, 0).astype(jnp.int32))
+        depth_BK=pick(lookup.depth_BK, model.depth_BK))
     return proposal, state
 
   def propose(self, params, state, ctx: DraftContext, k: int, *, greedy: bool,
