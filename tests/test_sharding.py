@@ -19,11 +19,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ("data=8,model=1", "data=2,model=4", "data=1,model=8")
-CASES = ("plain", "model", "feature_sampled", "ngram+model_sampled")
+CASES = ("plain", "model", "feature_sampled", "ngram+model_sampled", "model_tree_sampled")
 # The greedy model-draft loop (target and draft) runs on every mesh; plain
-# decoding and the sampled feature and hybrid loops (the lookup, the draft
-# model's sampling, the feature draft and the rejection rule shard the same
-# arrays) on one mixed mesh.
+# decoding and the sampled feature, hybrid and draft-tree loops (the lookup,
+# the draft model's sampling, the feature draft, the tree's expansion and
+# mask, and the rejection rules shard the same arrays) on one mixed mesh.
 EVERY_MESH = ("model",)
 MIXED_MESH = "data=2,model=4"
 
@@ -101,17 +101,20 @@ EQUIVALENCE = """
     # Repetitive prompts so that the n-gram drafter proposes and gets accepted.
     prompts[1] = [5, 6, 7, 8] * 6
     prompts[2] = [9, 10, 11] * 9
-    CASES = {"plain": (None, 0, 0.0), "model": (ModelDrafter(draft), 4, 0.0),
-             "feature_sampled": (FeatureDrafter(feature_draft), 4, 1.0),
-             "ngram+model_sampled": (HybridDrafter.wrap(NgramDrafter(), ModelDrafter(draft)), 4, 1.0)}
+    TREE = dict(tree_nodes=6, tree_topk=2)
+    CASES = {"plain": (None, 0, 0.0, {}), "model": (ModelDrafter(draft), 4, 0.0, {}),
+             "feature_sampled": (FeatureDrafter(feature_draft), 4, 1.0, {}),
+             "ngram+model_sampled": (HybridDrafter.wrap(NgramDrafter(), ModelDrafter(draft)), 4, 1.0,
+                                     {}),
+             "model_tree_sampled": (ModelDrafter(draft), 3, 1.0, TREE)}
 
     def generator(case, shardings):
-      drafter, k, _ = CASES[case]
+      drafter, k, _, tree = CASES[case]
       return Generator(target, drafter, k_max=k, rule="rejection", max_prompt_len=32,
-                       max_new_tokens=12, batch_size=8, shardings=shardings)
+                       max_new_tokens=12, batch_size=8, shardings=shardings, **tree)
 
     def outputs(gen, case, seeds):
-      _, _, temperature = CASES[case]
+      _, _, temperature, _ = CASES[case]
       result = gen.generate(tp, fp if case.startswith("feature") else dp, prompts,
                             temperature=temperature, seeds=seeds)
       return [r.output_ids for r in result.rows], sum(sum(r.accepted_per_step) for r in result.rows)
