@@ -647,7 +647,8 @@ def test_auto_policy_drafts_where_it_pays_and_stays_exact(temperature, tree_node
   estimate honest); output is plain decoding's either way (coupled rule when
   sampling); prohibitive costs mean plain steps only. With draft trees
   (the lookup's branches, a verify pass of N + 1 tokens) the same: a row
-  drafts a tree or nothing."""
+  drafts a tree or nothing (trees send no shadow candidates: a row that
+  stopped drifts back to the prior and tries again)."""
   from specdec_jax import policies
   tp = init(TARGET, 90)
   copying = dict(tp, layers=jax.tree.map(jnp.zeros_like, tp["layers"]))

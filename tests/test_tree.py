@@ -248,6 +248,45 @@ def test_feature_draft_tree_children_are_the_drafts_top_k_along_their_path():
   assert expanded == 2 * (1 + topk + topk)   # the root and topk frontier nodes per depth
 
 
+def test_hybrid_tree_takes_the_lookups_branches_or_the_drafts_tree_per_row():
+  """Row 0 ends in a repeated n-gram: its tree is the lookup's. Row 1 does
+  not: its tree is the draft model's (which row 0 does not get)."""
+  tp = init(TARGET, 3)
+  lookup, model = NgramDrafter(), ModelDrafter(TARGET)
+  hybrid = HybridDrafter.wrap(lookup, model)
+  texts = [[5, 6, 7, 8, 9, 5, 6, 1, 2, 5, 6], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+  k, nodes, topk, num_slots = 3, 6, 2, 32
+  ctx = _context(texts, k, width=num_slots)
+  prompt_BT = jnp.asarray(texts, jnp.int32)
+  positions_BT = jnp.broadcast_to(jnp.arange(11), (2, 11))
+  state = hybrid.prefill(tp, hybrid.init_state(2, num_slots), prompt_BT, positions_BT)
+  tree_of = lambda drafter, c: jax.jit(functools.partial(
+      drafter.propose_tree, k=k, num_nodes=nodes, topk=topk, greedy=True, purpose=0))(
+          tp, state, c)[0]
+  both, alone_lookup, alone_model = (tree_of(hybrid, ctx), tree_of(lookup, ctx),
+                                     tree_of(hybrid.draft, ctx))
+  fields = ("draft_BK", "parent_BK", "depth_BK", "num_proposed_B")
+  for row, source in ((0, alone_lookup), (1, alone_model)):
+    for name in fields:
+      assert np.asarray(getattr(both, name))[row].tolist() == np.asarray(
+          getattr(source, name))[row].tolist(), (row, name)
+  assert int(alone_lookup.num_proposed_B[0]) > 0 and int(alone_model.num_proposed_B[1]) > 0
+  # The draft model itself was given k_b = 0 on row 0.
+  assert int(both.num_proposed_B[0]) == int(alone_lookup.num_proposed_B[0])
+  assert np.asarray(both.draft_BK)[0].tolist() != np.asarray(alone_model.draft_BK)[0].tolist()
+
+
+def test_proposed_depth_is_the_deepest_real_node():
+  """What the policies count a tree's accepted nodes out of: its depth, not
+  its node count (padding nodes past num_proposed ignored)."""
+  from specdec_jax.drafters.base import Proposal   # pylint: disable=g-import-not-at-top
+  proposal = Proposal(draft_BK=jnp.zeros((3, 5), jnp.int32), q_BKV=None,
+                      num_proposed_B=jnp.asarray([5, 2, 0], jnp.int32),
+                      parent_BK=jnp.asarray([[-1, 0, -1, 2, 3]] * 3, jnp.int32),
+                      depth_BK=jnp.asarray([[1, 2, 1, 2, 3]] * 3, jnp.int32))
+  assert tree.proposed_depth(proposal).tolist() == [3, 2, 0]
+
+
 def test_a_missing_path_write_is_caught(monkeypatch):
   """Negative control: without writing the accepted path's keys and values
   into its slots (only the root's), later steps attend stale keys and greedy
