@@ -103,12 +103,13 @@ def _time_forms(weights, widths, rng):
   if unknown:
     raise app.UsageError(f"--forms: unknown {unknown}; expected some of {FORMS}")
   forms = ["dot"] + [f for f in _FORMS.value if f != "dot"]
+  as_stored = [jnp.asarray(w) for w in weights]
   stored = {
-      "dot": [jnp.asarray(w) for w in weights],
+      "dot": as_stored,
       "column_halves": [tuple(jnp.asarray(h) for h in np.array_split(w, 2, axis=1))
                         for w in weights],
       "transposed": [jnp.asarray(np.ascontiguousarray(w.T)) for w in weights],
-      "rows": [jnp.asarray(w) for w in weights],
+      "rows": as_stored,
   }
   products = {
       "dot": lambda x, w: x @ w,

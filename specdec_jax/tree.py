@@ -100,10 +100,12 @@ def verify_block(tokens_BS, length_B, proposal, num_slots: int, depth_max: int):
   committed_BWS = slot_ids_S <= (length_B - 1)[:, None, None]
   anc_BJI = jnp.swapaxes(ancestors(proposal.parent_BK, depth_max), 1, 2)   # [b, query j, key i]
   tree_BWN = jnp.concatenate([jnp.zeros((batch, 1, n), bool), anc_BJI], axis=1)
-  # Query w sees node i's entry, named slot length + i.
-  node_slot_BN = length_B[:, None] + jnp.arange(n)[None, :]
-  sees_node_BWS = jnp.any(tree_BWN[:, :, :, None]
-                          & (slot_ids_S[:, :, None, :] == node_slot_BN[:, None, :, None]), axis=2)
+  # Query w sees node i's entry, named slot length + i: per slot, its node.
+  node_of_slot_BS = jnp.arange(num_slots)[None, :] - length_B[:, None]
+  is_node_BS = (node_of_slot_BS >= 0) & (node_of_slot_BS < n)
+  index_BWS = jnp.broadcast_to(jnp.clip(node_of_slot_BS, 0, n - 1)[:, None, :],
+                               (batch, n + 1, num_slots))
+  sees_node_BWS = jnp.take_along_axis(tree_BWN, index_BWS, axis=2) & is_node_BS[:, None, :]
   visible_BWS = committed_BWS | sees_node_BWS
   return tokens_BW, positions_BW.astype(jnp.int32), slots_BW.astype(jnp.int32), visible_BWS
 

@@ -271,7 +271,7 @@ def test_hybrid_tree_takes_the_lookups_branches_or_the_drafts_tree_per_row():
       assert np.asarray(getattr(both, name))[row].tolist() == np.asarray(
           getattr(source, name))[row].tolist(), (row, name)
   assert int(alone_lookup.num_proposed_B[0]) > 0 and int(alone_model.num_proposed_B[1]) > 0
-  # The draft model itself was given k_b = 0 on row 0.
+  # Row 0's tree is not the one the draft model grows there.
   assert int(both.num_proposed_B[0]) == int(alone_lookup.num_proposed_B[0])
   assert np.asarray(both.draft_BK)[0].tolist() != np.asarray(alone_model.draft_BK)[0].tolist()
 
