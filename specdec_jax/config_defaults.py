@@ -14,6 +14,9 @@ def random_model(*, vocab_size, num_layers, d_model, num_heads, num_kv_heads,
   sharded over a mesh. ``min_window`` (every source): attention reads the
   smallest of min_window, 2 * min_window, ... cache slots that holds the
   text (``transformer.attention_windows``); 0 reads the whole cache.
+  ``matmul`` (every source): "auto" | "xla" | "kernel", how the weight
+  products run (``runtime.matmul``): "auto" takes the CPU kernel of
+  kernels/cpu_matmul.py for an unrolled float32 model on the CPU.
   """
   return ml_collections.ConfigDict(dict(
       source="random", path="", vocab_size=vocab_size, num_layers=num_layers,
@@ -21,7 +24,7 @@ def random_model(*, vocab_size, num_layers, d_model, num_heads, num_kv_heads,
       head_dim=head_dim, ffn_dim=ffn_dim, tie_embeddings=tie_embeddings,
       qkv_bias=qkv_bias, rope_theta=rope_theta, init_seed=init_seed,
       init_scale=init_scale, logit_scale=logit_scale, dtype="float32", layer_loop="auto",
-      min_window=256))
+      min_window=256, matmul="auto"))
 
 
 def base_config() -> ml_collections.ConfigDict:

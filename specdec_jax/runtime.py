@@ -27,7 +27,8 @@ from specdec_jax.generation import Generator, validate_synthetic_acceptance
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.feature_draft import FeatureDraft, check_compatible
 from specdec_jax.models.tokenizers import ByteTokenizer, Tokenizer
-from specdec_jax.models.transformer import DEFAULT_MIN_WINDOW, LAYER_LOOPS, Transformer
+from specdec_jax.kernels import cpu_matmul
+from specdec_jax.models.transformer import DEFAULT_MIN_WINDOW, LAYER_LOOPS, MATMULS, Transformer
 
 JOBS = ("generate", "benchmark", "fidelity", "sweep", "trace", "diagnose", "distill")
 MODEL_SOURCES = ("random", "gguf", "hf", "orbax", "smollm2")
@@ -126,6 +127,27 @@ def layer_loop(model_config, sharded: bool) -> str:
   return loop
 
 
+def matmul(model_config, loop: str) -> str:
+  """How a ``config.model``-style entry's weight products run: "auto" takes
+  the CPU kernel (``kernels/cpu_matmul.py``) for an unrolled float32 model
+  on the CPU when it builds, XLA's dot otherwise; "kernel" insists."""
+  choice = model_config.get("matmul", "auto")
+  if choice not in ("auto",) + MATMULS:
+    raise ValueError(f"matmul={choice!r}; expected 'auto' or one of {MATMULS}")
+  if choice == "xla":
+    return "xla"
+  fits = (loop == "unrolled" and jax.default_backend() == "cpu"
+          and model_config.get("dtype", "float32") == "float32")
+  if choice == "kernel":
+    if not fits:
+      raise ValueError("matmul='kernel' needs layer_loop 'unrolled' (or 'auto', unsharded), "
+                       "dtype float32 and the CPU backend")
+    if not cpu_matmul.available():
+      raise ValueError(f"matmul='kernel': {cpu_matmul.why_unavailable()}")
+    return "kernel"
+  return "kernel" if fits and cpu_matmul.available() else "xla"
+
+
 def random_model_config(model_config) -> ModelConfig:
   """The ModelConfig of a ``source="random"`` config entry (no weights made)."""
   return ModelConfig(
@@ -185,8 +207,9 @@ def load_model(model_config, config, sharding_fn=None) -> tuple[Transformer, Any
   params are then loaded straight into their shards (and stay stacked).
   """
   loop = layer_loop(model_config, sharded=sharding_fn is not None)
+  products = matmul(model_config, loop)
   cfg, params, tokenizer = _load_stacked(model_config, config, sharding_fn)
-  model = Transformer(cfg, loop, model_config.get("min_window", DEFAULT_MIN_WINDOW))
+  model = Transformer(cfg, loop, model_config.get("min_window", DEFAULT_MIN_WINDOW), products)
   return model, model.prepare_params(params), tokenizer
 
 
@@ -304,10 +327,12 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
   else:
     draft_model, draft_params, _ = load_model(config.draft, config, sharding_fn)
   # Checkpoints and inits are stacked: the draft runs in its layer loop.
-  draft_model = dataclasses.replace(draft_model, layer_loop=loop)
   if isinstance(draft_model, Transformer):
     draft_model = dataclasses.replace(
-        draft_model, min_window=config.draft.get("min_window", DEFAULT_MIN_WINDOW))
+        draft_model, layer_loop=loop, matmul=matmul(config.draft, loop),
+        min_window=config.draft.get("min_window", DEFAULT_MIN_WINDOW))
+  else:
+    draft_model = dataclasses.replace(draft_model, layer_loop=loop)
   draft_params = draft_model.prepare_params(draft_params)
   if isinstance(draft_model, FeatureDraft):
     check_compatible(draft_model.cfg, target.cfg)

@@ -45,11 +45,15 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from specdec_jax.kernels import cpu_matmul
 from specdec_jax.models import kv_cache as kv_cache_lib
 from specdec_jax.models.config import ModelConfig
 
 _MASKED = -1e30
 LAYER_LOOPS = ("scan", "unrolled")
+# How the weight products are computed: XLA's dot, or the CPU kernel for the
+# few rows of a decode step (kernels/cpu_matmul.py; weights stored [out, in]).
+MATMULS = ("xla", "kernel")
 # Smallest attention window (``attention_windows``): a step's attention reads
 # 256, 512, ... slots as the text grows, not the whole cache.
 DEFAULT_MIN_WINDOW = 256
@@ -79,7 +83,12 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
 
 
 def _dense(p: dict, x: jax.Array) -> jax.Array:
-  y = x @ p["kernel"].astype(x.dtype)
+  """x @ kernel (+ bias); a ``kernel_t`` [out, in] (``matmul="kernel"``)
+  goes through ``cpu_matmul.dense_t``."""
+  if "kernel_t" in p:
+    y = cpu_matmul.dense_t(x, p["kernel_t"])
+  else:
+    y = x @ p["kernel"].astype(x.dtype)
   return y + p["bias"].astype(x.dtype) if "bias" in p else y
 
 
@@ -387,11 +396,49 @@ def is_unrolled(params: dict) -> bool:
   return isinstance(params["layers"], (tuple, list))
 
 
+def _map_dense(tree, fn):
+  """``tree`` with every dense layer's dict (one holding "kernel" or
+  "kernel_t") replaced by ``fn(dict)``."""
+  if isinstance(tree, dict):
+    if "kernel" in tree or "kernel_t" in tree:
+      return fn(tree)
+    return {name: _map_dense(sub, fn) for name, sub in tree.items()}
+  if isinstance(tree, (tuple, list)):
+    return type(tree)(_map_dense(sub, fn) for sub in tree)
+  return tree
+
+
+def to_rows_layout(params: dict) -> dict:
+  """Unrolled params with every kernel stored [out, in] (``kernel_t``), the
+  layout of ``matmul="kernel"``: the layers' and an untied head's."""
+  def transpose(p):
+    if "kernel_t" in p:
+      return p
+    return {("kernel_t" if k == "kernel" else k): (v.T if k == "kernel" else v)
+            for k, v in p.items()}
+  out = dict(params, layers=_map_dense(params["layers"], transpose))
+  if "lm_head" in params:
+    out["lm_head"] = transpose(params["lm_head"])
+  return out
+
+
+def from_rows_layout(params: dict) -> dict:
+  """The inverse of ``to_rows_layout`` (a no-op on [in, out] params)."""
+  def transpose(p):
+    return {("kernel" if k == "kernel_t" else k): (v.T if k == "kernel_t" else v)
+            for k, v in p.items()}
+  out = dict(params, layers=_map_dense(params["layers"], transpose))
+  if "lm_head" in params:
+    out["lm_head"] = transpose(params["lm_head"])
+  return out
+
+
 def stack_params(params: dict, cfg: ModelConfig) -> dict:
   """Params in the stacked layout (for saving, training, sharding), whatever
   layout they are in."""
   if not is_unrolled(params):
     return params
+  params = from_rows_layout(params)
   return dict(params, layers=stack_layers(params["layers"], cfg))
 
 
@@ -409,10 +456,18 @@ class Transformer:
   # 2 * min_window, ... and the whole cache that holds the block's positions
   # (``attention_windows``); 0 always reads the whole cache.
   min_window: int = DEFAULT_MIN_WINDOW
+  # "kernel": the weight products of up to cpu_matmul.MAX_ROWS rows run on the
+  # CPU kernel, from kernels stored [out, in] (``prepare_params``); the
+  # unrolled layout only (``runtime.matmul`` picks it on a CPU).
+  matmul: str = "xla"
 
   def __post_init__(self):
     if self.layer_loop not in LAYER_LOOPS:
       raise ValueError(f"layer_loop={self.layer_loop!r}; expected one of {LAYER_LOOPS}")
+    if self.matmul not in MATMULS:
+      raise ValueError(f"matmul={self.matmul!r}; expected one of {MATMULS}")
+    if self.matmul == "kernel" and self.layer_loop != "unrolled":
+      raise ValueError("matmul='kernel' needs layer_loop='unrolled'")
     if not isinstance(self.min_window, int) or self.min_window < 0:
       raise ValueError(f"min_window={self.min_window!r} must be an int >= 0 (0: no windows)")
 
@@ -454,9 +509,11 @@ class Transformer:
 
   def prepare_params(self, params: dict) -> dict:
     """Stacked-layout params in this Transformer's layout (decode-ready)."""
-    if self.layer_loop == "scan" or is_unrolled(params):
+    if self.layer_loop == "scan":
       return params
-    return dict(params, layers=unstack_layers(params["layers"], self.cfg.num_layers))
+    if not is_unrolled(params):
+      params = dict(params, layers=unstack_layers(params["layers"], self.cfg.num_layers))
+    return to_rows_layout(params) if self.matmul == "kernel" else from_rows_layout(params)
 
   def init_cache(self, batch_size: int, num_slots: int):
     """Zero KV cache for this layout: ``KVCache`` or ``LayerCaches``."""
@@ -526,7 +583,11 @@ class Transformer:
                   full_vocab: bool = True) -> jax.Array:
     """float32 logits_BTV (logits_BTN for a restricted head and not full_vocab)."""
     cfg = self.cfg
-    if cfg.tie_embeddings:
+    if self.matmul == "kernel":
+      head_ND = (params["embed"]["embedding"] if cfg.tie_embeddings
+                 else params["lm_head"]["kernel_t"])
+      logits_BTV = cpu_matmul.dense_t(hidden_BTD, head_ND)
+    elif cfg.tie_embeddings:
       logits_BTV = jnp.einsum("btd,vd->btv", hidden_BTD, params["embed"]["embedding"],
                               preferred_element_type=jnp.float32)
     else:

@@ -1,0 +1,178 @@
+"""The CPU matmul kernel (kernels/cpu_matmul.py): exact against an
+independent reference, the same bits for a row whatever the pass's width,
+used where it applies and nowhere else, differentiable, and a Transformer
+on it computes what one on XLA's dot does.
+
+The kernel needs a C++ compiler; on a machine without one these tests are
+skipped with that reason (everything then runs on XLA's dot), and
+``test_kernel_builds_where_a_compiler_exists`` fails if one exists but the
+kernel does not build.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import assert_close_in_float32
+from specdec_jax.kernels import cpu_matmul
+from specdec_jax.models import transformer
+from specdec_jax.models.config import ModelConfig
+from specdec_jax.models.transformer import Transformer
+
+needs_kernel = pytest.mark.skipif(cpu_matmul._compiler() is None,
+                                  reason="no C++ compiler: the kernel cannot be built here")
+
+
+def test_kernel_builds_where_a_compiler_exists():
+  if cpu_matmul._compiler() is None:
+    pytest.skip("no C++ compiler")
+  assert cpu_matmul.available(), cpu_matmul.why_unavailable()
+
+
+def _reference(x_MD, w_ND):
+  """float64 numpy: an independent computation of x @ w.T."""
+  return np.asarray(x_MD, np.float64) @ np.asarray(w_ND, np.float64).T
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [16, 50, 576])          # 50: a tail past the 16-lane blocks
+@pytest.mark.parametrize("n", [1, 7, 130])            # 7, 130: not multiples of 4 or 64
+def test_kernel_equals_the_reference_for_every_row_count(d, n):
+  rng = np.random.default_rng(d * 1000 + n)
+  w_ND = rng.standard_normal((n, d), dtype=np.float32)
+  fn = jax.jit(cpu_matmul.rows_matmul)
+  for m in range(1, cpu_matmul.MAX_ROWS + 1):
+    x_MD = rng.standard_normal((m, d), dtype=np.float32)
+    got = np.asarray(fn(x_MD, w_ND))
+    want = _reference(x_MD, w_ND)
+    # float32 sums of d products: a few ulps of the sum of magnitudes.
+    scale = np.abs(x_MD).astype(np.float64) @ np.abs(w_ND).astype(np.float64).T
+    assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-30), (m, d, n)
+    # Not vacuous: the bound tells the rows of w apart.
+    if n > 1:
+      assert np.any(np.abs(got - _reference(x_MD, w_ND[::-1])) > 1e-5 * scale[:, ::-1])
+
+
+@needs_kernel
+def test_a_rows_result_is_the_same_bits_in_any_pass_width():
+  """Row m of an M-row product equals the 1-row product of x[m] bit for bit
+  (the verify pass and the plain step agree exactly), for both of the
+  kernel's paths (M <= 5 and M >= 6)."""
+  rng = np.random.default_rng(0)
+  w_ND = rng.standard_normal((200, 576), dtype=np.float32)
+  x_MD = rng.standard_normal((8, 576), dtype=np.float32)
+  fn = jax.jit(cpu_matmul.rows_matmul)
+  single = np.concatenate([np.asarray(fn(x_MD[m:m + 1], w_ND)) for m in range(8)])
+  for m in (2, 5, 6, 8):
+    np.testing.assert_array_equal(np.asarray(fn(x_MD[:m], w_ND)), single[:m])
+  # XLA's dot, by contrast, need not agree with the kernel bit for bit.
+  assert np.max(np.abs(np.asarray(x_MD @ w_ND.T) - single)) < 1e-3
+
+
+def _custom_calls(fn, *args) -> int:
+  return jax.jit(fn).lower(*args).as_text().count(cpu_matmul.TARGET_NAME)
+
+
+@needs_kernel
+def test_dense_t_takes_the_kernel_only_where_it_applies():
+  w = jnp.ones((32, 64), jnp.float32)
+  assert _custom_calls(cpu_matmul.dense_t, jnp.ones((2, 4, 64)), w) == 1      # 8 rows
+  assert _custom_calls(cpu_matmul.dense_t, jnp.ones((3, 3, 64)), w) == 0      # 9 rows: XLA
+  assert _custom_calls(cpu_matmul.dense_t, jnp.ones((1, 64), jnp.bfloat16),
+                       w.astype(jnp.bfloat16)) == 0                          # not float32
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 2, 64)), jnp.float32)
+  assert_close_in_float32(jax.jit(cpu_matmul.dense_t)(x, w * 0.5), x @ (w * 0.5).T,
+                          what="dense_t vs x @ w.T")
+
+
+@needs_kernel
+def test_kernel_gradients_equal_xlas():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((3, 48)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((20, 48)), jnp.float32)
+  loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))
+  got = jax.grad(loss(cpu_matmul.rows_matmul), argnums=(0, 1))(x, w)
+  want = jax.grad(loss(lambda x, w: x @ w.T), argnums=(0, 1))(x, w)
+  for a, b in zip(got, want):
+    assert_close_in_float32(a, b, what="gradient")
+
+
+def _model(matmul: str, tie: bool) -> Transformer:
+  return Transformer(ModelConfig(vocab_size=259, num_layers=2, d_model=64, num_heads=4,
+                                 num_kv_heads=2, head_dim=16, ffn_dim=128,
+                                 tie_embeddings=tie, qkv_bias=not tie),
+                     "unrolled", matmul=matmul)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tie", [True, False])
+def test_transformer_on_the_kernel_computes_what_xlas_does(tie):
+  """Prefill (10 rows: XLA) then cached steps of 1 and 3 tokens (the
+  kernel): the same logits as the XLA model, the kernels stored [out, in],
+  and ``stack_params`` restores the checkpoint layout exactly."""
+  xla, kernel = _model("xla", tie), _model("kernel", tie)
+  stacked = jax.jit(Transformer(xla.cfg).init_params)(jax.random.PRNGKey(4))
+  p_xla, p_kernel = xla.prepare_params(stacked), kernel.prepare_params(stacked)
+  assert p_kernel["layers"][0]["attn"]["qkv"]["kernel_t"].shape == ((4 + 2 * 2) * 16, 64)
+  assert ("kernel_t" in p_kernel.get("lm_head", {})) == (not tie)
+  for a, b in zip(jax.tree.leaves(transformer.stack_params(p_kernel, kernel.cfg)),
+                  jax.tree.leaves(stacked)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, 259, size=(2, 9)), jnp.int32)
+  logits = {}
+  for name, model, params in (("xla", xla, p_xla), ("kernel", kernel, p_kernel)):
+    apply = jax.jit(model.apply)
+    out, cache = apply(params, tokens[:, :5], jnp.broadcast_to(jnp.arange(5), (2, 5)),
+                       model.init_cache(2, 12))
+    steps = [out]
+    for start, width in ((5, 1), (6, 3)):
+      out, cache = apply(params, tokens[:, start:start + width],
+                         jnp.broadcast_to(jnp.arange(start, start + width), (2, width)), cache)
+      steps.append(out)
+    logits[name] = steps
+    hlo = apply.lower(params, tokens[:, :3], jnp.zeros((2, 3), jnp.int32),
+                      model.init_cache(2, 12)).as_text()
+    assert (cpu_matmul.TARGET_NAME in hlo) == (name == "kernel")
+  for a, b in zip(logits["kernel"], logits["xla"]):
+    assert_close_in_float32(a, b, what="kernel vs XLA logits")
+
+
+@needs_kernel
+def test_runtime_picks_the_kernel_for_unrolled_float32_models_on_the_cpu():
+  import ml_collections
+  from specdec_jax import runtime
+  entry = lambda **kw: ml_collections.ConfigDict(dict(dict(matmul="auto", dtype="float32"), **kw))
+  assert runtime.matmul(entry(), "unrolled") == "kernel"
+  assert runtime.matmul(entry(), "scan") == "xla"
+  assert runtime.matmul(entry(dtype="bfloat16"), "unrolled") == "xla"
+  assert runtime.matmul(entry(matmul="xla"), "unrolled") == "xla"
+  with pytest.raises(ValueError, match="unrolled"):
+    runtime.matmul(entry(matmul="kernel"), "scan")
+  with pytest.raises(ValueError, match="matmul"):
+    runtime.matmul(entry(matmul="blas"), "unrolled")
+
+
+def test_kernel_needs_the_unrolled_layout():
+  with pytest.raises(ValueError, match="unrolled"):
+    Transformer(_model("xla", True).cfg, "scan", matmul="kernel")
+  with pytest.raises(ValueError, match="matmul"):
+    Transformer(_model("xla", True).cfg, "unrolled", matmul="blas")
+
+
+def test_without_a_compiler_everything_runs_on_xla(monkeypatch, tmp_path):
+  """No compiler: ``available()`` says why, ``dense_t`` falls back, and the
+  runtime's "auto" picks XLA while "kernel" is refused with the reason."""
+  from specdec_jax import runtime
+  import ml_collections
+  monkeypatch.setattr(cpu_matmul, "_state", {"loaded": None, "why": ""})
+  monkeypatch.setattr(cpu_matmul, "_compiler", lambda: None)
+  monkeypatch.setenv("SPECDEC_KERNEL_CACHE", str(tmp_path))
+  assert not cpu_matmul.available()
+  assert "compiler" in cpu_matmul.why_unavailable()
+  assert _custom_calls(cpu_matmul.dense_t, jnp.ones((1, 64)), jnp.ones((8, 64))) == 0
+  entry = ml_collections.ConfigDict(dict(matmul="auto", dtype="float32"))
+  assert runtime.matmul(entry, "unrolled") == "xla"
+  entry.matmul = "kernel"
+  with pytest.raises(ValueError, match="compiler"):
+    runtime.matmul(entry, "unrolled")
