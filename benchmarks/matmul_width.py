@@ -23,6 +23,8 @@ layer's output feeding the next (as in a decoder, so nothing overlaps):
   outputs are concatenated; the split happens once, before timing).
 - ``transposed``: each kernel stored as W^T, computed as ``(W^T x^T)^T``.
 - ``rows``: one matrix-vector product per row of x.
+- ``kernel``: the project's CPU kernel (``kernels/cpu_matmul.py``, what the
+  decoder runs on the CPU by default), kernels stored W^T.
 """
 
 import time
@@ -36,7 +38,7 @@ _ROUNDS = flags.DEFINE_integer("rounds", 7, "Alternating rounds (median over the
 _ITERS = flags.DEFINE_integer("iters", 5, "Calls per round and width.")
 _LAYERS = flags.DEFINE_integer("layers", 30, "Decoder layers (SmolLM2: 30).")
 _FORMS = flags.DEFINE_list("forms", [], "Also time these forms, layers chained (module doc).")
-FORMS = ("dot", "column_halves", "transposed", "rows")
+FORMS = ("dot", "column_halves", "transposed", "rows", "kernel")
 
 D_MODEL, QKV, FFN = 576, 960, 1536   # SmolLM2-135M: d, q + k + v width, ffn
 
@@ -99,9 +101,12 @@ def _time_forms(weights, widths, rng):
   form and width round by round; times relative to ``dot`` at the first width."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from specdec_jax.kernels import cpu_matmul  # pylint: disable=g-import-not-at-top
   unknown = sorted(set(_FORMS.value) - set(FORMS))
   if unknown:
     raise app.UsageError(f"--forms: unknown {unknown}; expected some of {FORMS}")
+  if "kernel" in _FORMS.value and not cpu_matmul.available():
+    raise app.UsageError(f"--forms=kernel: {cpu_matmul.why_unavailable()}")
   forms = ["dot"] + [f for f in _FORMS.value if f != "dot"]
   as_stored = [jnp.asarray(w) for w in weights]
   stored = {
@@ -111,11 +116,13 @@ def _time_forms(weights, widths, rng):
       "transposed": [jnp.asarray(np.ascontiguousarray(w.T)) for w in weights],
       "rows": as_stored,
   }
+  stored["kernel"] = stored["transposed"]
   products = {
       "dot": lambda x, w: x @ w,
       "column_halves": lambda x, halves: jnp.concatenate([x @ h for h in halves], axis=1),
       "transposed": lambda x, w_t: (w_t @ x.T).T,
       "rows": lambda x, w: jnp.concatenate([x[t:t + 1] @ w for t in range(x.shape[0])], 0),
+      "kernel": cpu_matmul.dense_t,
   }
 
   def chained(product):

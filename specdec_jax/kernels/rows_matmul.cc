@@ -42,7 +42,7 @@ typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef float v4 __attribute__((vector_size(16), aligned(4)));
 
 constexpr int kLanes = 16;
-constexpr int64_t kChunk = 64;  // output rows per claimed chunk (a multiple of 4)
+constexpr int64_t kChunk = 66;  // output rows per claimed chunk (a multiple of 3)
 
 inline v16 Load(const float* p) {
   v16 v;
@@ -63,20 +63,24 @@ inline float LaneSum(v16 v) {
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-// One output row n for all M rows of x, R output rows at a time.
-// PF: prefetch distance in weight rows (0: none).
+// Output rows [n0, n1) for all M rows of x, R output rows at a time; PF:
+// how many weight rows ahead to prefetch into L2. Measured on the 2-core CI
+// machine (SmolLM2's weights, layers chained as in the decoder, one process):
+// without the prefetch the core runs out of outstanding misses from M = 2 on
+// and streams at about two thirds of the memory's speed; with it, 8 rows cost
+// ~1.2 one row (benchmarks/matmul_width.py --forms=dot,kernel).
 template <int M, int R, int PF>
 void Rows(const float* x, const float* w, float* y, int64_t d, int64_t n_out, int64_t n0,
           int64_t n1) {
   const int64_t full = d - d % kLanes;
-  for (int64_t n = n0; n < n1; n += R) {
+  for (int64_t n = n0; n + R <= n1; n += R) {
     v16 acc[M][R] = {};
     for (int64_t j = 0; j < full; j += kLanes) {
       v16 wv[R];
       for (int r = 0; r < R; ++r) {
         const float* p = w + (n + r) * d + j;
         wv[r] = Load(p);
-        if (PF) __builtin_prefetch(p + PF * d, 0, 0);
+        __builtin_prefetch(p + PF * d, /*rw=*/0, /*locality=*/2);
       }
       for (int m = 0; m < M; ++m) {
         const v16 xv = Load(x + m * d + j);
@@ -96,19 +100,14 @@ void Rows(const float* x, const float* w, float* y, int64_t d, int64_t n_out, in
 using RangeFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t,
                          int64_t);
 
-// Measured on the 2-core CI machine (SmolLM2's weights): one row at a time
-// streams fastest for up to 5 rows of x; from 6 on, 4 weight rows at a time
-// (the x loads are shared) is faster.
+// Three weight rows at a time (their x loads shared; M * 3 accumulators fit
+// the registers up to M = 8), the last n_out % 3 rows one at a time.
 template <int M>
 void Range(const float* x, const float* w, float* y, int64_t d, int64_t n_out, int64_t n0,
            int64_t n1) {
-  if (M <= 5) {
-    Rows<M, 1, 2>(x, w, y, d, n_out, n0, n1);
-    return;
-  }
-  const int64_t n4 = n0 + (n1 - n0) / 4 * 4;
-  Rows<M, 4, 4>(x, w, y, d, n_out, n0, n4);
-  Rows<M, 1, 2>(x, w, y, d, n_out, n4, n1);
+  const int64_t n3 = n0 + (n1 - n0) / 3 * 3;
+  Rows<M, 3, 4>(x, w, y, d, n_out, n0, n3);
+  Rows<M, 1, 4>(x, w, y, d, n_out, n3, n1);
 }
 
 RangeFn RangeFor(int64_t m) {
