@@ -31,6 +31,7 @@ def main(argv):
 
   from specdec_jax import main as main_lib
   from specdec_jax import phase_timing
+  from specdec_jax import runtime
   from specdec_jax.generation import Generator
   from specdec_jax.models import checkpoint
   from specdec_jax.models import transformer as transformer_lib
@@ -38,7 +39,7 @@ def main(argv):
   main_lib.quiet_libraries()
   cache = os.path.abspath(_CACHE.value or os.path.expanduser("~/.cache/specdec_jax"))
   cfg, params, tokenizer = checkpoint.load_smollm2(cache)
-  windowed = transformer_lib.Transformer(cfg, "unrolled")
+  windowed = runtime.default_decoder(cfg)
   params = windowed.prepare_params(params)
   whole = dataclasses.replace(windowed, min_window=0)
   prompt = tokenizer.encode(tokenizer.apply_chat_template(

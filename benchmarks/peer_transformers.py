@@ -43,13 +43,13 @@ def main(argv):
 
   from specdec_jax import main as main_lib
   from specdec_jax import phase_timing
+  from specdec_jax import runtime
   from specdec_jax.jobs import io
   from specdec_jax import prompts as prompts_lib
   from specdec_jax.drafters import NgramDrafter
   from specdec_jax.generation import Generator
   from specdec_jax.models import checkpoint
   from specdec_jax.models import gguf_import
-  from specdec_jax.models.transformer import Transformer
 
   main_lib.quiet_libraries()
   torch.set_num_threads(os.cpu_count() or 1)
@@ -73,8 +73,8 @@ def main(argv):
                               eos_token_id=eos, pad_token_id=eos[0], **extra)
     return out[0, len(ids):].tolist()
 
-  # The layout single-device runs use by default (layer_loop="auto": unrolled).
-  target = Transformer(cfg, "unrolled")
+  # What single-device runs decode with by default (unrolled, the CPU kernel).
+  target = runtime.default_decoder(cfg)
   params = target.prepare_params(params)
   max_prompt = max(len(p) for p in prompt_ids)
   base = Generator(target, None, k_max=0, max_prompt_len=max_prompt, max_new_tokens=max_new,

@@ -31,11 +31,11 @@ def early_exit_draft(cfg, stacked_params, num_layers: int):
   """(Transformer, stacked params) of the target's first ``num_layers`` blocks."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from specdec_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  from specdec_jax import runtime  # pylint: disable=g-import-not-at-top
   draft_cfg = dataclasses.replace(cfg, num_layers=num_layers)
   params = dict(stacked_params, layers=jax.tree.map(lambda x: x[:num_layers],
                                                     stacked_params["layers"]))
-  return Transformer(draft_cfg, "unrolled"), params
+  return runtime.default_decoder(draft_cfg), params
 
 
 def main(argv):
@@ -45,7 +45,7 @@ def main(argv):
   from specdec_jax.drafters import ModelDrafter
   from specdec_jax.generation import Generator
   from specdec_jax.models import checkpoint
-  from specdec_jax.models.transformer import Transformer
+  from specdec_jax import runtime
 
   main_lib.quiet_libraries()
   widths = [int(w) for w in _WIDTHS.value]
@@ -54,7 +54,7 @@ def main(argv):
     raise app.UsageError(f"--topk needs one value per width ({len(widths)}), got {topks}")
   cache = os.path.abspath(_CACHE.value or os.path.expanduser("~/.cache/specdec_jax"))
   cfg, stacked, tokenizer = checkpoint.load_smollm2(cache)
-  target = Transformer(cfg, "unrolled")
+  target = runtime.default_decoder(cfg)
   target_params = target.prepare_params(stacked)
   draft, draft_params = early_exit_draft(cfg, stacked, _LAYERS.value)
   draft_params = draft.prepare_params(draft_params)

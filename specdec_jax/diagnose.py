@@ -320,6 +320,8 @@ def diagnose(m: Measurements) -> Diagnosis:
 
   findings.sort(key=lambda f: BOTTLENECKS.index(f.bottleneck))
   best = best_k(a, c, K_MAX, measured_verify) if a is not None and c is not None else (None, None)
+  if best[0] and predicted is not None and k:
+    best = (best[0], _prediction_at(m, a, k, c, measured_verify, best[0]))
   if not findings:
     findings = [_ok_finding(measured, predicted, k, best)]
   return Diagnosis(tuple(findings), best[0], best[1], a, k, c, predicted, measured)
@@ -360,6 +362,22 @@ def _prediction(m: Measurements, a, k, c, verify_fn) -> float | None:
   if not 0.0 <= prefill < 1.0:
     raise ValueError(f"prefill_fraction must be in [0, 1), got {prefill}")
   return 1.0 / (prefill + (1.0 - prefill) / decode_speedup)
+
+
+def _prediction_at(m: Measurements, a, k, c, verify_fn, k_new: int) -> float | None:
+  """The run's prediction (``_prediction``: measured tokens per call and
+  prefill share where known) at K=k_new instead of k: the measured tokens
+  per call moved by the formula's ratio 1 + a + .. + a^K, so that a suggested
+  K is weighed on the run's basis. (The formula alone assumes every step
+  drafts K with acceptance a; under the auto policy or a lookup drafter most
+  steps may draft nothing.)"""
+  reduction = _float(m.call_reduction)
+  if reduction is None and m.tokens_per_call is not None:
+    reduction = float(m.tokens_per_call) / float(m.baseline_tokens_per_call)
+  if reduction is not None:
+    reduction *= tokens_per_call(a, k_new) / tokens_per_call(a, k)
+  moved = dataclasses.replace(m, k=k_new, call_reduction=reduction)
+  return _prediction(moved, a, k_new, c, verify_fn)
 
 
 def _exactness_findings(m: Measurements) -> list:

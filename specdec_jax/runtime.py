@@ -148,6 +148,15 @@ def matmul(model_config, loop: str) -> str:
   return "kernel" if fits and cpu_matmul.available() else "xla"
 
 
+def default_decoder(cfg: ModelConfig, **fields) -> Transformer:
+  """The Transformer a single-device run decodes ``cfg`` with by default
+  (``layer_loop="auto"`` and ``matmul="auto"``: unrolled, on the CPU kernel
+  where it applies); ``fields`` override (``min_window``, ...). For scripts
+  and tests that build models without a config."""
+  entry = ml_collections.ConfigDict(dict(matmul="auto", dtype=cfg.dtype))
+  return Transformer(cfg, "unrolled", matmul=matmul(entry, "unrolled"), **fields)
+
+
 def random_model_config(model_config) -> ModelConfig:
   """The ModelConfig of a ``source="random"`` config entry (no weights made)."""
   return ModelConfig(

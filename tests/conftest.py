@@ -121,12 +121,9 @@ def smollm2(_smollm2_stacked):
   """(Transformer, params, tokenizer) of SmolLM2 in the layout single-device
   runs use (``layer_loop="auto"``: unrolled, and ``matmul="auto"``: the CPU
   kernel where it builds), as users decode it."""
-  import ml_collections
   from specdec_jax import runtime
-  from specdec_jax.models.transformer import Transformer
   cfg, params, tokenizer = _smollm2_stacked
-  entry = ml_collections.ConfigDict(dict(matmul="auto", dtype="float32"))
-  target = Transformer(cfg, "unrolled", matmul=runtime.matmul(entry, "unrolled"))
+  target = runtime.default_decoder(cfg)
   return target, target.prepare_params(params), tokenizer
 
 

@@ -225,6 +225,26 @@ def test_prediction_uses_measured_tokens_per_call():
   assert d.predicted_speedup == pytest.approx(2 / 1.33)
 
 
+def test_a_suggested_k_is_weighed_on_the_runs_basis():
+  """The main job's case: a = 0.51 on drafted steps but 1.27 tokens per
+  call pooled (most steps draft nothing), prefill 17%. The i.i.d. formula
+  alone predicts 1.6x at the best K while the run's own prediction at K=4 is
+  ~1.1x; the suggestion must be on the run's basis (measured tokens per call
+  moved by the formula's ratio), or it promises a speedup no K gives."""
+  m = dg.Measurements(acceptance_rate=0.51, k=4, cost_ratio_c=0.002,
+                      verify_cost_by_k={"0": 1.0, "4": 1.12}, tokens_per_call=1.27,
+                      prefill_fraction=0.17, measured_speedup=1.16)
+  d = dg.diagnose(m)
+  formula_k, formula_best = dg.best_k(0.51, 0.002, dg.K_MAX, dg.verify_cost_fn(m.verify_cost_by_k))
+  assert d.best_k == formula_k and formula_best > 1.4
+  moved = 1.27 * dg.tokens_per_call(0.51, formula_k) / dg.tokens_per_call(0.51, 4)
+  verify = dg.verify_cost_fn(m.verify_cost_by_k)(formula_k)
+  assert d.best_k_speedup == pytest.approx(
+      1 / (0.17 + 0.83 * (formula_k * 0.002 + verify) / moved))
+  assert d.best_k_speedup < 1.2 and d.best_k_speedup >= d.predicted_speedup
+  assert f"({d.best_k_speedup:.2f}x)" in dg.format_diagnosis(d)
+
+
 def test_prefill_share_limits_the_prediction():
   m = dg.Measurements(acceptance_rate=0.8, k=4, cost_ratio_c=0.05)
   decode_only = dg.diagnose(m).predicted_speedup

@@ -128,6 +128,8 @@ def _load() -> bool:
 
 
 def _kernel_call(x_MD: jax.Array, w_ND: jax.Array) -> jax.Array:
+  if not available():
+    raise RuntimeError(f"the CPU matmul kernel is unavailable: {why_unavailable()}")
   return jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct((x_MD.shape[0], w_ND.shape[0]),
                                                             jnp.float32))(x_MD, w_ND)
 
