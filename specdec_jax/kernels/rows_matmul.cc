@@ -16,9 +16,9 @@
 // whatever else is in the pass: a verify pass and a plain step agree exactly.
 //
 // Threads: the output rows are cut into chunks that the calling thread and
-// helpers on XLA's intra-op pool claim from a shared counter. The caller waits
-// only for chunks already claimed, so a helper that never starts (a busy
-// pool) costs nothing and cannot deadlock the call.
+// num_threads - 1 helpers on XLA's intra-op pool claim from a shared
+// counter. The caller waits only for chunks already claimed, so a helper
+// that never starts (a busy pool) costs nothing and cannot deadlock the call.
 //
 // Built on first use by kernels/cpu_matmul.py (-O3 -march=native against
 // jax.ffi.include_dir()); registered as the XLA FFI target
@@ -68,7 +68,7 @@ inline float LaneSum(v16 v) {
 // machine (SmolLM2's weights, layers chained as in the decoder, one process):
 // without the prefetch the core runs out of outstanding misses from M = 2 on
 // and streams at about two thirds of the memory's speed; with it, 8 rows cost
-// ~1.2 one row (benchmarks/matmul_width.py --forms=dot,kernel).
+// ~1.1 one row (benchmarks/matmul_width.py --forms=dot,kernel).
 template <int M, int R, int PF>
 void Rows(const float* x, const float* w, float* y, int64_t d, int64_t n_out, int64_t n0,
           int64_t n1) {
@@ -164,7 +164,11 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   work->d = d;
   work->n_out = n_out;
   work->num_chunks = (n_out + kChunk - 1) / kChunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->num_chunks - 1);
+  // The calling thread works too, so num_threads - 1 helpers fill the pool's
+  // threads (measured: one more helper than that made a SmolLM2-shaped pass
+  // ~20% slower on 2 cores: three threads then share two).
+  const int64_t helpers =
+      std::min<int64_t>(pool.num_threads() - 1, work->num_chunks - 1);
   for (int64_t i = 0; i < helpers; ++i) {
     pool.Schedule([work] { work->Drain(); });
   }
