@@ -135,9 +135,12 @@ def test_model_tree_hand_example():
   proposal, _ = expand(ctx, 2, 3, 2)
   assert np.asarray(proposal.draft_BK)[0].tolist() == [1, 2, 3]
   assert np.asarray(proposal.parent_BK)[0].tolist() == [-1, -1, 0]
-  proposal, _ = expand(ctx.replace(max_k_B=jnp.asarray([1], jnp.int32)), 2, 3, 2)
+  proposal, skipped = expand(ctx.replace(max_k_B=jnp.asarray([1], jnp.int32)), 2, 3, 2)
   assert int(proposal.num_proposed_B[0]) == 2
   assert np.asarray(proposal.draft_BK)[0, :2].tolist() == [1, 2]
+  # ... and the draft's pass for depth 2 never ran (the state is what went in).
+  for went_in, came_out in zip(expand.keywords["state"], skipped):
+    np.testing.assert_array_equal(np.asarray(came_out), np.asarray(went_in))
 
 
 def test_exact_self_draft_chain_tree_accepts_every_node():

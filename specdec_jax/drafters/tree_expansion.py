@@ -82,6 +82,7 @@ def expand_tree(ctx: DraftContext, k: int, num_nodes: int, topk: int, root_logit
       score=jnp.pad(score_BT, ((0, 0), (0, pad)), constant_values=-jnp.inf),
       fed_slot=jnp.full((batch, pool), -1, jnp.int32))
   slot_ids_S = jnp.arange(num_slots)
+  vocab = root_logits_BV.shape[-1]
 
   def grow(carry_and_state, d):
     """Feeds the best ``topk`` nodes of depth d; adds their children (d + 1)."""
@@ -103,8 +104,14 @@ def expand_tree(ctx: DraftContext, k: int, num_nodes: int, topk: int, root_logit
     positions_BT = jnp.broadcast_to((length_B - 1 + d)[:, None], (batch, topk))
     parent_BT = c["parent"][rows_B1, front_BT]
     parent_slot_BT = jnp.where(parent_BT >= 0, fed_slot[rows_B1, jnp.maximum(parent_BT, 0)], -1)
-    logits_BTV, state = advance(state, c["token"][rows_B1, front_BT], positions_BT, slots_BT,
-                                visible_BTS, parent_slot_BT)
+    # No row may go deeper than d (the policy's k_b, or nothing to draft):
+    # skip the draft's pass; the zero logits' children are never kept (the
+    # rerank drops nodes deeper than a row's k_b).
+    logits_BTV, state = jax.lax.cond(
+        jnp.any(ctx.max_k_B > d),
+        lambda s: advance(s, c["token"][rows_B1, front_BT], positions_BT, slots_BT,
+                          visible_BTS, parent_slot_BT),
+        lambda s: (jnp.zeros((batch, topk, vocab), jnp.float32), s), state)
     child_lq_BTC, child_token_BTC = jax.lax.top_k(_log_q(logits_BTV, ctx, greedy), topk)
     start = topk + (d - 1) * topk * topk
     put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
