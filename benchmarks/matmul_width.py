@@ -24,7 +24,8 @@ layer's output feeding the next (as in a decoder, so nothing overlaps):
 - ``transposed``: each kernel stored as W^T, computed as ``(W^T x^T)^T``.
 - ``rows``: one matrix-vector product per row of x.
 - ``kernel``: the project's CPU kernel (``kernels/cpu_matmul.py``, what the
-  decoder runs on the CPU by default), kernels stored W^T.
+  decoder runs on the CPU by default), kernels stored W^T; above 8 rows
+  (``cpu_matmul.MAX_ROWS``) it is XLA's dot, as in the decoder.
 """
 
 import time

@@ -105,6 +105,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     source = config[name].source
     if source not in MODEL_SOURCES:
       raise ValueError(f"config.{name}.source={source!r}; expected one of {MODEL_SOURCES}")
+    try:
+      check_matmul(config[name])
+    except ValueError as e:
+      raise ValueError(f"config.{name}.{e}") from None
 
 
 def cache_dir(config) -> str:
@@ -127,21 +131,27 @@ def layer_loop(model_config, sharded: bool) -> str:
   return loop
 
 
-def matmul(model_config, loop: str) -> str:
-  """How a ``config.model``-style entry's weight products run: "auto" takes
-  the CPU kernel (``kernels/cpu_matmul.py``) for an unrolled float32 model
-  on the CPU when it builds, XLA's dot otherwise; "kernel" insists."""
+def check_matmul(model_config) -> str:
+  """The entry's ``matmul`` setting, refused unless "auto", "xla" or "kernel"."""
   choice = model_config.get("matmul", "auto")
   if choice not in ("auto",) + MATMULS:
     raise ValueError(f"matmul={choice!r}; expected 'auto' or one of {MATMULS}")
+  return choice
+
+
+def matmul(model_config, loop: str, dtype: str) -> str:
+  """How a model loaded from a ``config.model``-style entry runs its weight
+  products: "auto" takes the CPU kernel (``kernels/cpu_matmul.py``) for an
+  unrolled float32 model (``dtype``: the loaded model's) on the CPU when it
+  builds, XLA's dot otherwise; "kernel" insists."""
+  choice = check_matmul(model_config)
   if choice == "xla":
     return "xla"
-  fits = (loop == "unrolled" and jax.default_backend() == "cpu"
-          and model_config.get("dtype", "float32") == "float32")
+  fits = loop == "unrolled" and jax.default_backend() == "cpu" and dtype == "float32"
   if choice == "kernel":
     if not fits:
       raise ValueError("matmul='kernel' needs layer_loop 'unrolled' (or 'auto', unsharded), "
-                       "dtype float32 and the CPU backend")
+                       f"a float32 model (this one is {dtype}) and the CPU backend")
     if not cpu_matmul.available():
       raise ValueError(f"matmul='kernel': {cpu_matmul.why_unavailable()}")
     return "kernel"
@@ -153,8 +163,8 @@ def default_decoder(cfg: ModelConfig, **fields) -> Transformer:
   (``layer_loop="auto"`` and ``matmul="auto"``: unrolled, on the CPU kernel
   where it applies); ``fields`` override (``min_window``, ...). For scripts
   and tests that build models without a config."""
-  entry = ml_collections.ConfigDict(dict(matmul="auto", dtype=cfg.dtype))
-  return Transformer(cfg, "unrolled", matmul=matmul(entry, "unrolled"), **fields)
+  entry = ml_collections.ConfigDict(dict(matmul="auto"))
+  return Transformer(cfg, "unrolled", matmul=matmul(entry, "unrolled", cfg.dtype), **fields)
 
 
 def random_model_config(model_config) -> ModelConfig:
@@ -216,9 +226,10 @@ def load_model(model_config, config, sharding_fn=None) -> tuple[Transformer, Any
   params are then loaded straight into their shards (and stay stacked).
   """
   loop = layer_loop(model_config, sharded=sharding_fn is not None)
-  products = matmul(model_config, loop)
+  check_matmul(model_config)
   cfg, params, tokenizer = _load_stacked(model_config, config, sharding_fn)
-  model = Transformer(cfg, loop, model_config.get("min_window", DEFAULT_MIN_WINDOW), products)
+  model = Transformer(cfg, loop, model_config.get("min_window", DEFAULT_MIN_WINDOW),
+                      matmul(model_config, loop, cfg.dtype))
   return model, model.prepare_params(params), tokenizer
 
 
@@ -338,7 +349,7 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
   # Checkpoints and inits are stacked: the draft runs in its layer loop.
   if isinstance(draft_model, Transformer):
     draft_model = dataclasses.replace(
-        draft_model, layer_loop=loop, matmul=matmul(config.draft, loop),
+        draft_model, layer_loop=loop, matmul=matmul(config.draft, loop, draft_model.cfg.dtype),
         min_window=config.draft.get("min_window", DEFAULT_MIN_WINDOW))
   else:
     draft_model = dataclasses.replace(draft_model, layer_loop=loop)

@@ -56,18 +56,32 @@ def test_kernel_equals_the_reference_for_every_row_count(d, n):
 
 @needs_kernel
 def test_a_rows_result_is_the_same_bits_in_any_pass_width():
-  """Row m of an M-row product equals the 1-row product of x[m] bit for bit
-  (the verify pass and the plain step agree exactly), for both of the
-  kernel's paths (M <= 5 and M >= 6)."""
+  """Row m of an M-row product equals the 1-row product of x[m] bit for bit,
+  for every M (the verify pass and the plain step agree exactly)."""
   rng = np.random.default_rng(0)
   w_ND = rng.standard_normal((200, 576), dtype=np.float32)
   x_MD = rng.standard_normal((8, 576), dtype=np.float32)
   fn = jax.jit(cpu_matmul.rows_matmul)
   single = np.concatenate([np.asarray(fn(x_MD[m:m + 1], w_ND)) for m in range(8)])
-  for m in (2, 5, 6, 8):
-    np.testing.assert_array_equal(np.asarray(fn(x_MD[:m], w_ND)), single[:m])
+  for m in range(2, 9):
+    np.testing.assert_array_equal(np.asarray(fn(x_MD[:m], w_ND)), single[:m], err_msg=f"M={m}")
   # XLA's dot, by contrast, need not agree with the kernel bit for bit.
   assert np.max(np.abs(np.asarray(x_MD @ w_ND.T) - single)) < 1e-3
+
+
+@needs_kernel
+def test_every_chunk_is_done_when_the_call_returns():
+  """A product with many chunks for the helper threads (a head-sized N),
+  called repeatedly: each result is complete and equals the 1-row products
+  (a caller that returned before the helpers' chunks were done would leave
+  stale values)."""
+  rng = np.random.default_rng(3)
+  w_ND = rng.standard_normal((1000, 16384), dtype=np.float32)
+  x_MD = rng.standard_normal((3, 16384), dtype=np.float32)
+  fn = jax.jit(cpu_matmul.rows_matmul)
+  want = np.concatenate([np.asarray(fn(x_MD[m:m + 1], w_ND)) for m in range(3)])
+  for _ in range(20):
+    np.testing.assert_array_equal(np.asarray(fn(x_MD, w_ND)), want)
 
 
 def _custom_calls(fn, *args) -> int:
@@ -142,15 +156,27 @@ def test_transformer_on_the_kernel_computes_what_xlas_does(tie):
 def test_runtime_picks_the_kernel_for_unrolled_float32_models_on_the_cpu():
   import ml_collections
   from specdec_jax import runtime
-  entry = lambda **kw: ml_collections.ConfigDict(dict(dict(matmul="auto", dtype="float32"), **kw))
-  assert runtime.matmul(entry(), "unrolled") == "kernel"
-  assert runtime.matmul(entry(), "scan") == "xla"
-  assert runtime.matmul(entry(dtype="bfloat16"), "unrolled") == "xla"
-  assert runtime.matmul(entry(matmul="xla"), "unrolled") == "xla"
+  entry = lambda choice="auto": ml_collections.ConfigDict(dict(matmul=choice))
+  assert runtime.matmul(entry(), "unrolled", "float32") == "kernel"
+  assert runtime.matmul(entry(), "scan", "float32") == "xla"
+  # The loaded model's dtype decides (an orbax checkpoint brings its own).
+  assert runtime.matmul(entry(), "unrolled", "bfloat16") == "xla"
+  assert runtime.matmul(entry("xla"), "unrolled", "float32") == "xla"
   with pytest.raises(ValueError, match="unrolled"):
-    runtime.matmul(entry(matmul="kernel"), "scan")
+    runtime.matmul(entry("kernel"), "scan", "float32")
+  with pytest.raises(ValueError, match="bfloat16"):
+    runtime.matmul(entry("kernel"), "unrolled", "bfloat16")
   with pytest.raises(ValueError, match="matmul"):
-    runtime.matmul(entry(matmul="blas"), "unrolled")
+    runtime.matmul(entry("blas"), "unrolled", "float32")
+
+
+def test_a_bad_matmul_setting_is_refused_before_anything_loads():
+  from specdec_jax import runtime
+  from configs import tiny
+  config = tiny.get_config()
+  config.model.matmul = "blas"
+  with pytest.raises(ValueError, match=r"config\.model\.matmul='blas'"):
+    runtime.validate_config(config)
 
 
 def test_kernel_needs_the_unrolled_layout():
@@ -171,8 +197,13 @@ def test_without_a_compiler_everything_runs_on_xla(monkeypatch, tmp_path):
   assert not cpu_matmul.available()
   assert "compiler" in cpu_matmul.why_unavailable()
   assert _custom_calls(cpu_matmul.dense_t, jnp.ones((1, 64)), jnp.ones((8, 64))) == 0
-  entry = ml_collections.ConfigDict(dict(matmul="auto", dtype="float32"))
-  assert runtime.matmul(entry, "unrolled") == "xla"
+  entry = ml_collections.ConfigDict(dict(matmul="auto"))
+  assert runtime.matmul(entry, "unrolled", "float32") == "xla"
   entry.matmul = "kernel"
   with pytest.raises(ValueError, match="compiler"):
-    runtime.matmul(entry, "unrolled")
+    runtime.matmul(entry, "unrolled", "float32")
+  # A direct call lowers XLA's dot instead of the missing kernel.
+  x, w = jnp.ones((2, 64)), jnp.ones((8, 64))
+  assert _custom_calls(cpu_matmul.rows_matmul, x, w) == 0
+  np.testing.assert_array_equal(np.asarray(jax.jit(cpu_matmul.rows_matmul)(x, w)),
+                                np.full((2, 8), 64.0))

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,7 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 MAX_ROWS = 8          # the kernel's M range (1..MAX_ROWS)
 TARGET_NAME = "specdec_rows_matmul"
@@ -51,6 +53,8 @@ def cache_dir() -> str:
 
 
 def _compiler() -> str | None:
+  """The C++ compiler command ($CXX, which may carry arguments, or the first
+  of c++, g++, clang++ on the PATH), or None."""
   return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which(
       "clang++")
 
@@ -70,7 +74,8 @@ def _library_path(cxx: str) -> str:
     source = f.read()
   key = hashlib.sha256(b"\0".join([
       source, " ".join(_FLAGS).encode(), cxx.encode(), jax.__version__.encode(),
-      sys.platform.encode(), _cpu_signature().encode()])).hexdigest()[:16]
+      jaxlib.__version__.encode(), sys.platform.encode(),
+      _cpu_signature().encode()])).hexdigest()[:16]
   return os.path.join(cache_dir(), f"rows_matmul-{key}.so")
 
 
@@ -81,8 +86,11 @@ def _build(cxx: str, path: str) -> None:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
   os.close(fd)
   try:
-    cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    cmd = [*shlex.split(cxx), *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
+    try:
+      result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+      raise RuntimeError(f"{' '.join(cmd)} failed: {e}") from None
     if result.returncode != 0:
       raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
     os.replace(tmp, path)
@@ -128,8 +136,8 @@ def _load() -> bool:
 
 
 def _kernel_call(x_MD: jax.Array, w_ND: jax.Array) -> jax.Array:
-  if not available():
-    raise RuntimeError(f"the CPU matmul kernel is unavailable: {why_unavailable()}")
+  if not available():   # (traced for every platform: lax.platform_dependent)
+    return x_MD @ w_ND.T
   return jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct((x_MD.shape[0], w_ND.shape[0]),
                                                             jnp.float32))(x_MD, w_ND)
 
@@ -137,7 +145,8 @@ def _kernel_call(x_MD: jax.Array, w_ND: jax.Array) -> jax.Array:
 @jax.custom_vjp
 def rows_matmul(x_MD: jax.Array, w_ND: jax.Array) -> jax.Array:
   """``x_MD @ w_ND.T`` (float32, 1 <= M <= MAX_ROWS) by the kernel on the
-  CPU and by XLA elsewhere; differentiable (the backward pass is XLA's)."""
+  CPU (where it builds) and by XLA elsewhere; differentiable (the backward
+  pass is XLA's)."""
   return jax.lax.platform_dependent(x_MD, w_ND, cpu=_kernel_call,
                                     default=lambda x, w: x @ w.T)
 
@@ -154,12 +163,14 @@ def _rows_matmul_bwd(residuals, dy_MN):
 rows_matmul.defvjp(_rows_matmul_fwd, _rows_matmul_bwd)
 
 
-def dense_t(x: jax.Array, w_ND: jax.Array) -> jax.Array:
+def dense_t(x: jax.Array, w_ND: jax.Array, preferred_element_type=None) -> jax.Array:
   """``x @ w_ND.T`` over x's last axis: the kernel where it applies (float32,
-  at most MAX_ROWS rows in all, the kernel loaded), XLA's dot otherwise."""
+  at most MAX_ROWS rows in all, the kernel loaded), XLA's dot otherwise,
+  accumulating in ``preferred_element_type`` as ``jnp.einsum`` does."""
   rows = x.size // x.shape[-1] if x.shape[-1] else 0
   if (x.dtype != jnp.float32 or w_ND.dtype != jnp.float32 or not 1 <= rows <= MAX_ROWS
       or not available()):
-    return jnp.einsum("...d,nd->...n", x, w_ND.astype(x.dtype))
+    return jnp.einsum("...d,nd->...n", x, w_ND.astype(x.dtype),
+                      preferred_element_type=preferred_element_type)
   y_MN = rows_matmul(x.reshape(rows, x.shape[-1]), w_ND)
   return y_MN.reshape(x.shape[:-1] + (w_ND.shape[0],))

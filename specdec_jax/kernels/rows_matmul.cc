@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -80,7 +81,7 @@ void Rows(const float* x, const float* w, float* y, int64_t d, int64_t n_out, in
       for (int r = 0; r < R; ++r) {
         const float* p = w + (n + r) * d + j;
         wv[r] = Load(p);
-        __builtin_prefetch(p + PF * d, /*rw=*/0, /*locality=*/2);
+        if (n + r + PF < n_out) __builtin_prefetch(p + PF * d, /*rw=*/0, /*locality=*/2);
       }
       for (int m = 0; m < M; ++m) {
         const v16 xv = Load(x + m * d + j);
@@ -173,10 +174,16 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     pool.Schedule([work] { work->Drain(); });
   }
   work->Drain();
-  while (work->done.load(std::memory_order_acquire) < work->num_chunks) {
+  // The chunks still out are being computed right now (a chunk is a few
+  // microseconds): spin, and yield the core if a helper was descheduled.
+  for (int spins = 0; work->done.load(std::memory_order_acquire) < work->num_chunks; ++spins) {
+    if (spins < 1000) {
 #if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
+      __builtin_ia32_pause();
 #endif
+    } else {
+      std::this_thread::yield();
+    }
   }
   return ffi::Error::Success();
 }

@@ -583,10 +583,12 @@ class Transformer:
                   full_vocab: bool = True) -> jax.Array:
     """float32 logits_BTV (logits_BTN for a restricted head and not full_vocab)."""
     cfg = self.cfg
-    if self.matmul == "kernel":
-      head_ND = (params["embed"]["embedding"] if cfg.tie_embeddings
-                 else params["lm_head"]["kernel_t"])
-      logits_BTV = cpu_matmul.dense_t(hidden_BTD, head_ND)
+    if "kernel_t" in params.get("lm_head", {}):   # an untied head in the kernel's layout
+      logits_BTV = cpu_matmul.dense_t(hidden_BTD, params["lm_head"]["kernel_t"],
+                                      preferred_element_type=jnp.float32)
+    elif cfg.tie_embeddings and self.matmul == "kernel":
+      logits_BTV = cpu_matmul.dense_t(hidden_BTD, params["embed"]["embedding"],
+                                      preferred_element_type=jnp.float32)
     elif cfg.tie_embeddings:
       logits_BTV = jnp.einsum("btd,vd->btv", hidden_BTD, params["embed"]["embedding"],
                               preferred_element_type=jnp.float32)
