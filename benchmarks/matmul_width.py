@@ -102,12 +102,13 @@ def _time_forms(weights, widths, rng):
   form and width round by round; times relative to ``dot`` at the first width."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from specdec_jax.kernels import build as kernel_build  # pylint: disable=g-import-not-at-top
   from specdec_jax.kernels import cpu_matmul  # pylint: disable=g-import-not-at-top
   unknown = sorted(set(_FORMS.value) - set(FORMS))
   if unknown:
     raise app.UsageError(f"--forms: unknown {unknown}; expected some of {FORMS}")
-  if "kernel" in _FORMS.value and not cpu_matmul.available():
-    raise app.UsageError(f"--forms=kernel: {cpu_matmul.why_unavailable()}")
+  if "kernel" in _FORMS.value and not kernel_build.available():
+    raise app.UsageError(f"--forms=kernel: {kernel_build.why_unavailable()}")
   forms = ["dot"] + [f for f in _FORMS.value if f != "dot"]
   as_stored = [jnp.asarray(w) for w in weights]
   stored = {

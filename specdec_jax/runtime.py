@@ -27,7 +27,7 @@ from specdec_jax.generation import Generator, validate_synthetic_acceptance
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.feature_draft import FeatureDraft, check_compatible
 from specdec_jax.models.tokenizers import ByteTokenizer, Tokenizer
-from specdec_jax.kernels import cpu_matmul
+from specdec_jax.kernels import build as kernel_build
 from specdec_jax.models.transformer import DEFAULT_MIN_WINDOW, LAYER_LOOPS, MATMULS, Transformer
 
 JOBS = ("generate", "benchmark", "fidelity", "sweep", "trace", "diagnose", "distill")
@@ -152,10 +152,10 @@ def matmul(model_config, loop: str, dtype: str) -> str:
     if not fits:
       raise ValueError("matmul='kernel' needs layer_loop 'unrolled' (or 'auto', unsharded), "
                        f"a float32 model (this one is {dtype}) and the CPU backend")
-    if not cpu_matmul.available():
-      raise ValueError(f"matmul='kernel': {cpu_matmul.why_unavailable()}")
+    if not kernel_build.available():
+      raise ValueError(f"matmul='kernel': {kernel_build.why_unavailable()}")
     return "kernel"
-  return "kernel" if fits and cpu_matmul.available() else "xla"
+  return "kernel" if fits and kernel_build.available() else "xla"
 
 
 def default_decoder(cfg: ModelConfig, **fields) -> Transformer:

@@ -15,6 +15,7 @@ from specdec_jax import runtime
 from specdec_jax import verify
 from specdec_jax.drafters import ModelDrafter, NgramDrafter
 from specdec_jax.generation import Generator
+from specdec_jax.kernels import build as kernel_build
 from specdec_jax.models import transformer
 
 
@@ -58,7 +59,7 @@ def _cache_copies(compiled_text: str, cache_shape) -> int:
              if " copy(" in line and line.split("=", 1)[1].lstrip().startswith(shape))
 
 
-@pytest.mark.parametrize("layer_loop", ["unrolled", "scan"])
+@pytest.mark.parametrize("layer_loop", ["unrolled", "scan", "unrolled-kernel"])
 @pytest.mark.parametrize("setup", ["plain", "chain", "tree"])
 def test_verify_phase_updates_the_cache_in_place(params, layer_loop, setup):
   """The verify pass, a ``lax.switch`` over widths, compiles without a copy
@@ -68,7 +69,12 @@ def test_verify_phase_updates_the_cache_in_place(params, layer_loop, setup):
   of a SmolLM2 step on CPU). The negative control is the same count on a
   switch whose branches write a buffer."""
   tp, _ = params
-  target = transformer.Transformer(TARGET.cfg, layer_loop)
+  if layer_loop == "unrolled-kernel":   # the CPU kernels' matmuls and attention
+    if not kernel_build.available():
+      pytest.skip(kernel_build.why_unavailable())
+    target = transformer.Transformer(TARGET.cfg, "unrolled", matmul="kernel")
+  else:
+    target = transformer.Transformer(TARGET.cfg, layer_loop)
   tp = target.prepare_params(tp)
   kwargs = {"plain": dict(), "chain": dict(drafter=NgramDrafter(), k_max=3),
             "tree": dict(drafter=NgramDrafter(), k_max=3, tree_nodes=4, tree_topk=2)}[setup]
@@ -79,7 +85,9 @@ def test_verify_phase_updates_the_cache_in_place(params, layer_loop, setup):
   proposal, state = gen.compiled("draft_phase", True)(None, state, req.run)
   text = gen.compiled("verify_phase", True).lower(tp, state, proposal, req.run).compile().as_text()
   leaf = jax.tree.leaves(state.target_cache)[0]
-  per_layer = leaf.shape if layer_loop == "unrolled" else leaf.shape[1:]
+  per_layer = leaf.shape if layer_loop != "scan" else leaf.shape[1:]
+  if layer_loop == "unrolled-kernel" and setup == "chain":   # the kernels did run
+    assert "specdec_decode_attention" in text and "specdec_rows_matmul" in text
   assert _cache_copies(text, leaf.shape) == 0 and _cache_copies(text, per_layer) == 0
 
   def writing_branch(width, buf_SD, x_D):

@@ -45,6 +45,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from specdec_jax.kernels import cpu_attention
 from specdec_jax.kernels import cpu_matmul
 from specdec_jax.models import kv_cache as kv_cache_lib
 from specdec_jax.models.config import ModelConfig
@@ -227,13 +228,25 @@ def windowed_attend(cfg: ModelConfig, windows, index, q_BTNH, keys_BSGH, values_
 
 def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSGH,
                  positions_BT, windows=None, which_window=None,
-                 visible_BTS=None, pending: PendingBlock | None = None) -> jax.Array:
+                 visible_BTS=None, pending: PendingBlock | None = None,
+                 kernel_entry_BS: jax.Array | None = None) -> jax.Array:
   """The rest of the block once its keys are in the cache (or ``pending``):
   attention (over ``windows[which_window]`` when given; under
-  ``visible_BTS`` when given), output projection, MLP (fused or separate
-  gate/up), both residuals."""
-  attended = windowed_attend(cfg, windows or (keys_BSGH.shape[1],), which_window, q_BTNH,
-                             keys_BSGH, values_BSGH, positions_BT, visible_BTS, pending)
+  ``visible_BTS`` when given; on the CPU kernel when ``kernel_entry_BS``
+  is given and ``cpu_attention.applies``), output projection, MLP (fused or
+  separate gate/up), both residuals.
+
+  kernel_entry_BS: int32, the block entry each cache slot takes (-1: the
+  cache's own; ``kernel_entries``), for ``cpu_attention.decode_attention``.
+  """
+  if kernel_entry_BS is not None and cpu_attention.applies(q_BTNH, keys_BSGH, visible_BTS):
+    new_k_BTGH = pending.k_BTGH if pending is not None else keys_BSGH[:, :1]
+    new_v_BTGH = pending.v_BTGH if pending is not None else values_BSGH[:, :1]
+    attended = cpu_attention.decode_attention(q_BTNH, keys_BSGH, values_BSGH, new_k_BTGH,
+                                              new_v_BTGH, kernel_entry_BS, positions_BT)
+  else:
+    attended = windowed_attend(cfg, windows or (keys_BSGH.shape[1],), which_window, q_BTNH,
+                               keys_BSGH, values_BSGH, positions_BT, visible_BTS, pending)
   x_BTD = x_BTD + _dense(p["attn"]["o"], attended)
   h_BTD = rms_norm(x_BTD, p["mlp_norm"]["scale"], cfg.rms_eps)
   mlp = p["mlp"]
@@ -245,9 +258,20 @@ def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSG
   return x_BTD + _dense(mlp["down"], jax.nn.silu(gate) * up)
 
 
+def kernel_entries(slots_BT: jax.Array, num_slots: int, write: bool) -> jax.Array:
+  """``kernel_entry_BS`` of ``block_output``: for a read-only pass the block
+  entry each slot will take (``pending_slots``), -1 elsewhere; for a pass
+  that wrote first, -1 everywhere (the cache holds the block)."""
+  if write:
+    return jnp.full((slots_BT.shape[0], num_slots), -1, jnp.int32)
+  taken_BS, entry_BS = pending_slots(slots_BT, num_slots)
+  return jnp.where(taken_BS, entry_BS, -1).astype(jnp.int32)
+
+
 def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Array, cache,
                min_window: int = 0, slots_BT: jax.Array | None = None,
-               visible_BTS: jax.Array | None = None, write: bool = True):
+               visible_BTS: jax.Array | None = None, write: bool = True,
+               kernels: bool = False):
   """The stack of blocks. ``layers`` stacked on L (a dict, with a
   ``KVCache``): ``lax.scan``; a tuple of per-layer dicts (with
   ``LayerCaches``): a Python loop. ``min_window`` > 0: attention reads the
@@ -269,6 +293,11 @@ def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Arr
   CPU), provided no slot is named twice with different entries (a scatter's
   choice between two updates of one index is implementation-defined).
 
+  ``kernels``: a decode step's causal attention runs on the CPU kernel
+  (``cpu_attention``, where it applies; the Transformer's
+  ``matmul="kernel"``), which reads the whole cache where it lies (no
+  window) and the block's entries from the block.
+
   Returns (x_BTD, cache: updated when ``write``, block: the block's keys and
   values in the cache's layout with T slots).
   """
@@ -282,11 +311,12 @@ def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Arr
   index = window_index(windows, reach_BT)
   # Where a read-only pass's entries would go (a writing pass has them in place).
   taken_BS, entry_BS = (None, None) if write else pending_slots(slots_BT, num_slots)
+  kernel_entry_BS = kernel_entries(slots_BT, num_slots, write) if kernels else None
 
   def attend_layer(p, x, q_BTNH, k_BSGH, v_BSGH, k_BTGH, v_BTGH):
     pending = None if write else PendingBlock(k_BTGH, v_BTGH, taken_BS, entry_BS)
     return block_output(cfg, p, x, q_BTNH, k_BSGH, v_BSGH, positions_BT, windows, index,
-                        visible_BTS, pending)
+                        visible_BTS, pending, kernel_entry_BS)
 
   if isinstance(layers, (tuple, list)):
     if not isinstance(cache, kv_cache_lib.LayerCaches):
@@ -575,7 +605,8 @@ class Transformer:
     embedding_VD = params["embed"]["embedding"]
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(cfg.jnp_dtype)
     x_BTD, cache, block = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache,
-                                     self.min_window, slots_BT, visible_BTS, write)
+                                     self.min_window, slots_BT, visible_BTS, write,
+                                     kernels=self.matmul == "kernel")
     hidden_BTD = rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_eps)
     return self.head_logits(params, hidden_BTD, full_vocab), hidden_BTD, cache, block
 

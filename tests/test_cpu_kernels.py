@@ -1,12 +1,12 @@
-"""The CPU matmul kernel (kernels/cpu_matmul.py): exact against an
-independent reference, the same bits for a row whatever the pass's width,
-used where it applies and nowhere else, differentiable, and a Transformer
-on it computes what one on XLA's dot does.
+"""The CPU kernels (kernels/): the matmul and the decode-step attention are
+exact against independent references, give a row the same bits whatever
+the pass's width, run where they apply and nowhere else, are
+differentiable, and a Transformer on them computes what one on XLA does.
 
-The kernel needs a C++ compiler; on a machine without one these tests are
-skipped with that reason (everything then runs on XLA's dot), and
-``test_kernel_builds_where_a_compiler_exists`` fails if one exists but the
-kernel does not build.
+The kernels need a C++ compiler; on a machine without one these tests are
+skipped with that reason (everything then runs on XLA), and
+``test_kernels_build_where_a_compiler_exists`` fails if one exists but the
+kernels do not build.
 """
 
 import jax
@@ -15,19 +15,21 @@ import numpy as np
 import pytest
 
 from common import assert_close_in_float32
+from specdec_jax.kernels import build
+from specdec_jax.kernels import cpu_attention
 from specdec_jax.kernels import cpu_matmul
 from specdec_jax.models import transformer
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.transformer import Transformer
 
-needs_kernel = pytest.mark.skipif(cpu_matmul._compiler() is None,
-                                  reason="no C++ compiler: the kernel cannot be built here")
+needs_kernel = pytest.mark.skipif(build.compiler() is None,
+                                  reason="no C++ compiler: the kernels cannot be built here")
 
 
-def test_kernel_builds_where_a_compiler_exists():
-  if cpu_matmul._compiler() is None:
+def test_kernels_build_where_a_compiler_exists():
+  if build.compiler() is None:
     pytest.skip("no C++ compiler")
-  assert cpu_matmul.available(), cpu_matmul.why_unavailable()
+  assert build.available(), build.why_unavailable()
 
 
 def _reference(x_MD, w_ND):
@@ -191,11 +193,12 @@ def test_without_a_compiler_everything_runs_on_xla(monkeypatch, tmp_path):
   runtime's "auto" picks XLA while "kernel" is refused with the reason."""
   from specdec_jax import runtime
   import ml_collections
-  monkeypatch.setattr(cpu_matmul, "_state", {"loaded": None, "why": ""})
-  monkeypatch.setattr(cpu_matmul, "_compiler", lambda: None)
+  monkeypatch.setattr(build, "_state", {"loaded": None, "why": ""})
+  monkeypatch.setattr(build, "compiler", lambda: None)
   monkeypatch.setenv("SPECDEC_KERNEL_CACHE", str(tmp_path))
-  assert not cpu_matmul.available()
-  assert "compiler" in cpu_matmul.why_unavailable()
+  assert not build.available()
+  assert "compiler" in build.why_unavailable()
+  assert not cpu_attention.applies(jnp.ones((1, 1, 4, 16)), jnp.ones((1, 8, 2, 16)), None)
   assert _custom_calls(cpu_matmul.dense_t, jnp.ones((1, 64)), jnp.ones((8, 64))) == 0
   entry = ml_collections.ConfigDict(dict(matmul="auto"))
   assert runtime.matmul(entry, "unrolled", "float32") == "xla"
@@ -207,3 +210,95 @@ def test_without_a_compiler_everything_runs_on_xla(monkeypatch, tmp_path):
   assert _custom_calls(cpu_matmul.rows_matmul, x, w) == 0
   np.testing.assert_array_equal(np.asarray(jax.jit(cpu_matmul.rows_matmul)(x, w)),
                                 np.full((2, 8), 64.0))
+
+
+# ----------------------------------------------------------------------------
+# The decode-step attention.
+
+ATTN_CFG = ModelConfig(vocab_size=32, num_layers=1, d_model=64, num_heads=6, num_kv_heads=2,
+                       head_dim=64, ffn_dim=64)
+
+
+def _attention_case(seq, seed=0, slots=48):
+  """Queries of 2 rows at ragged positions (row 0 from 9, row 1 from 30),
+  a cache whose slots past each row's text hold garbage, and the block's
+  entries pending at the slots of its positions (the cache there is stale)."""
+  rng = np.random.default_rng(seed)
+  b, n, g, h = 2, ATTN_CFG.num_heads, ATTN_CFG.num_kv_heads, ATTN_CFG.head_dim
+  q = rng.standard_normal((b, seq, n, h), dtype=np.float32)
+  k = rng.standard_normal((b, slots, g, h), dtype=np.float32)
+  v = rng.standard_normal((b, slots, g, h), dtype=np.float32)
+  positions = np.stack([9 + np.arange(seq), 30 + np.arange(seq)]).astype(np.int32)
+  for row in range(b):
+    k[row, positions[row, 0]:] = 50.0 * (1 + row)      # never read: past the text ...
+    v[row, positions[row, 0]:] = -70.0                 # ... or overlaid by the block
+  new_k = rng.standard_normal((b, seq, g, h), dtype=np.float32)
+  new_v = rng.standard_normal((b, seq, g, h), dtype=np.float32)
+  taken, entry = transformer.pending_slots(jnp.asarray(positions), slots)
+  pending = transformer.PendingBlock(jnp.asarray(new_k), jnp.asarray(new_v), taken, entry)
+  kernel_entry = transformer.kernel_entries(jnp.asarray(positions), slots, write=False)
+  return q, k, v, positions, pending, kernel_entry
+
+
+@needs_kernel
+@pytest.mark.parametrize("seq", [1, 3, 8])
+def test_attention_kernel_equals_xlas_attention(seq):
+  """Against the decoder's own XLA attention (GQA, ragged positions, the
+  block pending over stale slots, garbage past the text), and against the
+  kernel's XLA reference."""
+  q, k, v, positions, pending, entry = _attention_case(seq)
+  got = jax.jit(cpu_attention.decode_attention)(q, k, v, pending.k_BTGH, pending.v_BTGH, entry,
+                                                positions)
+  want = jax.jit(lambda *a: transformer.attend(ATTN_CFG, *a, pending=pending))(q, k, v, positions)
+  assert_close_in_float32(got, want, what="kernel vs transformer.attend")
+  assert_close_in_float32(got, cpu_attention.reference(q, k, v, pending.k_BTGH, pending.v_BTGH,
+                                                       entry, positions), what="vs reference")
+  # Not vacuous: ignoring the block (reading the stale cache) is far off.
+  stale = jax.jit(cpu_attention.decode_attention)(q, k, v, pending.k_BTGH, pending.v_BTGH,
+                                                  jnp.full_like(entry, -1), positions)
+  assert np.max(np.abs(np.asarray(stale) - np.asarray(want))) > 1.0
+
+
+@needs_kernel
+def test_attention_kernel_gives_a_query_the_same_bits_in_any_pass_width():
+  """Query 0 of an 8-query pass equals the 1-query pass at its position bit
+  for bit (the verify pass and the plain step agree exactly)."""
+  q8, k, v, pos8, pend8, entry8 = _attention_case(8, seed=1)
+  fn = jax.jit(cpu_attention.decode_attention)
+  wide = np.asarray(fn(q8, k, v, pend8.k_BTGH, pend8.v_BTGH, entry8, pos8))
+  for width in (1, 5):
+    taken, entry = transformer.pending_slots(jnp.asarray(pos8[:, :width]), k.shape[1])
+    entry = jnp.where(taken, entry, -1)
+    narrow = np.asarray(fn(q8[:, :width], k, v, pend8.k_BTGH[:, :width],
+                           pend8.v_BTGH[:, :width], entry, pos8[:, :width]))
+    np.testing.assert_array_equal(narrow, wide[:, :width])
+
+
+@needs_kernel
+def test_attention_kernel_gradients_are_the_references():
+  q, k, v, positions, pending, entry = _attention_case(2, seed=2)
+  args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), pending.k_BTGH, pending.v_BTGH)
+  loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a, entry, positions))))
+  got = jax.grad(loss(cpu_attention.decode_attention), argnums=(0, 1, 2, 3, 4))(*args)
+  want = jax.grad(loss(cpu_attention.reference), argnums=(0, 1, 2, 3, 4))(*args)
+  for a, b in zip(got, want):
+    assert_close_in_float32(a, b, what="attention gradient")
+
+
+@needs_kernel
+def test_attention_kernel_runs_for_decode_steps_only():
+  """In a kernel-mode model: a cached step (and a read-only verify pass)
+  attends on the kernel; prefill (more than 8 queries) and a draft tree's
+  masked pass stay on XLA."""
+  model = _model("kernel", tie=True)
+  params = model.prepare_params(jax.jit(Transformer(model.cfg).init_params)(
+      jax.random.PRNGKey(0)))
+  cache = model.init_cache(1, 24)
+  calls = lambda fn, *a: jax.jit(fn).lower(*a).as_text().count(cpu_attention.TARGET_NAME)
+  tok = lambda t: jnp.zeros((1, t), jnp.int32)
+  pos = lambda t: jnp.arange(t, dtype=jnp.int32)[None]
+  assert calls(model.apply, params, tok(3), pos(3), cache) == 2           # one per layer
+  assert calls(model.forward, params, tok(5), pos(5), cache) == 2
+  assert calls(model.apply, params, tok(12), pos(12), cache) == 0         # prefill
+  visible = jnp.ones((1, 3, 24), bool)
+  assert calls(lambda *a: model.apply(*a, visible_BTS=visible), params, tok(3), pos(3), cache) == 0
