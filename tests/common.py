@@ -218,3 +218,10 @@ def run_cli(args, capsys) -> tuple[int, str, str]:
     reset()
   out, err = capsys.readouterr()
   return code, out, err
+
+
+def cache_copies(compiled_text: str, cache_shape) -> int:
+  """Copies of a cache-shaped float32 buffer in a compiled program's HLO."""
+  shape = "f32[" + ",".join(map(str, cache_shape)) + "]"
+  return sum(1 for line in compiled_text.splitlines()
+             if " copy(" in line and line.split("=", 1)[1].lstrip().startswith(shape))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import DRAFT, TARGET, VOCAB, init, tiny_config
+from common import DRAFT, TARGET, VOCAB, cache_copies, init, tiny_config
 from specdec_jax import compile_count
 from specdec_jax import runtime
 from specdec_jax import verify
@@ -52,13 +52,6 @@ def test_phase_functions_take_the_state_by_donation(params):
   assert (np.asarray(after_verify.length_B) > np.asarray(req.requests.prompt_len_B)).all()
 
 
-def _cache_copies(compiled_text: str, cache_shape) -> int:
-  """Copies of a cache-shaped buffer in a compiled program's HLO."""
-  shape = "f32[" + ",".join(map(str, cache_shape)) + "]"
-  return sum(1 for line in compiled_text.splitlines()
-             if " copy(" in line and line.split("=", 1)[1].lstrip().startswith(shape))
-
-
 @pytest.mark.parametrize("layer_loop", ["unrolled", "scan", "unrolled-kernel"])
 @pytest.mark.parametrize("setup", ["plain", "chain", "tree"])
 def test_verify_phase_updates_the_cache_in_place(params, layer_loop, setup):
@@ -88,7 +81,7 @@ def test_verify_phase_updates_the_cache_in_place(params, layer_loop, setup):
   per_layer = leaf.shape if layer_loop != "scan" else leaf.shape[1:]
   if layer_loop == "unrolled-kernel" and setup == "chain":   # the kernels did run
     assert "specdec_decode_attention" in text and "specdec_rows_matmul" in text
-  assert _cache_copies(text, leaf.shape) == 0 and _cache_copies(text, per_layer) == 0
+  assert cache_copies(text, leaf.shape) == 0 and cache_copies(text, per_layer) == 0
 
   def writing_branch(width, buf_SD, x_D):
     return jax.lax.dynamic_update_slice(buf_SD, jnp.broadcast_to(x_D, (width, 4)), (1, 0))
@@ -96,7 +89,7 @@ def test_verify_phase_updates_the_cache_in_place(params, layer_loop, setup):
   writing = jax.jit(lambda i, buf, x: jax.lax.switch(
       i, [functools.partial(writing_branch, w) for w in (1, 2)], buf, x), donate_argnums=(1,))
   control = writing.lower(0, jnp.zeros((16, 4)), jnp.ones(4)).compile().as_text()
-  assert _cache_copies(control, (16, 4)) > 0
+  assert cache_copies(control, (16, 4)) > 0
 
 
 # ----------------------------------------------------------------------------

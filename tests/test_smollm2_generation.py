@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import cache_copies
 from specdec_jax import fidelity
 from specdec_jax import sampling
 from specdec_jax.drafters import FeatureDrafter, HybridDrafter, ModelDrafter, NgramDrafter
@@ -113,6 +114,23 @@ def test_plain_greedy_matches_transformers_eos_included(smollm2, plain_greedy,
   assert ended and all(r.output_ids[-1] in tokenizer.eos_ids for r in ended)
   assert all(len(r.output_ids) < MAX_NEW for r in ended)
   assert np.mean([len(o) for o in reference_outputs]) > 8
+
+
+@pytest.mark.parametrize("drafter", [None, NgramDrafter()], ids=["plain", "ngram"])
+def test_steps_update_the_cache_in_place(smollm2, prompts, drafter):
+  """As users decode the real model (the CPU kernels where they build), a
+  plain step and a verify pass compile without a copy of the KV cache: a
+  pass that reads the buffer it updates in place makes XLA copy the whole
+  cache (a stand-in slice of the just-written cache once cost 60 copies,
+  ~8 ms, per plain step; the tiny models' programs did not show it)."""
+  _, params, _ = smollm2
+  gen = generator(smollm2, drafter, 1)
+  req = gen.request(prompts[:1], **({"k": 4} if drafter else {}))
+  state = gen.compiled("prefill", True)(params, {}, req.requests, req.run)
+  proposal, state = gen.compiled("draft_phase", True)({}, state, req.run)
+  text = gen.compiled("verify_phase", True).lower(params, state, proposal, req.run).compile(
+      ).as_text()
+  assert cache_copies(text, jax.tree.leaves(state.target_cache)[0].shape) == 0
 
 
 def test_ngram_greedy_matches_transformers(smollm2, prompts, reference_outputs):

@@ -240,8 +240,12 @@ def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSG
   cache's own; ``kernel_entries``), for ``cpu_attention.decode_attention``.
   """
   if kernel_entry_BS is not None and cpu_attention.applies(q_BTNH, keys_BSGH, visible_BTS):
-    new_k_BTGH = pending.k_BTGH if pending is not None else keys_BSGH[:, :1]
-    new_v_BTGH = pending.v_BTGH if pending is not None else values_BSGH[:, :1]
+    # Without a pending block no slot takes an entry; the stand-in must not
+    # read the cache (a slice of a just-written cache made XLA keep, and so
+    # copy, the unwritten one: 60 cache copies per SmolLM2 step).
+    none_B1GH = jnp.zeros(keys_BSGH.shape[:1] + (1,) + keys_BSGH.shape[2:], keys_BSGH.dtype)
+    new_k_BTGH = pending.k_BTGH if pending is not None else none_B1GH
+    new_v_BTGH = pending.v_BTGH if pending is not None else none_B1GH
     attended = cpu_attention.decode_attention(q_BTNH, keys_BSGH, values_BSGH, new_k_BTGH,
                                               new_v_BTGH, kernel_entry_BS, positions_BT)
   else:
