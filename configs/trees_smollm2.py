@@ -1,13 +1,19 @@
 """Draft trees vs chains at the same verify width on SmolLM2 (job=sweep).
 
 One joint sweep axis, ``shape``: at verify widths 4, 8 and 16, a chain of
-K = width - 1 n-gram drafts against a tree of N = width - 1 nodes (depth
+K = width - 1 drafts against a tree of N = width - 1 nodes (depth
 k = (N + 1) // 2, more branches as the width grows), greedy, policy fixed,
 on the held-out prompts. Each point appends a benchmark summary
 (tokens_per_call, speedup, acceptance by depth) to results.jsonl; the sweep
 ends with a table and tokens_per_call_vs_width.png.
 
+The default drafter is n-gram lookup; the ``feature`` variant uses a
+distilled EAGLE-style feature draft (configs/feature_smollm2.py), which
+always has candidates, so its trees have branches at every step:
+
   python -m specdec_jax.main --config=configs/trees_smollm2.py --workdir=runs/trees
+  python -m specdec_jax.main --config=configs/trees_smollm2.py:feature \
+      --workdir=runs/trees_feature --config.draft_checkpoint=/tmp/feature_smollm2
 """
 
 import os
@@ -17,11 +23,16 @@ import ml_collections
 from specdec_jax import config_defaults
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = config_defaults.config_from_file(
       os.path.join(os.path.dirname(__file__), "smollm2.py"))
   config.job = "sweep"
-  config.decode.drafter = "ngram"
+  if variant == "":
+    config.decode.drafter = "ngram"
+  elif variant == "feature":
+    config.decode.drafter = "feature"  # needs --config.draft_checkpoint
+  else:
+    raise ValueError(f"unknown variant {variant!r}; expected '' or 'feature'")
   config.decode.policy = "fixed"
   config.prompts = "held_out"
   config.benchmark.repeats = 1

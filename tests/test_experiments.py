@@ -6,7 +6,7 @@ import json
 import ml_collections
 import pytest
 
-from common import REPO_ROOT, run_cli, tiny_config
+from common import REPO_ROOT, load_config, run_cli, tiny_config
 from specdec_jax import config_defaults
 from specdec_jax import runtime
 from specdec_jax.jobs import sweep
@@ -161,3 +161,30 @@ def test_a_flat_field_set_in_python_is_refused_by_name():
   config.sweep = ml_collections.ConfigDict(dict(k=[1, 2]))
   with pytest.raises(ValueError, match=r"sweep field 'k' is now 'decode.k'"):
     sweep.sweep_fields(config)
+
+
+@pytest.mark.parametrize("path,variant", [
+    ("configs/tiny.py", None), ("configs/tiny.py", "sweep"), ("configs/smollm2.py", None),
+    ("configs/smollm2_policies.py", None), ("configs/distill_smollm2.py", None),
+    ("configs/feature_smollm2.py", None), ("configs/feature_smollm2.py", "compare"),
+    ("configs/trees_smollm2.py", None), ("configs/trees_smollm2.py", "feature")])
+def test_shipped_configs_validate_at_every_sweep_point(path, variant):
+  """Every shipped config (and variant) passes the config check at each of
+  its sweep points, so a typo in one fails here, not an hour into a run."""
+  config = load_config(path, variant)
+  fields = sweep.sweep_fields(config)
+  points = sweep.grid_points(fields) if fields else [{}]
+  for point in points:
+    runtime.validate_config(sweep.point_config(config, point))
+
+
+def test_trees_config_compares_chains_and_trees_at_equal_widths():
+  config = load_config("configs/trees_smollm2.py", "feature")
+  assert config.decode.drafter == "feature"
+  widths = {}
+  for shape in config.sweep.shape:
+    nodes = shape["decode.tree_nodes"] or shape["decode.k"]
+    widths.setdefault(nodes + 1, set()).add("tree" if shape["decode.tree_nodes"] else "chain")
+  assert widths == {4: {"chain", "tree"}, 8: {"chain", "tree"}, 16: {"chain", "tree"}}
+  with pytest.raises(ValueError, match="unknown variant"):
+    load_config("configs/trees_smollm2.py", "fetaure")
