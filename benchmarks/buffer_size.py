@@ -1,13 +1,16 @@
 """What a plain decode step costs as the cache buffer grows, text held fixed.
 
 A step's cache is max_prompt_len + max_new_tokens + the widest verify width
-slots long, whatever the text's length. With attention windows
+slots long, whatever the text's length. The CPU attention kernel (the
+default decoder where it applies) reads each query's slots up to its
+position where they lie. On XLA, with attention windows
 (``Transformer.min_window``, default 256) a step reads the smallest window
 that holds the text; with ``min_window=0`` it reads every slot. In one
 process, on SmolLM2 (float32, batch 1, the same short chat prompt), this
-times a plain step (a warm width-1 verify pass) for each buffer size, with
-and without windows, alternating the setups round by round, and prints the
-medians and each one's ratio to the smallest buffer with windows:
+times a plain step (a warm width-1 verify pass) for each buffer size and
+each attention (kernel, XLA windows, XLA whole cache), alternating the
+setups round by round, and prints the medians and each one's ratio to the
+same attention's smallest buffer:
 
   python benchmarks/buffer_size.py --max_prompt_lens=256,2048 --rounds=5
 """
@@ -39,33 +42,42 @@ def main(argv):
   main_lib.quiet_libraries()
   cache = os.path.abspath(_CACHE.value or os.path.expanduser("~/.cache/specdec_jax"))
   cfg, params, tokenizer = checkpoint.load_smollm2(cache)
-  windowed = runtime.default_decoder(cfg)
-  params = windowed.prepare_params(params)
-  whole = dataclasses.replace(windowed, min_window=0)
+  default = runtime.default_decoder(cfg)
+  xla_windows = dataclasses.replace(default, matmul="xla")
+  models = {"xla windows": xla_windows,
+            "xla whole cache": dataclasses.replace(xla_windows, min_window=0)}
+  if default.matmul == "kernel":
+    models = {"kernel": default, **models}
+  # The kernel reads its weights in another layout (prepare_params).
+  params_by_matmul = {m.matmul: m.prepare_params(params) for m in models.values()}
   prompt = tokenizer.encode(tokenizer.apply_chat_template(
       [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
       add_generation_prompt=True))
   setups = {}
   for length in (int(x) for x in _LENS.value):
-    for name, model in (("windows", windowed), ("whole cache", whole)):
+    for name, model in models.items():
       gen = Generator(model, None, max_prompt_len=length, max_new_tokens=_MAX_NEW.value,
                       eos_ids=tokenizer.eos_ids)
       setups[(length, name)] = gen
-      phase_timing.measure(gen, params, {}, [prompt], iters=2)   # compile + warm
-      print(f"compiled: max_prompt_len={length} {name} ({gen.num_slots} slots, windows "
-            f"{transformer_lib.attention_windows(gen.num_slots, model.min_window)})",
+      phase_timing.measure(gen, params_by_matmul[model.matmul], {}, [prompt],
+                           iters=2)   # compile + warm
+      reads = ("each query's slots in place" if model.matmul == "kernel" else
+               f"windows {transformer_lib.attention_windows(gen.num_slots, model.min_window)}")
+      print(f"compiled: max_prompt_len={length} {name} ({gen.num_slots} slots, {reads})",
             flush=True)
   times = {key: [] for key in setups}
   for r in range(_ROUNDS.value):
     for key, gen in setups.items():
-      times[key].append(phase_timing.measure(gen, params, {}, [prompt], iters=_ITERS.value).verify_s)
+      times[key].append(phase_timing.measure(gen, params_by_matmul[models[key[1]].matmul], {},
+                                             [prompt], iters=_ITERS.value).verify_s)
     print(f"round {r + 1}/{_ROUNDS.value} done", flush=True)
-  base = np.median(times[(min(int(x) for x in _LENS.value), "windows")])
+  smallest = min(int(x) for x in _LENS.value)
   print(f"\nplain step, prompt of {len(prompt)} tokens, median of {_ROUNDS.value} rounds:")
-  print(f"{'max_prompt_len':>14} {'slots':>6} {'attention':>12} {'step ms':>8} {'vs smallest':>12}")
+  print(f"{'max_prompt_len':>14} {'slots':>6} {'attention':>16} {'step ms':>8} {'vs smallest':>12}")
   for (length, name), gen in setups.items():
     step = np.median(times[(length, name)])
-    print(f"{length:>14} {gen.num_slots:>6} {name:>12} {step * 1e3:>8.1f} {step / base:>11.2f}x")
+    base = np.median(times[(smallest, name)])
+    print(f"{length:>14} {gen.num_slots:>6} {name:>16} {step * 1e3:>8.1f} {step / base:>11.2f}x")
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ def test_without_a_compiler_everything_runs_on_xla(monkeypatch, tmp_path):
   monkeypatch.setenv("SPECDEC_KERNEL_CACHE", str(tmp_path))
   assert not build.available()
   assert "compiler" in build.why_unavailable()
-  assert not cpu_attention.applies(jnp.ones((1, 1, 4, 16)), jnp.ones((1, 8, 2, 16)), None)
+  assert not cpu_attention.applies(jnp.ones((1, 1, 4, 16)), jnp.ones((1, 8, 2, 16)))
   assert _custom_calls(cpu_matmul.dense_t, jnp.ones((1, 64)), jnp.ones((8, 64))) == 0
   entry = ml_collections.ConfigDict(dict(matmul="auto"))
   assert runtime.matmul(entry, "unrolled", "float32") == "xla"
@@ -236,8 +236,9 @@ def _attention_case(seq, seed=0, slots=48):
   new_v = rng.standard_normal((b, seq, g, h), dtype=np.float32)
   taken, entry = transformer.pending_slots(jnp.asarray(positions), slots)
   pending = transformer.PendingBlock(jnp.asarray(new_k), jnp.asarray(new_v), taken, entry)
-  kernel_entry = transformer.kernel_entries(jnp.asarray(positions), slots, write=False)
-  return q, k, v, positions, pending, kernel_entry
+  inputs = transformer.kernel_inputs(jnp.asarray(positions), jnp.asarray(positions), slots,
+                                     write=False)
+  return q, k, v, positions, pending, inputs
 
 
 @needs_kernel
@@ -246,16 +247,17 @@ def test_attention_kernel_equals_xlas_attention(seq):
   """Against the decoder's own XLA attention (GQA, ragged positions, the
   block pending over stale slots, garbage past the text), and against the
   kernel's XLA reference."""
-  q, k, v, positions, pending, entry = _attention_case(seq)
-  got = jax.jit(cpu_attention.decode_attention)(q, k, v, pending.k_BTGH, pending.v_BTGH, entry,
-                                                positions)
+  q, k, v, positions, pending, inputs = _attention_case(seq)
+  got = jax.jit(cpu_attention.decode_attention)(q, k, v, pending.k_BTGH, pending.v_BTGH,
+                                                *inputs)
   want = jax.jit(lambda *a: transformer.attend(ATTN_CFG, *a, pending=pending))(q, k, v, positions)
   assert_close_in_float32(got, want, what="kernel vs transformer.attend")
   assert_close_in_float32(got, cpu_attention.reference(q, k, v, pending.k_BTGH, pending.v_BTGH,
-                                                       entry, positions), what="vs reference")
+                                                       *inputs), what="vs reference")
   # Not vacuous: ignoring the block (reading the stale cache) is far off.
-  stale = jax.jit(cpu_attention.decode_attention)(q, k, v, pending.k_BTGH, pending.v_BTGH,
-                                                  jnp.full_like(entry, -1), positions)
+  stale = jax.jit(cpu_attention.decode_attention)(
+      q, k, v, pending.k_BTGH, pending.v_BTGH, *inputs._replace(
+          entry_BS=jnp.full_like(inputs.entry_BS, -1)))
   assert np.max(np.abs(np.asarray(stale) - np.asarray(want))) > 1.0
 
 
@@ -263,22 +265,22 @@ def test_attention_kernel_equals_xlas_attention(seq):
 def test_attention_kernel_gives_a_query_the_same_bits_in_any_pass_width():
   """Query 0 of an 8-query pass equals the 1-query pass at its position bit
   for bit (the verify pass and the plain step agree exactly)."""
-  q8, k, v, pos8, pend8, entry8 = _attention_case(8, seed=1)
+  q8, k, v, pos8, pend8, inputs8 = _attention_case(8, seed=1)
   fn = jax.jit(cpu_attention.decode_attention)
-  wide = np.asarray(fn(q8, k, v, pend8.k_BTGH, pend8.v_BTGH, entry8, pos8))
+  wide = np.asarray(fn(q8, k, v, pend8.k_BTGH, pend8.v_BTGH, *inputs8))
   for width in (1, 5):
-    taken, entry = transformer.pending_slots(jnp.asarray(pos8[:, :width]), k.shape[1])
-    entry = jnp.where(taken, entry, -1)
+    pos = jnp.asarray(pos8[:, :width])
+    inputs = transformer.kernel_inputs(pos, pos, k.shape[1], write=False)
     narrow = np.asarray(fn(q8[:, :width], k, v, pend8.k_BTGH[:, :width],
-                           pend8.v_BTGH[:, :width], entry, pos8[:, :width]))
+                           pend8.v_BTGH[:, :width], *inputs))
     np.testing.assert_array_equal(narrow, wide[:, :width])
 
 
 @needs_kernel
 def test_attention_kernel_gradients_are_the_references():
-  q, k, v, positions, pending, entry = _attention_case(2, seed=2)
+  q, k, v, _, pending, inputs = _attention_case(2, seed=2)
   args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), pending.k_BTGH, pending.v_BTGH)
-  loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a, entry, positions))))
+  loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a, *inputs))))
   got = jax.grad(loss(cpu_attention.decode_attention), argnums=(0, 1, 2, 3, 4))(*args)
   want = jax.grad(loss(cpu_attention.reference), argnums=(0, 1, 2, 3, 4))(*args)
   for a, b in zip(got, want):
@@ -287,9 +289,9 @@ def test_attention_kernel_gradients_are_the_references():
 
 @needs_kernel
 def test_attention_kernel_runs_for_decode_steps_only():
-  """In a kernel-mode model: a cached step (and a read-only verify pass)
-  attends on the kernel; prefill (more than 8 queries) and a draft tree's
-  masked pass stay on XLA."""
+  """In a kernel-mode model: a cached step, a read-only verify pass and a
+  draft tree's read-only masked pass attend on the kernel; prefill (more
+  than 8 queries) and a masked pass that writes first stay on XLA."""
   model = _model("kernel", tie=True)
   params = model.prepare_params(jax.jit(Transformer(model.cfg).init_params)(
       jax.random.PRNGKey(0)))
@@ -302,3 +304,93 @@ def test_attention_kernel_runs_for_decode_steps_only():
   assert calls(model.apply, params, tok(12), pos(12), cache) == 0         # prefill
   visible = jnp.ones((1, 3, 24), bool)
   assert calls(lambda *a: model.apply(*a, visible_BTS=visible), params, tok(3), pos(3), cache) == 0
+  assert calls(lambda *a: model.forward(*a, slots_BT=pos(3), visible_BTS=visible), params,
+               tok(3), pos(3), cache) == 2
+
+
+def _tree_case(seed=3, slots=48):
+  """A draft tree's read-only pass over 2 rows (texts of 12 and 31 tokens):
+  6 nodes, parents (-1, -1, 0, 0, 2, 3), depths (1, 1, 2, 2, 3, 3), laid out
+  by ``tree.verify_block``; the cache past each text holds garbage (the
+  root's slot and the nodes' named slots included)."""
+  from specdec_jax import tree
+  from specdec_jax.drafters.base import Proposal
+  rng = np.random.default_rng(seed)
+  b, n, g, h = 2, ATTN_CFG.num_heads, ATTN_CFG.num_kv_heads, ATTN_CFG.head_dim
+  length = jnp.asarray([12, 31], jnp.int32)
+  proposal = Proposal(draft_BK=jnp.asarray(rng.integers(0, 32, size=(b, 6)), jnp.int32),
+                      q_BKV=None, num_proposed_B=jnp.asarray([6, 6], jnp.int32),
+                      parent_BK=jnp.asarray([[-1, -1, 0, 0, 2, 3]] * b, jnp.int32),
+                      depth_BK=jnp.asarray([[1, 1, 2, 2, 3, 3]] * b, jnp.int32))
+  tokens = jnp.zeros((b, slots), jnp.int32)
+  _, positions, slots_bw, visible = tree.verify_block(tokens, length, proposal, slots, 3)
+  w = positions.shape[1]
+  q = rng.standard_normal((b, w, n, h), dtype=np.float32)
+  k = rng.standard_normal((b, slots, g, h), dtype=np.float32)
+  v = rng.standard_normal((b, slots, g, h), dtype=np.float32)
+  for row in range(b):
+    k[row, int(length[row]) - 1:] = 40.0
+    v[row, int(length[row]) - 1:] = -60.0
+  new_k = rng.standard_normal((b, w, g, h), dtype=np.float32)
+  new_v = rng.standard_normal((b, w, g, h), dtype=np.float32)
+  taken, entry = transformer.pending_slots(slots_bw, slots)
+  pending = transformer.PendingBlock(jnp.asarray(new_k), jnp.asarray(new_v), taken, entry)
+  inputs = transformer.kernel_inputs(positions, slots_bw, slots, write=False,
+                                     visible_BTS=visible)
+  return q, k, v, positions, visible, pending, inputs, length
+
+
+@needs_kernel
+def test_attention_kernel_under_a_tree_mask_equals_xlas_attention():
+  """A tree node attends the text and its ancestors and itself (listed
+  shallowest first): the kernel equals the decoder's masked XLA attention
+  and the reference; dropping the ancestors (a causal-only kernel) is far off."""
+  q, k, v, positions, visible, pending, inputs, length = _tree_case()
+  # A query's leading run of visible slots: its text (through the root's
+  # slot, length - 1), and node 0's slot (length) where node 0 is on its path.
+  np.testing.assert_array_equal(np.asarray(inputs.limit_BT),
+                                np.asarray(length)[:, None] - 1 + np.array([0, 1, 0, 1, 1, 1, 1]))
+  # Node 4 (entry 5; run through node 0): node 2 (entry 3), then itself.
+  np.testing.assert_array_equal(np.asarray(inputs.extra_BTX)[0, 5, :3], [3, 5, -1])
+  # Node 1 (entry 2), not next to the text's run: only itself.
+  np.testing.assert_array_equal(np.asarray(inputs.extra_BTX)[1, 2, :2], [2, -1])
+  fn = jax.jit(cpu_attention.decode_attention)
+  got = fn(q, k, v, pending.k_BTGH, pending.v_BTGH, *inputs)
+  want = jax.jit(lambda *a: transformer.attend(ATTN_CFG, *a, visible_BTS=visible,
+                                               pending=pending))(q, k, v, positions)
+  assert_close_in_float32(got, want, what="tree kernel vs transformer.attend")
+  assert_close_in_float32(got, cpu_attention.reference(q, k, v, pending.k_BTGH,
+                                                       pending.v_BTGH, *inputs),
+                          what="tree kernel vs reference")
+  text_only = fn(q, k, v, pending.k_BTGH, pending.v_BTGH,
+                 *inputs._replace(extra_BTX=jnp.full_like(inputs.extra_BTX, -1)))
+  assert np.max(np.abs(np.asarray(text_only)[:, 1:] - np.asarray(want)[:, 1:])) > 0.1
+
+
+@needs_kernel
+def test_tree_node_attention_equals_the_chain_of_its_path_bit_for_bit():
+  """Node 4 (depth 3) of the tree attends exactly as the last query of a
+  causal pass over its path (root, node 0, node 2, node 4) does: a tree's
+  verify pass agrees with the plain steps along an accepted path, bit for bit."""
+  q, k, v, positions, _, pending, inputs, length = _tree_case(seed=4)
+  tree_out = np.asarray(jax.jit(cpu_attention.decode_attention)(
+      q, k, v, pending.k_BTGH, pending.v_BTGH, *inputs))
+  path = jnp.asarray([0, 1, 3, 5])
+  chain_pos = length[:, None] - 1 + jnp.arange(4)[None, :]
+  chain_inputs = transformer.kernel_inputs(chain_pos, chain_pos, k.shape[1], write=False)
+  chain_out = np.asarray(jax.jit(cpu_attention.decode_attention)(
+      jnp.asarray(q)[:, path], k, v, pending.k_BTGH[:, path], pending.v_BTGH[:, path],
+      *chain_inputs))
+  np.testing.assert_array_equal(tree_out[:, 5], chain_out[:, 3])
+  np.testing.assert_array_equal(tree_out[:, 0], chain_out[:, 0])
+
+
+@needs_kernel
+def test_tree_attention_kernel_gradients_are_the_references():
+  q, k, v, _, _, pending, inputs, _ = _tree_case(seed=5)
+  args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), pending.k_BTGH, pending.v_BTGH)
+  loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a, *inputs))))
+  got = jax.grad(loss(cpu_attention.decode_attention), argnums=(0, 1, 2, 3, 4))(*args)
+  want = jax.grad(loss(cpu_attention.reference), argnums=(0, 1, 2, 3, 4))(*args)
+  for a, b in zip(got, want):
+    assert_close_in_float32(a, b, what="tree attention gradient")

@@ -9,10 +9,12 @@
 //   row is in L1. The weights are stored [out, in] (``w[n]`` is output n's
 //   row), the layout ``transformer.to_rows_layout`` prepares at load.
 //
-// specdec_decode_attention: causal attention of a few queries per row over
-//   the KV cache, reading each query's visible slots only (no window copy),
-//   with a block's not-yet-written keys and values overlaid on the slots
-//   they will take (``transformer.PendingBlock``). XLA's form copied and
+// specdec_decode_attention: attention of a few queries per row over the KV
+//   cache, reading each query's visible slots only (no window copy), with a
+//   block's not-yet-written keys and values overlaid on the slots they will
+//   take (``transformer.PendingBlock``). A query sees slots 0..limit and then
+//   a list of the block's entries (a draft tree's ancestors; none for a
+//   chain, where limit is the query's position). XLA's form copied and
 //   transposed a window of every layer's cache per step (~20% of a SmolLM2
 //   step on the CI machine).
 //
@@ -221,26 +223,35 @@ inline float Dot(const float* a, const float* b, int64_t h) {
 }
 
 struct AttentionShapes {
-  int64_t batch, seq, heads, head_dim, slots, groups, block;
+  int64_t batch, seq, heads, head_dim, slots, groups, block, extras;
 };
 
 // One (row b, query t, kv group g): the group's heads attend slots
-// 0..positions[b, t] (each read from the block where entry[b, s] >= 0).
+// 0..limit[b, t] (each read from the block where entry[b, s] >= 0), then
+// the block entries extra[b, t, :] lists up to its first -1, in that order.
 void AttendGroup(const AttentionShapes& sh, const float* q, const float* k_cache,
                  const float* v_cache, const float* new_k, const float* new_v,
-                 const int32_t* entry, const int32_t* positions, float scale, float* out,
-                 int64_t b, int64_t t, int64_t g, std::vector<float>& scores) {
+                 const int32_t* entry, const int32_t* limit, const int32_t* extra, float scale,
+                 float* out, int64_t b, int64_t t, int64_t g, std::vector<float>& scores) {
   const int64_t h = sh.head_dim, per_group = sh.heads / sh.groups;
-  const int64_t last = std::min<int64_t>(positions[b * sh.seq + t], sh.slots - 1);
-  const int64_t count = last + 1;
+  const int64_t last = std::min<int64_t>(limit[b * sh.seq + t], sh.slots - 1);
+  const int64_t in_cache = std::max<int64_t>(last + 1, 0);
+  const int32_t* extra0 = extra + (b * sh.seq + t) * sh.extras;
+  int64_t num_extra = 0;
+  while (num_extra < sh.extras && extra0[num_extra] >= 0 && extra0[num_extra] < sh.block) {
+    ++num_extra;
+  }
+  const int64_t count = in_cache + num_extra;
   const float* q0 = q + ((b * sh.seq + t) * sh.heads + g * per_group) * h;
   float* out0 = out + ((b * sh.seq + t) * sh.heads + g * per_group) * h;
   std::fill(out0, out0 + per_group * h, 0.0f);
   if (count <= 0) return;
-  auto key_value = [&](int64_t s, const float** key, const float** value) {
-    const int32_t e = entry[b * sh.slots + s];
+  // The i-th key a query sees: slot i (or the block entry that takes it),
+  // then the listed block entries.
+  auto key_value = [&](int64_t i, const float** key, const float** value) {
+    const int32_t e = i < in_cache ? entry[b * sh.slots + i] : extra0[i - in_cache];
     const int64_t offset = e >= 0 ? ((b * sh.block + e) * sh.groups + g) * h
-                                  : ((b * sh.slots + s) * sh.groups + g) * h;
+                                  : ((b * sh.slots + i) * sh.groups + g) * h;
     *key = (e >= 0 ? new_k : k_cache) + offset;
     *value = (e >= 0 ? new_v : v_cache) + offset;
   };
@@ -275,26 +286,29 @@ void AttendGroup(const AttentionShapes& sh, const float* q, const float* k_cache
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
                                ffi::Buffer<ffi::F32> new_k, ffi::Buffer<ffi::F32> new_v,
-                               ffi::Buffer<ffi::S32> entry, ffi::Buffer<ffi::S32> positions,
-                               float scale, ffi::ResultBuffer<ffi::F32> out) {
+                               ffi::Buffer<ffi::S32> entry, ffi::Buffer<ffi::S32> limit,
+                               ffi::Buffer<ffi::S32> extra, float scale,
+                               ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k_cache.dimensions(), nd = new_k.dimensions();
+  const auto xd = extra.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || nd.size() != 4 || kd[0] != qd[0] || kd[3] != qd[3] ||
       nd[0] != qd[0] || nd[2] != kd[2] || nd[3] != qd[3] || qd[2] % kd[2] != 0 ||
       entry.dimensions().size() != 2 || entry.dimensions()[1] != kd[1] ||
-      positions.dimensions().size() != 2 || positions.dimensions()[1] != qd[1]) {
+      limit.dimensions().size() != 2 || limit.dimensions()[1] != qd[1] ||
+      xd.size() != 3 || xd[0] != qd[0] || xd[1] != qd[1]) {
     return ffi::Error::InvalidArgument(
         "specdec_decode_attention: q [B, T, N, H], caches [B, S, G, H], block [B, T', G, H], "
-        "entry [B, S], positions [B, T]");
+        "entry [B, S], limit [B, T], extra [B, T, X]");
   }
-  const AttentionShapes sh{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], nd[1]};
+  const AttentionShapes sh{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], nd[1], xd[2]};
   const float *qp = q.typed_data(), *kp = k_cache.typed_data(), *vp = v_cache.typed_data();
   const float *nkp = new_k.typed_data(), *nvp = new_v.typed_data();
-  const int32_t *ep = entry.typed_data(), *pp = positions.typed_data();
+  const int32_t *ep = entry.typed_data(), *lp = limit.typed_data(), *xp = extra.typed_data();
   float* op = out->typed_data();
   ParallelFor::Run(pool, sh.batch * sh.seq * sh.groups, [=](int64_t c) {
     thread_local std::vector<float> scores;
     const int64_t g = c % sh.groups, t = (c / sh.groups) % sh.seq, b = c / (sh.groups * sh.seq);
-    AttendGroup(sh, qp, kp, vp, nkp, nvp, ep, pp, scale, op, b, t, g, scores);
+    AttendGroup(sh, qp, kp, vp, nkp, nvp, ep, lp, xp, scale, op, b, t, g, scores);
   });
   return ffi::Error::Success();
 }
@@ -317,6 +331,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecdecDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // new_k [B, T', G, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // new_v
                                   .Arg<ffi::Buffer<ffi::S32>>()   // entry [B, S]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // positions [B, T]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // limit [B, T]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // extra [B, T, X]
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // [B, T, N, H]

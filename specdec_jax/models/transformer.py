@@ -229,17 +229,18 @@ def windowed_attend(cfg: ModelConfig, windows, index, q_BTNH, keys_BSGH, values_
 def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSGH,
                  positions_BT, windows=None, which_window=None,
                  visible_BTS=None, pending: PendingBlock | None = None,
-                 kernel_entry_BS: jax.Array | None = None) -> jax.Array:
+                 kernel_inputs=None) -> jax.Array:
   """The rest of the block once its keys are in the cache (or ``pending``):
   attention (over ``windows[which_window]`` when given; under
-  ``visible_BTS`` when given; on the CPU kernel when ``kernel_entry_BS``
-  is given and ``cpu_attention.applies``), output projection, MLP (fused or
+  ``visible_BTS`` when given; on the CPU kernel when ``kernel_inputs`` is
+  given and ``cpu_attention.applies``), output projection, MLP (fused or
   separate gate/up), both residuals.
 
-  kernel_entry_BS: int32, the block entry each cache slot takes (-1: the
-  cache's own; ``kernel_entries``), for ``cpu_attention.decode_attention``.
+  kernel_inputs: ``cpu_attention.KernelInputs`` (``kernel_inputs``), what
+  each query sees, for ``cpu_attention.decode_attention``; it stands for
+  ``positions_BT`` and ``visible_BTS`` there.
   """
-  if kernel_entry_BS is not None and cpu_attention.applies(q_BTNH, keys_BSGH, visible_BTS):
+  if kernel_inputs is not None and cpu_attention.applies(q_BTNH, keys_BSGH):
     # Without a pending block no slot takes an entry; the stand-in must not
     # read the cache (a slice of a just-written cache made XLA keep, and so
     # copy, the unwritten one: 60 cache copies per SmolLM2 step).
@@ -247,7 +248,7 @@ def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSG
     new_k_BTGH = pending.k_BTGH if pending is not None else none_B1GH
     new_v_BTGH = pending.v_BTGH if pending is not None else none_B1GH
     attended = cpu_attention.decode_attention(q_BTNH, keys_BSGH, values_BSGH, new_k_BTGH,
-                                              new_v_BTGH, kernel_entry_BS, positions_BT)
+                                              new_v_BTGH, *kernel_inputs)
   else:
     attended = windowed_attend(cfg, windows or (keys_BSGH.shape[1],), which_window, q_BTNH,
                                keys_BSGH, values_BSGH, positions_BT, visible_BTS, pending)
@@ -262,14 +263,25 @@ def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSG
   return x_BTD + _dense(mlp["down"], jax.nn.silu(gate) * up)
 
 
-def kernel_entries(slots_BT: jax.Array, num_slots: int, write: bool) -> jax.Array:
-  """``kernel_entry_BS`` of ``block_output``: for a read-only pass the block
-  entry each slot will take (``pending_slots``), -1 elsewhere; for a pass
-  that wrote first, -1 everywhere (the cache holds the block)."""
+def kernel_inputs(positions_BT: jax.Array, slots_BT: jax.Array, num_slots: int, write: bool,
+                  visible_BTS: jax.Array | None = None):
+  """``kernel_inputs`` of ``block_output`` (``cpu_attention.KernelInputs``),
+  or None where the kernel cannot take the pass. The block entry each slot
+  takes: for a read-only pass the slot each entry will be written to
+  (``pending_slots``), for a pass that wrote first none (the cache holds
+  the block). Causal, or under a draft tree's mask for a read-only pass
+  (its entries are read from the block; a writing pass under a mask stays
+  on XLA)."""
   if write:
-    return jnp.full((slots_BT.shape[0], num_slots), -1, jnp.int32)
-  taken_BS, entry_BS = pending_slots(slots_BT, num_slots)
-  return jnp.where(taken_BS, entry_BS, -1).astype(jnp.int32)
+    if visible_BTS is not None:
+      return None
+    entry_BS = jnp.full((slots_BT.shape[0], num_slots), -1, jnp.int32)
+  else:
+    taken_BS, entry_BS = pending_slots(slots_BT, num_slots)
+    entry_BS = jnp.where(taken_BS, entry_BS, -1)
+  if visible_BTS is None:
+    return cpu_attention.causal_inputs(entry_BS, positions_BT)
+  return cpu_attention.masked_inputs(entry_BS, positions_BT, slots_BT, visible_BTS)
 
 
 def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Array, cache,
@@ -297,10 +309,10 @@ def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Arr
   CPU), provided no slot is named twice with different entries (a scatter's
   choice between two updates of one index is implementation-defined).
 
-  ``kernels``: a decode step's causal attention runs on the CPU kernel
-  (``cpu_attention``, where it applies; the Transformer's
-  ``matmul="kernel"``), which reads the whole cache where it lies (no
-  window) and the block's entries from the block.
+  ``kernels``: a decode step's attention (causal, or a read-only pass under
+  a draft tree's mask) runs on the CPU kernel (``cpu_attention``, where it
+  applies; the Transformer's ``matmul="kernel"``), which reads the cache
+  where it lies (no window) and the block's entries from the block.
 
   Returns (x_BTD, cache: updated when ``write``, block: the block's keys and
   values in the cache's layout with T slots).
@@ -315,12 +327,12 @@ def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Arr
   index = window_index(windows, reach_BT)
   # Where a read-only pass's entries would go (a writing pass has them in place).
   taken_BS, entry_BS = (None, None) if write else pending_slots(slots_BT, num_slots)
-  kernel_entry_BS = kernel_entries(slots_BT, num_slots, write) if kernels else None
+  kernel = kernel_inputs(positions_BT, slots_BT, num_slots, write, visible_BTS) if kernels else None
 
   def attend_layer(p, x, q_BTNH, k_BSGH, v_BSGH, k_BTGH, v_BTGH):
     pending = None if write else PendingBlock(k_BTGH, v_BTGH, taken_BS, entry_BS)
     return block_output(cfg, p, x, q_BTNH, k_BSGH, v_BSGH, positions_BT, windows, index,
-                        visible_BTS, pending, kernel_entry_BS)
+                        visible_BTS, pending, kernel)
 
   if isinstance(layers, (tuple, list)):
     if not isinstance(cache, kv_cache_lib.LayerCaches):
