@@ -62,16 +62,21 @@ def _quiet_orbax() -> None:
 class _OrbaxInfoFilter(logging.Filter):
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    return record.levelno >= logging.WARNING and not record.getMessage().startswith(
+        "Given directory is read only")
 
 
 def manager(workdir: str, keep: int = 3, read_only: bool = False):
   """An orbax CheckpointManager over WORKDIR/checkpoints."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   _quiet_orbax()
+  # A reader keeps nothing and saves never (orbax warns once per manager
+  # about each setting a read-only manager overrides, and that it is one).
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only,
-      cleanup_tmp_directories=not read_only)
+      max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+      create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
   handlers = {"params": ocp.StandardCheckpointHandler(),
               "opt_state": ocp.StandardCheckpointHandler(),
               "meta": ocp.JsonCheckpointHandler()}
