@@ -7,8 +7,11 @@ position where they lie. On XLA, with attention windows
 (``Transformer.min_window``, default 256) a step reads the smallest window
 that holds the text; with ``min_window=0`` it reads every slot. In one
 process, on SmolLM2 (float32, batch 1, the same short chat prompt), this
-times a plain step (a warm width-1 verify pass) for each buffer size and
-each attention (kernel, XLA windows, XLA whole cache), alternating the
+times, for each buffer size and each attention (kernel, XLA windows, XLA
+whole cache), a plain step as the phase timing measures it (a warm width-1
+verify pass, what the auto policy and the diagnosis are given) and the
+plain decoding loop itself (``generate`` of ``--max_new_tokens`` tokens,
+end-of-sequence ignored, per token, prefill included), alternating the
 setups round by round, and prints the medians and each one's ratio to the
 same attention's smallest buffer:
 
@@ -16,6 +19,7 @@ same attention's smallest buffer:
 """
 
 import os
+import time
 
 from absl import app
 from absl import flags
@@ -56,28 +60,37 @@ def main(argv):
   setups = {}
   for length in (int(x) for x in _LENS.value):
     for name, model in models.items():
-      gen = Generator(model, None, max_prompt_len=length, max_new_tokens=_MAX_NEW.value,
-                      eos_ids=tokenizer.eos_ids)
+      gen = Generator(model, None, max_prompt_len=length, max_new_tokens=_MAX_NEW.value)
       setups[(length, name)] = gen
       phase_timing.measure(gen, params_by_matmul[model.matmul], {}, [prompt],
                            iters=2)   # compile + warm
+      gen.generate(params_by_matmul[model.matmul], None, [prompt])
       reads = ("each query's slots in place" if model.matmul == "kernel" else
                f"windows {transformer_lib.attention_windows(gen.num_slots, model.min_window)}")
       print(f"compiled: max_prompt_len={length} {name} ({gen.num_slots} slots, {reads})",
             flush=True)
-  times = {key: [] for key in setups}
+  steps = {key: [] for key in setups}
+  per_token = {key: [] for key in setups}
   for r in range(_ROUNDS.value):
     for key, gen in setups.items():
-      times[key].append(phase_timing.measure(gen, params_by_matmul[models[key[1]].matmul], {},
-                                             [prompt], iters=_ITERS.value).verify_s)
+      params = params_by_matmul[models[key[1]].matmul]
+      steps[key].append(phase_timing.measure(gen, params, {}, [prompt],
+                                             iters=_ITERS.value).verify_s)
+      start = time.perf_counter()
+      row = gen.generate(params, None, [prompt]).rows[0]
+      per_token[key].append((time.perf_counter() - start) / len(row.output_ids))
     print(f"round {r + 1}/{_ROUNDS.value} done", flush=True)
   smallest = min(int(x) for x in _LENS.value)
-  print(f"\nplain step, prompt of {len(prompt)} tokens, median of {_ROUNDS.value} rounds:")
-  print(f"{'max_prompt_len':>14} {'slots':>6} {'attention':>16} {'step ms':>8} {'vs smallest':>12}")
+  print(f"\nprompt of {len(prompt)} tokens, {_MAX_NEW.value} new, median of {_ROUNDS.value} "
+        "rounds; each ratio against the same attention's smallest buffer:")
+  print(f"{'max_prompt_len':>14} {'slots':>6} {'attention':>16} {'step ms':>8} {'ratio':>6} "
+        f"{'loop ms/token':>14} {'ratio':>6}")
   for (length, name), gen in setups.items():
-    step = np.median(times[(length, name)])
-    base = np.median(times[(smallest, name)])
-    print(f"{length:>14} {gen.num_slots:>6} {name:>16} {step * 1e3:>8.1f} {step / base:>11.2f}x")
+    step, base = np.median(steps[(length, name)]), np.median(steps[(smallest, name)])
+    loop = np.median(per_token[(length, name)])
+    loop_base = np.median(per_token[(smallest, name)])
+    print(f"{length:>14} {gen.num_slots:>6} {name:>16} {step * 1e3:>8.1f} {step / base:>5.2f}x "
+          f"{loop * 1e3:>14.1f} {loop / loop_base:>5.2f}x")
 
 
 if __name__ == "__main__":

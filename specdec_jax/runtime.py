@@ -346,13 +346,15 @@ def build_drafter(config, target: Transformer, sharding_fn=None,
     draft_model, draft_params = _random_feature_draft(config, target, target_params)
   else:
     draft_model, draft_params, _ = load_model(config.draft, config, sharding_fn)
-  # Checkpoints and inits are stacked: the draft runs in its layer loop.
+  # Checkpoints and inits are stacked: the draft runs in its layer loop, on
+  # the CPU kernels where they apply (a feature draft too).
+  products = matmul(config.draft, loop, draft_model.cfg.dtype)
   if isinstance(draft_model, Transformer):
     draft_model = dataclasses.replace(
-        draft_model, layer_loop=loop, matmul=matmul(config.draft, loop, draft_model.cfg.dtype),
+        draft_model, layer_loop=loop, matmul=products,
         min_window=config.draft.get("min_window", DEFAULT_MIN_WINDOW))
   else:
-    draft_model = dataclasses.replace(draft_model, layer_loop=loop)
+    draft_model = dataclasses.replace(draft_model, layer_loop=loop, matmul=products)
   draft_params = draft_model.prepare_params(draft_params)
   if isinstance(draft_model, FeatureDraft):
     check_compatible(draft_model.cfg, target.cfg)

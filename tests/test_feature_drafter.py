@@ -14,7 +14,7 @@ import pytest
 from common import FEATURE_DRAFT as DRAFT
 from common import K_MAX, MAX_NEW, TARGET, VOCAB, feature_params, init, make_prompts, outputs
 from common import generator as gen
-from common import assert_close_in_float32, total_accepted
+from common import assert_close_in_float32, tiny_config, total_accepted
 from specdec_jax import compile_count
 from specdec_jax import decode
 from specdec_jax import fidelity
@@ -24,6 +24,7 @@ from specdec_jax.drafters import FeatureDrafter
 from specdec_jax.drafters.feature_drafter import _prev_features
 from specdec_jax.generation import Generator
 from specdec_jax.jobs.fidelity import draft_counts
+from specdec_jax.kernels import build as kernel_build
 from specdec_jax.models.config import ModelConfig
 from specdec_jax.models.feature_draft import FeatureDraft
 from specdec_jax.models.transformer import Transformer
@@ -280,3 +281,57 @@ def test_draft_tree_steps_record_the_accepted_paths_features():
       assert_close_in_float32(recorded[b, :n - 1], np.asarray(hidden[b, :n - 1]),
                               what=f"features, step {step} row {b}")
   assert accepted >= 2 * 4 * batch   # paths deeper than one node were accepted
+
+
+# ----------------------------------------------------------------------------
+# On the CPU kernels (what runtime picks for an unrolled float32 draft on the CPU).
+
+@pytest.mark.skipif(not kernel_build.available(), reason="the CPU kernels do not build here")
+def test_feature_draft_on_the_kernels_computes_what_xla_does():
+  """The fusion layer, the block (its products and attention) and the
+  restricted head run on the kernels and give XLA's features and logits;
+  the XLA draft's program has no kernel call (the count can fail)."""
+  tp = target_params(4)
+  stacked = draft_params(5, tp)
+  on_xla = FeatureDraft(DRAFT.cfg, "unrolled", matmul="xla")
+  on_kernels = FeatureDraft(DRAFT.cfg, "unrolled", matmul="kernel")
+  rng = np.random.default_rng(6)
+  tokens = jnp.asarray(rng.integers(0, VOCAB, size=(1, 5)), jnp.int32)
+  feats = jnp.asarray(rng.standard_normal((1, 5, DRAFT.cfg.d_model)), jnp.float32)
+  positions = jnp.arange(5, dtype=jnp.int32)[None]
+
+  def run(model):
+    params = model.prepare_params(stacked)
+    fn = jax.jit(lambda p, c: (lambda g, c2: (g, model.logits(p, g, full_vocab=False)))(
+        *model.hidden(p, tokens, feats, positions, c)))
+    cache = model.init_cache(1, 16)
+    text = fn.lower(params, cache).as_text()
+    return fn(params, cache), text
+
+  (g_xla, logits_xla), text_xla = run(on_xla)
+  (g_kernel, logits_kernel), text_kernel = run(on_kernels)
+  assert_close_in_float32(g_kernel, g_xla, what="features on the kernels")
+  assert_close_in_float32(logits_kernel, logits_xla, what="logits on the kernels")
+  # fc, q/k/v/o, gate/up, down, head: products; one attention per layer.
+  assert text_kernel.count("specdec_rows_matmul") >= 3
+  assert "specdec_decode_attention" in text_kernel
+  assert "specdec_rows_matmul" not in text_xla and "specdec_decode_attention" not in text_xla
+
+
+@pytest.mark.skipif(not kernel_build.available(), reason="the CPU kernels do not build here")
+def test_runtime_runs_a_feature_draft_on_the_kernels_and_stays_exact():
+  """configs/tiny.py with drafter=feature: the runtime gives the draft the
+  kernels (matmul auto), and greedy speculative output equals plain, chains
+  and trees alike."""
+  from specdec_jax import runtime
+  rt = runtime.build(tiny_config(**{"decode.drafter": "feature", "decode.policy": "fixed",
+                                    "sampling.temperature": 0.0, "decode.k": 3,
+                                    "max_new_tokens": 12, "batch_size": 2}))
+  assert rt.drafter.model.matmul == "kernel" and rt.target.matmul == "kernel"
+  assert "kernel_t" in rt.draft_params["fc"] and "kernel_t" in rt.draft_params["lm_head"]
+  prompts = [rt.encode_prompt(p) for p in runtime.load_prompt_list(rt.config)[:2]]
+  plain = rt.generator(baseline=True).generate(rt.target_params, None, prompts, seeds=[0, 1])
+  for overrides in ({}, {"tree_nodes": 4, "tree_topk": 2}):
+    spec = rt.generator(**overrides).generate(rt.target_params, rt.draft_params, prompts,
+                                              seeds=[0, 1], **rt.run_kwargs())
+    assert outputs(spec) == outputs(plain), overrides

@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from specdec_jax.models.config import ModelConfig
-from specdec_jax.models.transformer import Transformer, expand_head_logits, rms_norm, run_blocks
+from specdec_jax.kernels import cpu_matmul
+from specdec_jax.models.transformer import (Transformer, dense, expand_head_logits, rms_norm,
+                                            run_blocks)
 
 
 def check_compatible(cfg: ModelConfig, target_cfg: ModelConfig) -> None:
@@ -44,26 +46,37 @@ def check_compatible(cfg: ModelConfig, target_cfg: ModelConfig) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class FeatureDraft:
-  """The draft bound to its config (``tie_embeddings`` must be False) and its
+  """The draft bound to its config (``tie_embeddings`` must be False), its
   blocks' layer loop (``transformer.LAYER_LOOPS``; params and caches follow it
-  as a Transformer's do)."""
+  as a Transformer's do) and its products (``matmul``, as a Transformer's:
+  ``"kernel"`` runs the fusion layer, the block and the head on the CPU
+  kernels, their weights stored [out, in])."""
 
   cfg: ModelConfig
   layer_loop: str = "scan"
+  matmul: str = "xla"
 
   def __post_init__(self):
     if self.cfg.tie_embeddings:
       raise ValueError("a feature draft has its own head: tie_embeddings must be False")
+    self.blocks   # checks layer_loop and matmul  pylint: disable=pointless-statement
 
   @property
   def blocks(self) -> Transformer:
-    """A Transformer of the same config and loop: its init gives the block
-    params, its init_cache the cache."""
-    return Transformer(self.cfg, self.layer_loop)
+    """A Transformer of the same config, loop and products: its init gives
+    the block params, its init_cache the cache."""
+    return Transformer(self.cfg, self.layer_loop, matmul=self.matmul)
 
   def prepare_params(self, params: dict) -> dict:
-    """Stacked-layout params in this draft's layout."""
-    return self.blocks.prepare_params(params)
+    """Stacked-layout params in this draft's layout (on the kernels, the
+    fusion layer's kernel too is stored [out, in])."""
+    params = self.blocks.prepare_params(params)
+    fc = params["fc"]
+    if self.matmul == "kernel" and "kernel" in fc:
+      params = dict(params, fc={"kernel_t": fc["kernel"].T, "bias": fc["bias"]})
+    elif self.matmul != "kernel" and "kernel_t" in fc:
+      params = dict(params, fc={"kernel": fc["kernel_t"].T, "bias": fc["bias"]})
+    return params
 
   def init_params(self, key: jax.Array, init_scale: float = 0.02) -> dict:
     """Random params (tests; training starts from ``distill.model``'s init)."""
@@ -101,16 +114,23 @@ class FeatureDraft:
     embed_BTD = jnp.take(params["embed"]["embedding"], tokens_BT, axis=0)
     fused_BT2D = jnp.concatenate(
         [norm("embed_norm", embed_BTD), norm("feature_norm", prev_features_BTD)], axis=-1)
-    x_BTD = fused_BT2D @ params["fc"]["kernel"] + params["fc"]["bias"]
+    x_BTD = dense(params["fc"], fused_BT2D)
     x_BTD, cache, _ = run_blocks(cfg, params["layers"], x_BTD, positions_BT, cache,
-                                 slots_BT=slots_BT, visible_BTS=visible_BTS)
+                                 slots_BT=slots_BT, visible_BTS=visible_BTS,
+                                 kernels=self.matmul == "kernel")
     g_BTD = rms_norm(x_BTD, params["final_norm"]["scale"], cfg.rms_eps)
     return g_BTD, cache
 
   def logits(self, params: dict, g_BTD: jax.Array, full_vocab: bool = True) -> jax.Array:
     """float32 logits_BTV from g (logits_BTN of a restricted head if not full_vocab)."""
-    logits_BTN = jnp.einsum("btd,dn->btn", g_BTD, params["lm_head"]["kernel"],
-                            preferred_element_type=jnp.float32).astype(jnp.float32)
+    head = params["lm_head"]
+    if "kernel_t" in head:
+      logits_BTN = cpu_matmul.dense_t(g_BTD, head["kernel_t"],
+                                      preferred_element_type=jnp.float32)
+    else:
+      logits_BTN = jnp.einsum("btd,dn->btn", g_BTD, head["kernel"],
+                              preferred_element_type=jnp.float32)
+    logits_BTN = logits_BTN.astype(jnp.float32)
     if self.cfg.head_size and full_vocab:
       return expand_head_logits(logits_BTN, params["lm_head"]["token_ids"],
                                 self.cfg.vocab_size)

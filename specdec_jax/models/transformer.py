@@ -83,7 +83,7 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
   return out.astype(x_BTNH.dtype)
 
 
-def _dense(p: dict, x: jax.Array) -> jax.Array:
+def dense(p: dict, x: jax.Array) -> jax.Array:
   """x @ kernel (+ bias); a ``kernel_t`` [out, in] (``matmul="kernel"``)
   goes through ``cpu_matmul.dense_t``."""
   if "kernel_t" in p:
@@ -100,10 +100,10 @@ def attention_inputs(cfg: ModelConfig, p: dict, x_BTD: jax.Array, positions_BT: 
   x_BTD = rms_norm(x_BTD, p["attn_norm"]["scale"], cfg.rms_eps)
   attn = p["attn"]
   if "qkv" in attn:
-    qkv = _dense(attn["qkv"], x_BTD)
+    qkv = dense(attn["qkv"], x_BTD)
     q, k, v = qkv[..., :n * h], qkv[..., n * h:(n + g) * h], qkv[..., (n + g) * h:]
   else:
-    q, k, v = (_dense(attn[name], x_BTD) for name in ("q", "k", "v"))
+    q, k, v = (dense(attn[name], x_BTD) for name in ("q", "k", "v"))
   q_BTNH = rope(q.reshape(batch, seq, n, h), positions_BT, cfg.rope_theta)
   k_BTGH = rope(k.reshape(batch, seq, g, h), positions_BT, cfg.rope_theta)
   return q_BTNH, k_BTGH, v.reshape(batch, seq, g, h)
@@ -252,15 +252,15 @@ def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSG
   else:
     attended = windowed_attend(cfg, windows or (keys_BSGH.shape[1],), which_window, q_BTNH,
                                keys_BSGH, values_BSGH, positions_BT, visible_BTS, pending)
-  x_BTD = x_BTD + _dense(p["attn"]["o"], attended)
+  x_BTD = x_BTD + dense(p["attn"]["o"], attended)
   h_BTD = rms_norm(x_BTD, p["mlp_norm"]["scale"], cfg.rms_eps)
   mlp = p["mlp"]
   if "gate_up" in mlp:
-    gate_up = _dense(mlp["gate_up"], h_BTD)
+    gate_up = dense(mlp["gate_up"], h_BTD)
     gate, up = gate_up[..., :cfg.ffn_dim], gate_up[..., cfg.ffn_dim:]
   else:
-    gate, up = _dense(mlp["gate"], h_BTD), _dense(mlp["up"], h_BTD)
-  return x_BTD + _dense(mlp["down"], jax.nn.silu(gate) * up)
+    gate, up = dense(mlp["gate"], h_BTD), dense(mlp["up"], h_BTD)
+  return x_BTD + dense(mlp["down"], jax.nn.silu(gate) * up)
 
 
 def kernel_inputs(positions_BT: jax.Array, slots_BT: jax.Array, num_slots: int, write: bool,
