@@ -20,8 +20,10 @@ per call) at step 300, 0.31 (1.49) at step 600; behind n-gram lookup
 (``--config.decode.drafter=ngram+feature``) 0.45 (1.86), then 0.50 (1.98). Train
 top-1 was still rising (0.59): more data and steps would help. On the
 earlier 51k-token data the draft overfit (train top-1 0.72, acceptance 0.26).
-Ablations there: no input norms 0.25 (the token embedding is ~15x smaller
-than the features and is drowned), then one pass and weight 1 0.24, then a
+Rerun on 2026-12-07 (the data resumed from a killed run, 600 steps at ~780
+tokens/s): 0.317 (1.50), behind lookup 0.490 (1.98). Ablations on
+2026-12-01: no input norms 0.25 (the token embedding is ~15x smaller than
+the features and is drowned), then one pass and weight 1 0.24, then a
 trained head and learning rate 1e-3 for 300 steps 0.19.
 
   python -m specdec_jax.main --config=configs/feature_smollm2.py \
