@@ -237,7 +237,7 @@ def _attention_case(seq, seed=0, slots=48):
   taken, entry = transformer.pending_slots(jnp.asarray(positions), slots)
   pending = transformer.PendingBlock(jnp.asarray(new_k), jnp.asarray(new_v), taken, entry)
   inputs = transformer.kernel_inputs(jnp.asarray(positions), jnp.asarray(positions), slots,
-                                     write=False)
+                                     taken, entry)
   return q, k, v, positions, pending, inputs
 
 
@@ -270,21 +270,11 @@ def test_attention_kernel_gives_a_query_the_same_bits_in_any_pass_width():
   wide = np.asarray(fn(q8, k, v, pend8.k_BTGH, pend8.v_BTGH, *inputs8))
   for width in (1, 5):
     pos = jnp.asarray(pos8[:, :width])
-    inputs = transformer.kernel_inputs(pos, pos, k.shape[1], write=False)
+    inputs = transformer.kernel_inputs(pos, pos, k.shape[1],
+                                       *transformer.pending_slots(pos, k.shape[1]))
     narrow = np.asarray(fn(q8[:, :width], k, v, pend8.k_BTGH[:, :width],
                            pend8.v_BTGH[:, :width], *inputs))
     np.testing.assert_array_equal(narrow, wide[:, :width])
-
-
-@needs_kernel
-def test_attention_kernel_gradients_are_the_references():
-  q, k, v, _, pending, inputs = _attention_case(2, seed=2)
-  args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), pending.k_BTGH, pending.v_BTGH)
-  loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a, *inputs))))
-  got = jax.grad(loss(cpu_attention.decode_attention), argnums=(0, 1, 2, 3, 4))(*args)
-  want = jax.grad(loss(cpu_attention.reference), argnums=(0, 1, 2, 3, 4))(*args)
-  for a, b in zip(got, want):
-    assert_close_in_float32(a, b, what="attention gradient")
 
 
 @needs_kernel
@@ -335,7 +325,7 @@ def _tree_case(seed=3, slots=48):
   new_v = rng.standard_normal((b, w, g, h), dtype=np.float32)
   taken, entry = transformer.pending_slots(slots_bw, slots)
   pending = transformer.PendingBlock(jnp.asarray(new_k), jnp.asarray(new_v), taken, entry)
-  inputs = transformer.kernel_inputs(positions, slots_bw, slots, write=False,
+  inputs = transformer.kernel_inputs(positions, slots_bw, slots, taken, entry,
                                      visible_BTS=visible)
   return q, k, v, positions, visible, pending, inputs, length
 
@@ -377,7 +367,8 @@ def test_tree_node_attention_equals_the_chain_of_its_path_bit_for_bit():
       q, k, v, pending.k_BTGH, pending.v_BTGH, *inputs))
   path = jnp.asarray([0, 1, 3, 5])
   chain_pos = length[:, None] - 1 + jnp.arange(4)[None, :]
-  chain_inputs = transformer.kernel_inputs(chain_pos, chain_pos, k.shape[1], write=False)
+  chain_inputs = transformer.kernel_inputs(chain_pos, chain_pos, k.shape[1],
+                                           *transformer.pending_slots(chain_pos, k.shape[1]))
   chain_out = np.asarray(jax.jit(cpu_attention.decode_attention)(
       jnp.asarray(q)[:, path], k, v, pending.k_BTGH[:, path], pending.v_BTGH[:, path],
       *chain_inputs))
@@ -386,11 +377,16 @@ def test_tree_node_attention_equals_the_chain_of_its_path_bit_for_bit():
 
 
 @needs_kernel
-def test_tree_attention_kernel_gradients_are_the_references():
-  q, k, v, _, _, pending, inputs, _ = _tree_case(seed=5)
+@pytest.mark.parametrize("case", ["causal", "tree"])
+def test_attention_kernel_gradients_are_the_references(case):
+  """The custom_vjp hands each of q, the caches and the block its gradient."""
+  if case == "causal":
+    q, k, v, _, pending, inputs = _attention_case(2, seed=2)
+  else:
+    q, k, v, _, _, pending, inputs, _ = _tree_case(seed=5)
   args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), pending.k_BTGH, pending.v_BTGH)
   loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a, *inputs))))
   got = jax.grad(loss(cpu_attention.decode_attention), argnums=(0, 1, 2, 3, 4))(*args)
   want = jax.grad(loss(cpu_attention.reference), argnums=(0, 1, 2, 3, 4))(*args)
   for a, b in zip(got, want):
-    assert_close_in_float32(a, b, what="tree attention gradient")
+    assert_close_in_float32(a, b, what=f"{case} attention gradient")

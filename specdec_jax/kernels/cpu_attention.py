@@ -12,8 +12,9 @@ What a query sees (``KernelInputs``): the cache's slots 0..limit, each read
 from the block where a block entry takes that slot (``entry_BS``), then a
 list of block entries (``extra_BTX``, -1 padded). A chain's pass is causal:
 limit = the query's position, no list (``causal_inputs``). A draft tree's
-pass: limit = the committed text's last slot, and the list holds the
-query's ancestors and itself, shallowest first (``masked_inputs``, from the
+pass: limit = the end of the leading run of slots its mask shows (the text,
+and the first nodes of its path where they sit next to it), and the list
+holds the rest of its path, shallowest first (``masked_inputs``, from the
 tree's mask). At most ``MAX_QUERIES`` queries per row, float32; prefill
 stays on XLA (``applies``).
 

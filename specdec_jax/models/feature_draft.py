@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from specdec_jax.models.config import ModelConfig
-from specdec_jax.kernels import cpu_matmul
-from specdec_jax.models.transformer import (Transformer, dense, expand_head_logits, rms_norm,
-                                            run_blocks)
+from specdec_jax.models.transformer import (Transformer, dense, expand_head_logits,
+                                            head_product, rms_norm, run_blocks)
 
 
 def check_compatible(cfg: ModelConfig, target_cfg: ModelConfig) -> None:
@@ -70,13 +69,7 @@ class FeatureDraft:
   def prepare_params(self, params: dict) -> dict:
     """Stacked-layout params in this draft's layout (on the kernels, the
     fusion layer's kernel too is stored [out, in])."""
-    params = self.blocks.prepare_params(params)
-    fc = params["fc"]
-    if self.matmul == "kernel" and "kernel" in fc:
-      params = dict(params, fc={"kernel_t": fc["kernel"].T, "bias": fc["bias"]})
-    elif self.matmul != "kernel" and "kernel_t" in fc:
-      params = dict(params, fc={"kernel": fc["kernel_t"].T, "bias": fc["bias"]})
-    return params
+    return self.blocks.prepare_params(params, extra_dense=("fc",))
 
   def init_params(self, key: jax.Array, init_scale: float = 0.02) -> dict:
     """Random params (tests; training starts from ``distill.model``'s init)."""
@@ -123,14 +116,7 @@ class FeatureDraft:
 
   def logits(self, params: dict, g_BTD: jax.Array, full_vocab: bool = True) -> jax.Array:
     """float32 logits_BTV from g (logits_BTN of a restricted head if not full_vocab)."""
-    head = params["lm_head"]
-    if "kernel_t" in head:
-      logits_BTN = cpu_matmul.dense_t(g_BTD, head["kernel_t"],
-                                      preferred_element_type=jnp.float32)
-    else:
-      logits_BTN = jnp.einsum("btd,dn->btn", g_BTD, head["kernel"],
-                              preferred_element_type=jnp.float32)
-    logits_BTN = logits_BTN.astype(jnp.float32)
+    logits_BTN = head_product(params["lm_head"], g_BTD).astype(jnp.float32)
     if self.cfg.head_size and full_vocab:
       return expand_head_logits(logits_BTN, params["lm_head"]["token_ids"],
                                 self.cfg.vocab_size)

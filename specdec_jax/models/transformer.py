@@ -83,6 +83,15 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
   return out.astype(x_BTNH.dtype)
 
 
+def head_product(head: dict, hidden_BTD: jax.Array) -> jax.Array:
+  """An untied head's logits, accumulated in float32: ``kernel`` [D, V] by
+  XLA, ``kernel_t`` [V, D] (``dense_to_rows``) through ``cpu_matmul.dense_t``."""
+  if "kernel_t" in head:
+    return cpu_matmul.dense_t(hidden_BTD, head["kernel_t"], preferred_element_type=jnp.float32)
+  return jnp.einsum("btd,dv->btv", hidden_BTD, head["kernel"],
+                    preferred_element_type=jnp.float32)
+
+
 def dense(p: dict, x: jax.Array) -> jax.Array:
   """x @ kernel (+ bias); a ``kernel_t`` [out, in] (``matmul="kernel"``)
   goes through ``cpu_matmul.dense_t``."""
@@ -263,21 +272,20 @@ def block_output(cfg: ModelConfig, p: dict, x_BTD, q_BTNH, keys_BSGH, values_BSG
   return x_BTD + dense(mlp["down"], jax.nn.silu(gate) * up)
 
 
-def kernel_inputs(positions_BT: jax.Array, slots_BT: jax.Array, num_slots: int, write: bool,
+def kernel_inputs(positions_BT: jax.Array, slots_BT: jax.Array, num_slots: int,
+                  taken_BS: jax.Array | None, entry_BS: jax.Array | None,
                   visible_BTS: jax.Array | None = None):
   """``kernel_inputs`` of ``block_output`` (``cpu_attention.KernelInputs``),
-  or None where the kernel cannot take the pass. The block entry each slot
-  takes: for a read-only pass the slot each entry will be written to
-  (``pending_slots``), for a pass that wrote first none (the cache holds
-  the block). Causal, or under a draft tree's mask for a read-only pass
-  (its entries are read from the block; a writing pass under a mask stays
-  on XLA)."""
-  if write:
+  or None where the kernel cannot take the pass. ``taken_BS, entry_BS``: a
+  read-only pass's ``pending_slots`` (where its entries will be written),
+  None for a pass that wrote first (the cache holds the block). Causal, or
+  under a draft tree's mask for a read-only pass (its entries are read from
+  the block; a writing pass under a mask stays on XLA)."""
+  if taken_BS is None:
     if visible_BTS is not None:
       return None
     entry_BS = jnp.full((slots_BT.shape[0], num_slots), -1, jnp.int32)
   else:
-    taken_BS, entry_BS = pending_slots(slots_BT, num_slots)
     entry_BS = jnp.where(taken_BS, entry_BS, -1)
   if visible_BTS is None:
     return cpu_attention.causal_inputs(entry_BS, positions_BT)
@@ -327,7 +335,8 @@ def run_blocks(cfg: ModelConfig, layers, x_BTD: jax.Array, positions_BT: jax.Arr
   index = window_index(windows, reach_BT)
   # Where a read-only pass's entries would go (a writing pass has them in place).
   taken_BS, entry_BS = (None, None) if write else pending_slots(slots_BT, num_slots)
-  kernel = kernel_inputs(positions_BT, slots_BT, num_slots, write, visible_BTS) if kernels else None
+  kernel = (kernel_inputs(positions_BT, slots_BT, num_slots, taken_BS, entry_BS, visible_BTS)
+            if kernels else None)
 
   def attend_layer(p, x, q_BTNH, k_BSGH, v_BSGH, k_BTGH, v_BTGH):
     pending = None if write else PendingBlock(k_BTGH, v_BTGH, taken_BS, entry_BS)
@@ -454,28 +463,37 @@ def _map_dense(tree, fn):
   return tree
 
 
-def to_rows_layout(params: dict) -> dict:
+def dense_to_rows(p: dict) -> dict:
+  """One dense layer's params with its kernel stored [out, in] (``kernel_t``,
+  what ``dense`` sends to the CPU kernel); other entries kept."""
+  return {("kernel_t" if k == "kernel" else k): (v.T if k == "kernel" else v)
+          for k, v in p.items()}
+
+
+def dense_from_rows(p: dict) -> dict:
+  """The inverse of ``dense_to_rows`` (a no-op on an [in, out] kernel)."""
+  return {("kernel" if k == "kernel_t" else k): (v.T if k == "kernel_t" else v)
+          for k, v in p.items()}
+
+
+def to_rows_layout(params: dict, extra_dense: tuple[str, ...] = ()) -> dict:
   """Unrolled params with every kernel stored [out, in] (``kernel_t``), the
-  layout of ``matmul="kernel"``: the layers' and an untied head's."""
-  def transpose(p):
-    if "kernel_t" in p:
-      return p
-    return {("kernel_t" if k == "kernel" else k): (v.T if k == "kernel" else v)
-            for k, v in p.items()}
-  out = dict(params, layers=_map_dense(params["layers"], transpose))
-  if "lm_head" in params:
-    out["lm_head"] = transpose(params["lm_head"])
-  return out
+  layout of ``matmul="kernel"``: the layers', an untied head's and those of
+  the top-level dense layers named in ``extra_dense`` (a feature draft's
+  ``fc``)."""
+  return _map_layout(params, dense_to_rows, extra_dense)
 
 
-def from_rows_layout(params: dict) -> dict:
+def from_rows_layout(params: dict, extra_dense: tuple[str, ...] = ()) -> dict:
   """The inverse of ``to_rows_layout`` (a no-op on [in, out] params)."""
-  def transpose(p):
-    return {("kernel" if k == "kernel_t" else k): (v.T if k == "kernel_t" else v)
-            for k, v in p.items()}
-  out = dict(params, layers=_map_dense(params["layers"], transpose))
-  if "lm_head" in params:
-    out["lm_head"] = transpose(params["lm_head"])
+  return _map_layout(params, dense_from_rows, extra_dense)
+
+
+def _map_layout(params: dict, fn, extra_dense: tuple[str, ...]) -> dict:
+  out = dict(params, layers=_map_dense(params["layers"], fn))
+  for name in ("lm_head",) + tuple(extra_dense):
+    if name in params:
+      out[name] = fn(params[name])
   return out
 
 
@@ -553,13 +571,15 @@ class Transformer:
       params["lm_head"]["token_ids"] = jnp.arange(cfg.head_size, dtype=jnp.int32)
     return params
 
-  def prepare_params(self, params: dict) -> dict:
-    """Stacked-layout params in this Transformer's layout (decode-ready)."""
+  def prepare_params(self, params: dict, extra_dense: tuple[str, ...] = ()) -> dict:
+    """Stacked-layout params in this Transformer's layout (decode-ready);
+    ``extra_dense``: top-level dense layers that follow the layout too."""
     if self.layer_loop == "scan":
       return params
     if not is_unrolled(params):
       params = dict(params, layers=unstack_layers(params["layers"], self.cfg.num_layers))
-    return to_rows_layout(params) if self.matmul == "kernel" else from_rows_layout(params)
+    layout = to_rows_layout if self.matmul == "kernel" else from_rows_layout
+    return layout(params, extra_dense)
 
   def init_cache(self, batch_size: int, num_slots: int):
     """Zero KV cache for this layout: ``KVCache`` or ``LayerCaches``."""
@@ -630,18 +650,14 @@ class Transformer:
                   full_vocab: bool = True) -> jax.Array:
     """float32 logits_BTV (logits_BTN for a restricted head and not full_vocab)."""
     cfg = self.cfg
-    if "kernel_t" in params.get("lm_head", {}):   # an untied head in the kernel's layout
-      logits_BTV = cpu_matmul.dense_t(hidden_BTD, params["lm_head"]["kernel_t"],
-                                      preferred_element_type=jnp.float32)
-    elif cfg.tie_embeddings and self.matmul == "kernel":
+    if cfg.tie_embeddings and self.matmul == "kernel":
       logits_BTV = cpu_matmul.dense_t(hidden_BTD, params["embed"]["embedding"],
                                       preferred_element_type=jnp.float32)
     elif cfg.tie_embeddings:
       logits_BTV = jnp.einsum("btd,vd->btv", hidden_BTD, params["embed"]["embedding"],
                               preferred_element_type=jnp.float32)
     else:
-      logits_BTV = jnp.einsum("btd,dv->btv", hidden_BTD, params["lm_head"]["kernel"],
-                              preferred_element_type=jnp.float32)
+      logits_BTV = head_product(params["lm_head"], hidden_BTD)
     logits_BTV = logits_BTV.astype(jnp.float32)
     if cfg.head_size and full_vocab:
       logits_BTV = expand_head_logits(logits_BTV, params["lm_head"]["token_ids"],
