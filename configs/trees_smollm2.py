@@ -9,12 +9,20 @@ ends with a table and tokens_per_call_vs_width.png.
 
 The default drafter is n-gram lookup; the ``feature`` variant uses a
 distilled EAGLE-style feature draft (configs/feature_smollm2.py), which
-always has candidates, so its trees have branches at every step:
+always has candidates, so its trees have branches at every step. The
+``feature_sampling`` variant samples (temperature 1, rule rejection) and
+adds, at each width, a tree whose candidates are drawn from the draft's q
+(``decode.tree_candidates="sampled"``, Sequoia-style) next to the top-k
+tree; width 8 runs first:
 
   python -m specdec_jax.main --config=configs/trees_smollm2.py --workdir=runs/trees
   python -m specdec_jax.main --config=configs/trees_smollm2.py:feature \
       --workdir=runs/trees_feature --config.draft_checkpoint=/tmp/feature_smollm2
+  python -m specdec_jax.main --config=configs/trees_smollm2.py:feature_sampling \
+      --workdir=runs/trees_sampling --config.draft_checkpoint=/tmp/feature_smollm2
 """
+
+VARIANTS = ("", "feature", "feature_sampling")
 
 import os
 
@@ -27,21 +35,25 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = config_defaults.config_from_file(
       os.path.join(os.path.dirname(__file__), "smollm2.py"))
   config.job = "sweep"
-  if variant == "":
-    config.decode.drafter = "ngram"
-  elif variant == "feature":
-    config.decode.drafter = "feature"  # needs --config.draft_checkpoint
-  else:
-    raise ValueError(f"unknown variant {variant!r}; expected '' or 'feature'")
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+  # The feature variants need --config.draft_checkpoint.
+  config.decode.drafter = "ngram" if variant == "" else "feature"
+  sampling = variant == "feature_sampling"
+  if sampling:
+    config.sampling.temperature = 1.0
+    config.decode.rule = "rejection"
   config.decode.policy = "fixed"
   config.prompts = "held_out"
   config.benchmark.repeats = 1
   shapes = []
-  for width, topk in ((4, 2), (8, 3), (16, 4)):
+  widths = ((8, 3), (4, 2), (16, 4)) if sampling else ((4, 2), (8, 3), (16, 4))
+  for width, topk in widths:
     nodes = width - 1
     shapes.append({"decode.k": nodes, "decode.tree_nodes": 0})
-    shapes.append({"decode.k": (nodes + 1) // 2, "decode.tree_nodes": nodes,
-                   "decode.tree_topk": topk})
+    for candidates in (("topk", "sampled") if sampling else ("topk",)):
+      shapes.append({"decode.k": (nodes + 1) // 2, "decode.tree_nodes": nodes,
+                     "decode.tree_topk": topk, "decode.tree_candidates": candidates})
   config.sweep = ml_collections.ConfigDict()
   config.sweep.shape = tuple(shapes)
   return config

@@ -66,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
       # verified greedily, by rejection or coupled, with policy=fixed or auto.
       tree_nodes=0,
       tree_topk=2,
+      # "topk": each node's top-k children (one-hot q); "sampled": drawn
+      # from the draft's q without replacement and verified with it
+      # (drafter=model or feature, rule=rejection, temperature > 0).
+      tree_candidates="topk",
   ))
   # The target's sampling, for plain and speculative decoding alike.
   c.sampling = ml_collections.ConfigDict(dict(

@@ -61,6 +61,7 @@ class DecodeSpec:
   # depth <= k_max, tree_topk branches; the widths are then (1, N + 1).
   tree_nodes: int = 0
   tree_topk: int = 1
+  tree_candidates: str = "topk"   # or "sampled" (tree.TREE_CANDIDATES)
 
   def __post_init__(self):
     check_verify_widths(self.verify_widths, self.k_max)
@@ -258,7 +259,8 @@ def draft_phase(spec: DecodeSpec, drafter: Drafter | None, draft_params,
   if spec.tree_nodes:
     proposal, drafter_state = drafter.propose_tree(
         draft_params, state.drafter_state, ctx, spec.k_max, spec.tree_nodes, spec.tree_topk,
-        greedy=spec.greedy, purpose=_draft_purpose(spec))
+        greedy=spec.greedy, purpose=_draft_purpose(spec),
+        sampled=spec.tree_candidates == "sampled")
     # A tree's depth is capped by max_k_B inside; its node count is not.
     num_proposed_B = jnp.where(active_B, proposal.num_proposed_B, 0)
   else:

@@ -117,6 +117,8 @@ class Generator:
       nodes per row of depth <= k_max from tree_topk branches, verified in
       one pass of N + 1 tokens (widths (1, N + 1)); ``tree.check_setup``
       says which drafters, rules and policies.
+    tree_candidates: "topk" (each node's top-k children) or "sampled"
+      (drawn from the draft's q at temperature > 0; ``tree_expansion``).
     shardings: optional ``sharding.GenerationShardings``: the phases are then
       jitted with explicit in/out shardings on its mesh (params per the rules,
       batch arrays and the DecodeState over ``data``, caches per the rules)
@@ -130,7 +132,7 @@ class Generator:
                typical_epsilon: float = 0.09, typical_alpha: float = 0.3,
                shardings=None,
                verify_widths: Sequence[int] | None = None,
-               tree_nodes: int = 0, tree_topk: int = 1):
+               tree_nodes: int = 0, tree_topk: int = 1, tree_candidates: str = "topk"):
     verify.check_rule(rule)
     policies.validate(policy, 0.0, 1)
     if int(k_max) != k_max or k_max < 0:
@@ -147,7 +149,7 @@ class Generator:
         raise ValueError(f"eos id {eos} outside the vocabulary [0, {target.cfg.vocab_size})")
     if tree_nodes:
       tree.check_setup(tree_nodes, tree_topk, k_max, drafter if k_max > 0 else None, rule,
-                       policy, verify_widths)
+                       policy, verify_widths, tree_candidates)
       verify_widths = (1, tree_nodes + 1)
     widths = tuple(verify_widths) if verify_widths else decode.default_verify_widths(k_max)
     decode.check_verify_widths(widths, k_max)
@@ -163,7 +165,7 @@ class Generator:
         max_new_tokens=max_new_tokens, eos_ids=tuple(int(e) for e in eos_ids), greedy=False,
         rule=rule, policy=policy, typical_epsilon=typical_epsilon,
         typical_alpha=typical_alpha, verify_widths=widths, tree_nodes=tree_nodes,
-        tree_topk=tree_topk)
+        tree_topk=tree_topk, tree_candidates=tree_candidates if tree_nodes else "topk")
     self.target = target
     self.drafter = drafter if k_max > 0 else None
     self.max_prompt_len = max_prompt_len

@@ -98,7 +98,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError("config.decode.tree_nodes > 0 and matched_numerics=True do not combine")
     try:
       tree.check_setup(d.tree_nodes, d.tree_topk, effective_k_max(config),
-                       drafter if drafter.speculative else None, d.rule, d.policy)
+                       drafter if drafter.speculative else None, d.rule, d.policy,
+                       candidates=d.tree_candidates)
     except ValueError as e:
       raise ValueError(f"config.decode.{e}") from None
   for name in ("model", "draft"):
@@ -261,7 +262,8 @@ class Runtime:
     if d.matched_numerics:
       kwargs["verify_widths"] = decode.matched_verify_widths(effective_k_max(c))
     if d.tree_nodes and not baseline:
-      kwargs.update(tree_nodes=int(d.tree_nodes), tree_topk=int(d.tree_topk))
+      kwargs.update(tree_nodes=int(d.tree_nodes), tree_topk=int(d.tree_topk),
+                    tree_candidates=str(d.tree_candidates))
     kwargs.update(overrides)
     drafter = None if kwargs["k_max"] == 0 else self.drafter
     if self.shardings is not None:

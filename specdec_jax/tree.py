@@ -18,6 +18,10 @@ ROOT = -1
 TREE_RULES = ("rejection", "coupled")   # at temperature > 0; greedy at 0
 # auto: a row drafts a tree (of the depth the costs favour) or nothing.
 TREE_POLICIES = ("fixed", "auto")
+# A tree's candidates: each node's top-k children (deterministic, one-hot q),
+# or children drawn from the draft's q without replacement (verified with
+# that q; temperature > 0, rule rejection; greedy runs take the top-k).
+TREE_CANDIDATES = ("topk", "sampled")
 # Purpose of the accept test of the i-th sibling at a position: above the
 # purposes of ``sampling`` (0-3), one per node index.
 SIBLING_PURPOSE_BASE = 16
@@ -40,11 +44,13 @@ def check_settings(tree_nodes, tree_topk, k_max: int) -> None:
 
 
 def check_setup(tree_nodes, tree_topk, k_max, drafter, rule, policy,
-                verify_widths=None) -> None:
+                verify_widths=None, candidates: str = "topk") -> None:
   """ValueError, naming the fix, unless draft trees can run with these
   settings (docs/design.md, "Draft trees"); tree_nodes > 0. ``drafter``: a
   Drafter or its registry entry (``drafters.DrafterKind``)."""
   check_settings(tree_nodes, tree_topk, k_max)
+  if candidates not in TREE_CANDIDATES:
+    raise ValueError(f"tree_candidates={candidates!r}; expected one of {TREE_CANDIDATES}")
   if k_max == 0 or drafter is None:
     raise ValueError(f"tree_nodes={tree_nodes} needs a drafter and k >= 1")
   if not drafter.builds_trees:
@@ -58,6 +64,13 @@ def check_setup(tree_nodes, tree_topk, k_max, drafter, rule, policy,
                      f"policy={' or policy='.join(TREE_POLICIES)}")
   if verify_widths:
     raise ValueError("tree_nodes > 0 sets the verify widths itself (1, tree_nodes + 1)")
+  if candidates == "sampled":
+    if not drafter.samples_trees:
+      raise ValueError(f"tree_candidates='sampled': the {drafter.name!r} drafter has no draft "
+                       "distribution to draw from (drafter=model or drafter=feature do)")
+    if rule != "rejection":
+      raise ValueError(f"tree_candidates='sampled' with rule={rule!r}: sampled candidates are "
+                       "verified with rule=rejection")
 
 
 def proposed_depth(proposal) -> jax.Array:
@@ -114,7 +127,9 @@ def accept(logits_BWV, proposal, keys_B2, length_B, depth_max: int, *, greedy: b
            rule: str, sampling_params):
   """Walks the tree from the root, one depth at a time (docs/design.md):
   greedy follows the argmax, coupled the target's own sample, rejection runs
-  recursive rejection over the siblings (one-hot q: deterministic candidates).
+  recursive rejection over the siblings (with each node's q, ``q_BKV``
+  [B, N, V] its parent's draft distribution when the candidates were drawn,
+  one-hot q when they are deterministic: ``q_BKV`` None).
 
   Returns (n_B accepted nodes, x_B the target's next token, path_tokens_BK
   [B, k] the accepted tokens (then padding), path_BK the accepted node
@@ -153,8 +168,8 @@ def accept(logits_BWV, proposal, keys_B2, length_B, depth_max: int, *, greedy: b
         mass_B = jnp.any(hit_BN, axis=1).astype(jnp.float32)
         next_token_B = want_B
       else:
-        hit_BN, residual_BV, mass_B = _recursive_rejection(p_BV, draft_BN, child_BN, keys_B2,
-                                                           position_B, vocab)
+        hit_BN, residual_BV, mass_B = _recursive_rejection(
+            p_BV, draft_BN, child_BN, proposal.q_BKV, keys_B2, position_B, vocab)
         # No child: the target's own sample (plain decoding's draw); all
         # rejected: a draw from what the rejections left.
         bonus_B = sampling.sample(p_BV, sampling.position_keys(keys_B2, position_B,
@@ -181,30 +196,52 @@ def accept(logits_BWV, proposal, keys_B2, length_B, depth_max: int, *, greedy: b
           stack(path).astype(jnp.int32), stack(reached), stack(expected))
 
 
-def _recursive_rejection(p_BV, draft_BN, child_BN, keys_B2, position_B, vocab):
-  """Sibling after sibling (node order): accept child i with probability
-  r(t_i) / sum(r), else remove t_i from r. Returns (hit_BN: the accepted
-  child, one at most; the unnormalised residual r [B, V] after the
-  rejections, all of p where nothing was tried; mass_B: the probability of
-  accepting some child, p's mass on the children's tokens)."""
+def _recursive_rejection(p_BV, draft_BN, child_BN, q_BNV, keys_B2, position_B, vocab):
+  """Sibling after sibling (node order, which is draw order), with r = p:
+  accept child i (token t) with probability min(1, r(t) / Q_i(t)), else
+  r <- norm(max(0, r - Q_i)). Q_i is what child i was drawn from: q with
+  the earlier siblings' tokens removed, renormalised (``q_BNV``: drawn
+  without replacement), or onehot(t) for deterministic candidates
+  (``q_BNV`` None; then r just loses t). Returns (hit_BN: the accepted
+  child, one at most; the unnormalised residual r [B, V] after every child
+  was rejected, p where there is none; mass_B: the probability, given the
+  candidates, that some child is accepted)."""
   batch, n = draft_BN.shape
-  r_BV, left_BV = p_BV, p_BV
+  r_BV = p_BV
+  drawn_BV = jnp.zeros_like(p_BV)    # the earlier siblings' tokens
+  none_B = jnp.ones((batch,), jnp.float32)   # P(every child so far rejected)
   done_B = jnp.zeros((batch,), bool)
   hit = []
   for j in range(n):
     t_B = draft_BN[:, j]
-    not_t_BV = 1.0 - jax.nn.one_hot(t_B, vocab, dtype=r_BV.dtype)
-    left_BV = jnp.where(child_BN[:, j:j + 1], left_BV * not_t_BV, left_BV)
-    try_B = child_BN[:, j] & ~done_B
+    is_child_B = child_BN[:, j]
+    onehot_BV = jax.nn.one_hot(t_B, vocab, dtype=r_BV.dtype)
+    r_sum_B = jnp.sum(r_BV, axis=-1)
     r_t_B = jnp.take_along_axis(r_BV, t_B[:, None], axis=1)[:, 0]
+    if q_BNV is None:
+      q_t_B = jnp.ones_like(r_t_B)
+    else:
+      left_BV = q_BNV[:, j] * (1.0 - drawn_BV)
+      left_sum_B1 = jnp.sum(left_BV, axis=-1, keepdims=True)
+      qi_BV = jnp.where(left_sum_B1 > 0, left_BV / jnp.maximum(left_sum_B1, 1e-30), onehot_BV)
+      q_t_B = jnp.take_along_axis(qi_BV, t_B[:, None], axis=1)[:, 0]
     u_B = sampling.uniform(sampling.position_keys(keys_B2, position_B,
                                                   SIBLING_PURPOSE_BASE + j))
-    ok_B = try_B & verify.accept_test(u_B, r_t_B, jnp.sum(r_BV, axis=-1))
+    bar_B = r_sum_B * q_t_B      # accept when u * Q(t) * sum(r) < r(t)
+    ok_B = is_child_B & ~done_B & verify.accept_test(u_B, r_t_B, bar_B)
     hit.append(ok_B)
     done_B = done_B | ok_B
-    r_BV = jnp.where((try_B & ~ok_B)[:, None], r_BV * not_t_BV, r_BV)
-  mass_B = 1.0 - jnp.sum(left_BV, axis=-1)
-  return jnp.stack(hit, axis=1), r_BV, mass_B
+    accept_prob_B = jnp.where(bar_B > 0, jnp.minimum(r_t_B / jnp.maximum(bar_B, 1e-30), 1.0), 0.0)
+    none_B = jnp.where(is_child_B, none_B * (1.0 - accept_prob_B), none_B)
+    # The residual as if this child were rejected (after an acceptance it is
+    # never read).
+    if q_BNV is None:
+      rejected_BV = r_BV * (1.0 - onehot_BV)
+    else:
+      rejected_BV = jnp.maximum(r_BV / jnp.maximum(r_sum_B, 1e-30)[:, None] - qi_BV, 0.0)
+      drawn_BV = jnp.where(is_child_B[:, None], jnp.maximum(drawn_BV, onehot_BV), drawn_BV)
+    r_BV = jnp.where(is_child_B[:, None], rejected_BV, r_BV)
+  return jnp.stack(hit, axis=1), r_BV, 1.0 - none_B
 
 
 def path_slots(path_BK, length_B, num_nodes: int, num_slots: int) -> jax.Array:

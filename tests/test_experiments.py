@@ -167,7 +167,8 @@ def test_a_flat_field_set_in_python_is_refused_by_name():
     ("configs/tiny.py", None), ("configs/tiny.py", "sweep"), ("configs/smollm2.py", None),
     ("configs/smollm2_policies.py", None), ("configs/distill_smollm2.py", None),
     ("configs/feature_smollm2.py", None), ("configs/feature_smollm2.py", "compare"),
-    ("configs/trees_smollm2.py", None), ("configs/trees_smollm2.py", "feature")])
+    ("configs/trees_smollm2.py", None), ("configs/trees_smollm2.py", "feature"),
+    ("configs/trees_smollm2.py", "feature_sampling")])
 def test_shipped_configs_validate_at_every_sweep_point(path, variant):
   """Every shipped config (and variant) passes the config check at each of
   its sweep points, so a typo in one fails here, not an hour into a run."""
@@ -186,5 +187,10 @@ def test_trees_config_compares_chains_and_trees_at_equal_widths():
     nodes = shape["decode.tree_nodes"] or shape["decode.k"]
     widths.setdefault(nodes + 1, set()).add("tree" if shape["decode.tree_nodes"] else "chain")
   assert widths == {4: {"chain", "tree"}, 8: {"chain", "tree"}, 16: {"chain", "tree"}}
+  sampling = load_config("configs/trees_smollm2.py", "feature_sampling")
+  assert sampling.sampling.temperature == 1.0 and sampling.decode.rule == "rejection"
+  sampled = {shape["decode.tree_nodes"] + 1 for shape in sampling.sweep.shape
+             if shape.get("decode.tree_candidates") == "sampled"}
+  assert sampled == {4, 8, 16}
   with pytest.raises(ValueError, match="unknown variant"):
     load_config("configs/trees_smollm2.py", "fetaure")

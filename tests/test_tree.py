@@ -2,8 +2,10 @@
 and draft-model trees (hand examples), the feature draft's tree against the
 target's own top-k, the tree mask, exactness against plain decoding (greedy
 and coupled, every drafter, with a missing cache write caught),
-rejection-sampling fidelity on trees (a broken residual caught), zero
-recompiles and refused settings."""
+rejection-sampling fidelity on trees (a broken residual caught), sampled
+candidates (drawn without replacement, verified with their q: the draws, the
+rule's output distribution, a broken correction caught), zero recompiles and
+refused settings."""
 
 import functools
 
@@ -21,6 +23,8 @@ from specdec_jax.drafters import FeatureDrafter, HybridDrafter, ModelDrafter, Ng
 from specdec_jax.drafters import tree_expansion
 from specdec_jax.drafters.base import DraftContext
 from specdec_jax.generation import Generator
+from specdec_jax.drafters.base import Proposal
+from specdec_jax.fidelity import chi_square_test
 from specdec_jax.jobs.fidelity import run_fidelity
 
 K, NODES, TOPK, MAX_NEW, BATCH = 4, 8, 3, 24, 3
@@ -282,7 +286,6 @@ def test_hybrid_tree_takes_the_lookups_branches_or_the_drafts_tree_per_row():
 def test_proposed_depth_is_the_deepest_real_node():
   """What the policies count a tree's accepted nodes out of: its depth, not
   its node count (padding nodes past num_proposed ignored)."""
-  from specdec_jax.drafters.base import Proposal   # pylint: disable=g-import-not-at-top
   proposal = Proposal(draft_BK=jnp.zeros((3, 5), jnp.int32), q_BKV=None,
                       num_proposed_B=jnp.asarray([5, 2, 0], jnp.int32),
                       parent_BK=jnp.asarray([[-1, 0, -1, 2, 3]] * 3, jnp.int32),
@@ -324,6 +327,10 @@ class ChainOnlyDrafter(NgramDrafter):
     (dict(policy="adaptive"), "policy=fixed or policy=auto"),
     (dict(drafter=ChainOnlyDrafter()), "does not build draft trees"),
     (dict(verify_widths=(1, 9)), "sets the verify widths"),
+    (dict(tree_candidates="random"), "tree_candidates='random'"),
+    (dict(tree_candidates="sampled"), "'ngram' drafter has no draft distribution"),
+    (dict(tree_candidates="sampled", drafter=ModelDrafter(TARGET), rule="coupled"),
+     "verified with rule=rejection"),
 ])
 def test_bad_tree_settings_are_refused_before_compiling(change, match):
   settings = dict(drafter=NgramDrafter(), k_max=K, max_prompt_len=16, tree_nodes=NODES,
@@ -338,16 +345,19 @@ def test_bad_tree_settings_are_refused_before_compiling(change, match):
 @pytest.mark.parametrize("changes,match", [
     (dict(tree_nodes=2, k=4, policy="fixed"), "config.decode.tree_nodes=2 is below k=4"),
     (dict(tree_nodes=8, policy="budget"), "policy=fixed or policy=auto"),
+    ({"tree_nodes": 8, "drafter": "ngram+model", "decode.tree_candidates": "sampled"},
+     "config.decode.tree_candidates='sampled': the 'ngram\\+model' drafter has no draft"),
 ])
 def test_bad_tree_config_is_one_line_error(changes, match):
   with pytest.raises(ValueError, match=match):
     runtime.validate_config(tiny_config(**changes))
 
 
-def _broken_recursive_rejection(p_BV, draft_BN, child_BN, keys_B2, position_B, vocab):
+def _broken_recursive_rejection(p_BV, draft_BN, child_BN, q_BNV, keys_B2, position_B, vocab):
   """The residual is not updated after a rejected sibling: later siblings are
   tested against the full p and the correction ignores the rejections."""
-  hit_BN, _, mass_B = ORIGINAL_REJECTION(p_BV, draft_BN, child_BN, keys_B2, position_B, vocab)
+  hit_BN, _, mass_B = ORIGINAL_REJECTION(p_BV, draft_BN, child_BN, q_BNV, keys_B2, position_B,
+                                         vocab)
   return hit_BN, p_BV, mass_B
 
 
@@ -381,3 +391,199 @@ def test_tree_rejection_preserves_distribution_and_a_broken_residual_fails(monke
   broken = run_fidelity(tiny_config(**{**TREE_FIDELITY, "fidelity.num_samples": 1000}),
                         log=lambda *a: None)
   assert not broken["passed"] and broken["p_value"] < 1e-3, broken
+
+
+# Sampled candidates (tree_candidates="sampled"): Sequoia's draws without
+# replacement, verified with the draft's q.
+
+def _family(p_V, q_V, topk: int, rows: int):
+  """``rows`` independent trials of one family: the root's ``topk`` children
+  drawn from q without replacement (the expansion's draw), then
+  ``tree.accept`` against the target p at depth 1. Returns the token each
+  row emits: the accepted child, else the correction."""
+  vocab = len(p_V)
+  lq_V = jnp.log(jnp.asarray(q_V, jnp.float32))
+  draw_keys = jax.random.split(jax.random.PRNGKey(1), rows)[:, None]
+  token_B1T, _ = tree_expansion._draws_without_replacement(   # pylint: disable=protected-access
+      jnp.broadcast_to(lq_V, (rows, 1, vocab)), draw_keys, topk)
+  proposal = Proposal(
+      draft_BK=token_B1T[:, 0].astype(jnp.int32),
+      q_BKV=jnp.broadcast_to(jnp.asarray(q_V, jnp.float32), (rows, topk, vocab)),
+      num_proposed_B=jnp.full((rows,), topk, jnp.int32),
+      parent_BK=jnp.full((rows, topk), tree.ROOT, jnp.int32),
+      depth_BK=jnp.ones((rows, topk), jnp.int32))
+  logits_BWV = jnp.broadcast_to(jnp.log(jnp.asarray(p_V, jnp.float32)), (rows, topk + 1, vocab))
+  accept_keys = jax.random.split(jax.random.PRNGKey(2), rows)
+  n_B, x_B, tokens_BK, *_ = jax.jit(functools.partial(
+      tree.accept, depth_max=1, greedy=False, rule="rejection",
+      sampling_params=sampling.SamplingParams.create(1.0, 0, 1.0)))(
+          logits_BWV, proposal, accept_keys, jnp.full((rows,), 5, jnp.int32))
+  return np.where(np.asarray(n_B) == 1, np.asarray(tokens_BK)[:, 0], np.asarray(x_B))
+
+
+# A draft that puts most of its mass where the target puts little: the
+# without-replacement correction matters (the second draw is far from q).
+FAMILY_P = (0.05, 0.30, 0.25, 0.20, 0.15, 0.05)
+FAMILY_Q = (0.60, 0.05, 0.10, 0.05, 0.15, 0.05)
+
+
+def _family_fit(rows=20000):
+  emitted = _family(FAMILY_P, FAMILY_Q, 3, rows)
+  return chi_square_test([(int(t),) for t in emitted],
+                         {(i,): p for i, p in enumerate(FAMILY_P)})
+
+
+def test_sampled_siblings_emit_the_target_distribution_and_broken_rules_fail(monkeypatch):
+  """Three children drawn from q without replacement, verified with q: the
+  emitted token is distributed as p (20,000 trials). Two broken rules are
+  caught at the same seeds: testing every sibling against q itself (no
+  without-replacement correction), and not updating the residual after a
+  rejected sibling."""
+  fit = _family_fit()
+  assert fit["p_value"] > 1e-3 and fit["tv_distance"] < 0.02, fit
+  q_not_renormalised = _sequoia_without_correction
+  residual_kept = _broken_recursive_rejection
+  for broken in (q_not_renormalised, residual_kept):
+    monkeypatch.setattr(tree, "_recursive_rejection", broken)
+    bad = _family_fit()
+    assert bad["p_value"] < 1e-6 and bad["tv_distance"] > 0.03, (broken.__name__, bad)
+
+
+def _sequoia_without_correction(p_BV, draft_BN, child_BN, q_BNV, keys_B2, position_B, vocab):
+  """A broken rule: every sibling tested against q itself, not q without the
+  earlier draws (the residual update kept)."""
+  del vocab
+  batch, n = draft_BN.shape
+  r_BV, done_B, hit = p_BV, jnp.zeros((batch,), bool), []
+  for j in range(n):
+    t_B = draft_BN[:, j]
+    r_t_B = jnp.take_along_axis(r_BV, t_B[:, None], axis=1)[:, 0]
+    q_t_B = jnp.take_along_axis(q_BNV[:, j], t_B[:, None], axis=1)[:, 0]
+    r_sum_B = jnp.sum(r_BV, axis=-1)
+    u_B = sampling.uniform(sampling.position_keys(keys_B2, position_B,
+                                                  tree.SIBLING_PURPOSE_BASE + j))
+    ok_B = child_BN[:, j] & ~done_B & (u_B * q_t_B * r_sum_B < r_t_B)
+    hit.append(ok_B)
+    done_B = done_B | ok_B
+    r_BV = jnp.where(child_BN[:, j:j + 1], jnp.maximum(r_BV / r_sum_B[:, None] - q_BNV[:, j], 0),
+                     r_BV)
+  return jnp.stack(hit, axis=1), r_BV, jnp.zeros((batch,))
+
+
+def test_sampled_draws_are_without_replacement_in_q_proportion():
+  """The expansion's draw: ``topk`` distinct tokens whose first is
+  distributed as q and whose second as q without the first, renormalised
+  (checked against the enumerated law over 20,000 draws)."""
+  q = np.asarray(FAMILY_Q)
+  rows = 20000
+  keys = jax.random.split(jax.random.PRNGKey(3), rows)[:, None]
+  token_B1T, lq_B1T = tree_expansion._draws_without_replacement(   # pylint: disable=protected-access
+      jnp.broadcast_to(jnp.log(jnp.asarray(q, jnp.float32)), (rows, 1, len(q))), keys, 3)
+  draws = np.asarray(token_B1T)[:, 0]
+  assert all(len(set(row)) == 3 for row in draws[:200].tolist())
+  np.testing.assert_allclose(np.asarray(lq_B1T)[:, 0], np.log(q)[draws], rtol=1e-6)
+  pairs = {(a, b): q[a] * q[b] / (1 - q[a]) for a in range(len(q)) for b in range(len(q))
+           if a != b}
+  fit = chi_square_test([tuple(r[:2]) for r in draws.tolist()], pairs)
+  assert fit["p_value"] > 1e-3 and fit["impossible_samples"] == 0, fit
+
+
+def test_sampled_tree_shape_keeps_static_counts_and_draw_order():
+  """A model-draft sampled tree: each depth holds its static count
+  (``sampled_depth_counts``), each family is a prefix of its parent's draws
+  (the same Gumbel keys, recomputed here), and every node carries its
+  parent's warped q (the root's: the draft's distribution at the text's
+  end)."""
+  tp = init(TARGET, 0)
+  dp = noisy_copy(tp, 0, 0.3)
+  drafter = ModelDrafter(TARGET)
+  k, nodes, topk = 3, 6, 3
+  prompts = [[5, 9, 2, 7, 1, 4], [3, 8, 8, 1, 6, 2]]
+  num_slots = 32
+  prompt_BT = jnp.asarray(prompts, jnp.int32)
+  state = drafter.prefill(dp, drafter.init_state(2, num_slots), prompt_BT,
+                          jnp.broadcast_to(jnp.arange(6), (2, 6)))
+  ctx = _context(prompts, k, width=num_slots).replace(
+      sampling=sampling.SamplingParams.create(1.0, 0, 1.0),
+      keys_B2=jnp.asarray([[0, 7], [0, 8]], jnp.uint32))
+  proposal, _ = jax.jit(functools.partial(
+      drafter.propose_tree, k=k, num_nodes=nodes, topk=topk, greedy=False, purpose=1,
+      sampled=True))(dp, state, ctx)
+  counts = tree_expansion.sampled_depth_counts(nodes, topk, k)
+  assert sum(counts) == nodes and counts[0] < topk   # depth 1 is not simply the top-k
+  depth_BN, parent_BN = np.asarray(proposal.depth_BK), np.asarray(proposal.parent_BK)
+  draft_BN = np.asarray(proposal.draft_BK)
+  root_logits = TARGET.apply(dp, prompt_BT, jnp.broadcast_to(jnp.arange(6), (2, 6)),
+                             TARGET.init_cache(2, num_slots))[0][:, -1]
+  root_q = np.asarray(sampling.warp(root_logits, ctx.sampling, sampled=True))
+  root_draws = np.asarray(tree_expansion._draws_without_replacement(   # pylint: disable=protected-access
+      jnp.log(jnp.asarray(root_q))[:, None],
+      tree_expansion._candidate_keys(ctx, ctx.length_B, 1), topk)[0])[:, 0]   # pylint: disable=protected-access
+  q_BNV = np.asarray(proposal.q_BKV)
+  for b in range(2):
+    assert [int(np.sum(depth_BN[b] == d)) for d in range(1, k + 1)] == list(counts)
+    first = [int(draft_BN[b, j]) for j in range(nodes) if parent_BN[b, j] == tree.ROOT]
+    assert first == root_draws[b, :len(first)].tolist(), b
+    for j in range(nodes):
+      if parent_BN[b, j] == tree.ROOT:
+        np.testing.assert_allclose(q_BNV[b, j], root_q[b], atol=1e-6)
+      else:   # siblings share their parent's q; it differs from the root's
+        siblings = [i for i in range(nodes) if parent_BN[b, i] == parent_BN[b, j]]
+        np.testing.assert_array_equal(q_BNV[b, j], q_BNV[b, siblings[0]])
+        assert np.abs(q_BNV[b, j] - root_q[b]).max() > 1e-3
+
+
+def test_sampled_trees_are_greedy_top_k_trees_at_temperature_zero_and_never_recompile():
+  """At temperature 0 the candidates are the top-k (a greedy run of a
+  sampled-tree Generator is plain greedy decoding, token for token). At
+  temperature 1, other seeds, draft params and temperatures reuse the
+  compiled loop."""
+  plain = generators("rejection")[0]
+  trees = Generator(TARGET, ModelDrafter(TARGET), k_max=K, rule="rejection",
+                    max_prompt_len=16, max_new_tokens=MAX_NEW, batch_size=BATCH,
+                    tree_nodes=NODES, tree_topk=TOPK, tree_candidates="sampled")
+  tp = init(TARGET, 1)
+  prompts = branching_prompts(1)
+  ref = [r.output_ids for r in _run(plain, tp, prompts).rows]
+  result = _run(trees, tp, prompts, draft_params=noisy_copy(tp, 1, 0.05))
+  assert [r.output_ids for r in result.rows] == ref
+  assert sum(sum(r.accepted_per_step) for r in result.rows) > 0
+  before = None
+  for seed, temperature in ((1, 1.0), (2, 0.7), (3, 1.3)):
+    result = trees.generate(tp, noisy_copy(tp, seed, 0.05), prompts, temperature=temperature,
+                            seeds=[seed, seed + 10, seed + 20])
+    assert sum(sum(r.accepted_per_step) for r in result.rows) > 0
+    if before is None:
+      before = compile_count.loop_compiles()
+  assert compile_count.loop_compiles() == before
+
+
+SAMPLED_FIDELITY = {**TREE_FIDELITY, "drafter": "model", "decode.tree_candidates": "sampled",
+                    "k": 3, "tree_nodes": 6, "tree_topk": 3}
+
+
+@pytest.mark.slow
+def test_sampled_tree_fidelity_with_depth_two_acceptances_and_a_broken_residual_fails(
+    monkeypatch):
+  """The whole loop with sampled model-draft trees (depth 3, 6 nodes: two
+  children at depth 1, siblings deeper): the 3-token continuations match
+  the enumerated target distribution, with paths accepted two deep. Caught:
+  the rule without its residual update, and a tree that keeps children by
+  their own draft probability (EAGLE-2's rerank over the draws)."""
+  stats = run_fidelity(tiny_config(**{**SAMPLED_FIDELITY, "fidelity.num_samples": 6000}),
+                       log=lambda *a: None)
+  assert stats["passed"] and stats["p_value"] > 1e-3, stats
+  assert stats["impossible_samples"] == 0
+  assert stats["steps_accepting_2_or_more"] > 0.02 * stats["n_samples"], stats
+  assert stats["accepted"] < stats["proposed"], stats
+  with monkeypatch.context() as patch:
+    patch.setattr(tree, "_recursive_rejection", _broken_recursive_rejection)
+    broken = run_fidelity(tiny_config(**{**SAMPLED_FIDELITY, "fidelity.num_samples": 2500}),
+                          log=lambda *a: None)
+  assert not broken["passed"] and broken["p_value"] < 1e-3, broken
+  monkeypatch.setattr(tree_expansion, "_sampled_selection_score",
+                      lambda parent_score_BT, child_lq_BTC: parent_score_BT[:, :, None]
+                      + child_lq_BTC)
+  reranked = run_fidelity(tiny_config(**{**SAMPLED_FIDELITY, "fidelity.num_samples": 1500}),
+                          log=lambda *a: None)
+  assert not reranked["passed"] and reranked["p_value"] < 1e-6, reranked

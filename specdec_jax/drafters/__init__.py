@@ -20,12 +20,15 @@ class DrafterKind:
   draft_model: "model" (a Transformer), "feature" (a FeatureDraft) or None.
   builds_trees: the drafter implements ``propose_tree`` (``tree.check_setup``
     reads it from a drafter or from its registry entry alike).
+  samples_trees: its trees can draw their candidates from a draft model's q
+    (``tree_candidates="sampled"``).
   """
 
   name: str
   lookup: bool
   draft_model: str | None
   builds_trees: bool = False
+  samples_trees: bool = False
 
   @property
   def speculative(self) -> bool:
@@ -36,8 +39,10 @@ class DrafterKind:
 # repeated n-gram, the draft model elsewhere (drafters/hybrid.py).
 KINDS = {kind.name: kind for kind in (
     DrafterKind("none", lookup=False, draft_model=None),
-    DrafterKind("model", lookup=False, draft_model="model", builds_trees=True),
-    DrafterKind("feature", lookup=False, draft_model="feature", builds_trees=True),
+    DrafterKind("model", lookup=False, draft_model="model", builds_trees=True,
+                samples_trees=True),
+    DrafterKind("feature", lookup=False, draft_model="feature", builds_trees=True,
+                samples_trees=True),
     DrafterKind("ngram", lookup=True, draft_model=None, builds_trees=True),
     DrafterKind("ngram+model", lookup=True, draft_model="model", builds_trees=True),
     DrafterKind("ngram+feature", lookup=True, draft_model="feature", builds_trees=True),

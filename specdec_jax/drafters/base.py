@@ -80,6 +80,7 @@ class Drafter:
   name: str = "drafter"
   reads_target_features: bool = False
   builds_trees: bool = False   # implements ``propose_tree``
+  samples_trees: bool = False   # ``propose_tree(sampled=True)`` draws from q
 
   def init_state(self, batch_size: int, num_slots: int) -> Any:
     """Drafter state (e.g. a KV cache) for B rows and S slots."""
@@ -102,10 +103,12 @@ class Drafter:
     raise NotImplementedError
 
   def propose_tree(self, params: Any, state: Any, ctx: DraftContext, k: int,
-                   num_nodes: int, topk: int, *, greedy: bool,
-                   purpose: int) -> tuple[Proposal, Any]:
+                   num_nodes: int, topk: int, *, greedy: bool, purpose: int,
+                   sampled: bool = False) -> tuple[Proposal, Any]:
     """A draft tree of ``num_nodes`` nodes, depth <= k (and <= each row's
-    ``ctx.max_k_B``), ``topk`` branches (``builds_trees`` drafters)."""
+    ``ctx.max_k_B``), ``topk`` branches (``builds_trees`` drafters).
+    ``sampled``: children drawn from the draft's q, which the proposal
+    carries (``samples_trees`` drafters; ``tree_expansion``)."""
     raise NotImplementedError(f"the {self.name!r} drafter does not build draft trees")
 
   def tree_scratch_slots(self, k: int, num_nodes: int, topk: int) -> int:

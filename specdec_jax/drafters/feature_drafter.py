@@ -65,6 +65,7 @@ class FeatureDrafter(Drafter):
   name: str = "feature"
   reads_target_features = True   # class constants, not fields
   builds_trees = True
+  samples_trees = True
 
   @property
   def draft_model(self) -> FeatureDraft:
@@ -107,8 +108,9 @@ class FeatureDrafter(Drafter):
     return tree_expansion.scratch_slots(k, topk)
 
   def propose_tree(self, params, state: FeatureDrafterState, ctx: DraftContext, k: int,
-                   num_nodes: int, topk: int, *, greedy: bool, purpose: int):
-    del purpose   # the tree's candidates are the draft's top-k, not samples
+                   num_nodes: int, topk: int, *, greedy: bool, purpose: int,
+                   sampled: bool = False):
+    del purpose   # sampled candidates use the DRAFT purpose (tree_expansion)
     g_B1D, cache = self._resync(params, state, ctx, k)
     num_slots = cache.num_slots
     scratch = tree_expansion.scratch_slots(k, topk)
@@ -128,7 +130,7 @@ class FeatureDrafter(Drafter):
     g_BXD = jnp.zeros((g_B1D.shape[0], max(scratch, 1), g_B1D.shape[-1]), g_B1D.dtype)
     proposal, (cache, _) = tree_expansion.expand_tree(
         ctx, k, num_nodes, topk, self.model.logits(params, g_B1D)[:, 0], (cache, g_BXD),
-        advance, num_slots=num_slots, greedy=greedy)
+        advance, num_slots=num_slots, greedy=greedy, sampled=sampled)
     return proposal, state.replace(cache=cache)
 
   def propose(self, params, state: FeatureDrafterState, ctx: DraftContext, k: int, *,

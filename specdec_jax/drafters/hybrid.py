@@ -107,7 +107,8 @@ class HybridDrafter(Drafter):
     return lookup_BK, lookup_num_B, use_lookup_B, model_ctx
 
   def propose_tree(self, params, state, ctx: DraftContext, k: int, num_nodes: int,
-                   topk: int, *, greedy: bool, purpose: int):
+                   topk: int, *, greedy: bool, purpose: int, sampled: bool = False):
+    del sampled   # the lookup's rows are deterministic: top-k trees only
     _, _, use_lookup_B, model_ctx = self._split(ctx, k)
     lookup, _ = self.lookup.propose_tree(params, (), ctx, k, num_nodes, topk,
                                          greedy=greedy, purpose=purpose)

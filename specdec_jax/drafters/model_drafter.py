@@ -31,6 +31,7 @@ class ModelDrafter(Drafter):
   name: str = "model"
   resync_all_drafts: bool = False
   builds_trees = True   # a class constant, not a field: ``propose_tree``
+  samples_trees = True
 
   @property
   def draft_model(self) -> Transformer:
@@ -63,8 +64,8 @@ class ModelDrafter(Drafter):
     return tree_expansion.scratch_slots(k, topk)
 
   def propose_tree(self, params, state, ctx: DraftContext, k: int, num_nodes: int,
-                   topk: int, *, greedy: bool, purpose: int):
-    del purpose   # the tree's candidates are the draft's top-k, not samples
+                   topk: int, *, greedy: bool, purpose: int, sampled: bool = False):
+    del purpose   # sampled candidates use the DRAFT purpose (tree_expansion)
     root_logits_BV, cache = self._resync(params, state, ctx, k + 1)
 
     def advance(cache, tokens_BT, positions_BT, slots_BT, visible_BTS, parent_slot_BT):
@@ -73,7 +74,8 @@ class ModelDrafter(Drafter):
                               visible_BTS=visible_BTS)
 
     return tree_expansion.expand_tree(ctx, k, num_nodes, topk, root_logits_BV, cache, advance,
-                                      num_slots=cache.num_slots, greedy=greedy)
+                                      num_slots=cache.num_slots, greedy=greedy,
+                                      sampled=sampled)
 
   def propose(self, params, state, ctx: DraftContext, k: int, *, greedy: bool,
               purpose: int):

@@ -109,12 +109,12 @@ class NgramDrafter(Drafter):
     return draft_BK, num_proposed_B, match_len_B
 
   def propose_tree(self, params, state, ctx: DraftContext, k: int, num_nodes: int,
-                   topk: int, *, greedy: bool, purpose: int):
+                   topk: int, *, greedy: bool, purpose: int, sampled: bool = False):
     """Several matches as branches: the ``topk`` best continuations (scored
     as ``lookup`` scores them) whose first tokens differ, each a chain of up
     to k tokens under the root, laid out best branch first until
     ``num_nodes`` nodes are used. Deterministic (one-hot q)."""
-    del params, greedy, purpose
+    del params, greedy, purpose, sampled
     tokens_BS = ctx.tokens_BS
     batch = tokens_BS.shape[0]
     continuation_BS, score_BS, _ = self._match_scores(ctx, k)

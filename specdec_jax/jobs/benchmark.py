@@ -175,6 +175,7 @@ def run_benchmark(config, rt: runtime.Runtime, log=print) -> tuple[dict, list]:
                                if config.decode.rule == "synthetic" else None),
       "matched_numerics": config.decode.matched_numerics,
       "tree_nodes": int(config.decode.tree_nodes), "tree_topk": int(config.decode.tree_topk),
+      "tree_candidates": str(config.decode.tree_candidates),
       "verify_width": spec_gen.verify_widths[-1],
       "policy": config.decode.policy, "k": config.decode.k, "k_max": k_slots,
       **config.sampling,

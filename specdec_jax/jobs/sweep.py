@@ -454,8 +454,8 @@ def _plot_tokens_per_call_vs_width(rows: list, path: str):
     width, tokens = _number(row.get("verify_width")), _number(row.get("tokens_per_call"))
     if width is None or tokens is None or "tree_nodes" not in row:
       continue
-    label = (f"tree (top-{row.get('tree_topk')} branches)" if row.get("tree_nodes")
-             else "chain")
+    label = (f"tree ({row.get('tree_candidates', 'topk')} candidates)"
+             if row.get("tree_nodes") else "chain")
     series.setdefault(label, []).append((width, tokens))
   if len(series) < 2:
     return "needs rows of both chains and trees with 'verify_width' and 'tokens_per_call'"
