@@ -402,10 +402,9 @@ def _family(p_V, q_V, topk: int, rows: int):
   ``tree.accept`` against the target p at depth 1. Returns the token each
   row emits: the accepted child, else the correction."""
   vocab = len(p_V)
-  lq_V = jnp.log(jnp.asarray(q_V, jnp.float32))
   draw_keys = jax.random.split(jax.random.PRNGKey(1), rows)[:, None]
   token_B1T, _ = tree_expansion._draws_without_replacement(   # pylint: disable=protected-access
-      jnp.broadcast_to(lq_V, (rows, 1, vocab)), draw_keys, topk)
+      jnp.broadcast_to(jnp.asarray(q_V, jnp.float32), (rows, 1, vocab)), draw_keys, topk)
   proposal = Proposal(
       draft_BK=token_B1T[:, 0].astype(jnp.int32),
       q_BKV=jnp.broadcast_to(jnp.asarray(q_V, jnp.float32), (rows, topk, vocab)),
@@ -478,7 +477,7 @@ def test_sampled_draws_are_without_replacement_in_q_proportion():
   rows = 20000
   keys = jax.random.split(jax.random.PRNGKey(3), rows)[:, None]
   token_B1T, lq_B1T = tree_expansion._draws_without_replacement(   # pylint: disable=protected-access
-      jnp.broadcast_to(jnp.log(jnp.asarray(q, jnp.float32)), (rows, 1, len(q))), keys, 3)
+      jnp.broadcast_to(jnp.asarray(q, jnp.float32), (rows, 1, len(q))), keys, 3)
   draws = np.asarray(token_B1T)[:, 0]
   assert all(len(set(row)) == 3 for row in draws[:200].tolist())
   np.testing.assert_allclose(np.asarray(lq_B1T)[:, 0], np.log(q)[draws], rtol=1e-6)
@@ -491,7 +490,7 @@ def test_sampled_draws_are_without_replacement_in_q_proportion():
 def test_sampled_tree_shape_keeps_static_counts_and_draw_order():
   """A model-draft sampled tree: each depth holds its static count
   (``sampled_depth_counts``), each family is a prefix of its parent's draws
-  (the same Gumbel keys, recomputed here), and every node carries its
+  (the same keys, redrawn here), and every node carries its
   parent's warped q (the root's: the draft's distribution at the text's
   end)."""
   tp = init(TARGET, 0)
@@ -517,7 +516,7 @@ def test_sampled_tree_shape_keeps_static_counts_and_draw_order():
                              TARGET.init_cache(2, num_slots))[0][:, -1]
   root_q = np.asarray(sampling.warp(root_logits, ctx.sampling, sampled=True))
   root_draws = np.asarray(tree_expansion._draws_without_replacement(   # pylint: disable=protected-access
-      jnp.log(jnp.asarray(root_q))[:, None],
+      jnp.asarray(root_q)[:, None],
       tree_expansion._candidate_keys(ctx, ctx.length_B, 1), topk)[0])[:, 0]   # pylint: disable=protected-access
   q_BNV = np.asarray(proposal.q_BKV)
   for b in range(2):

@@ -17,7 +17,7 @@ text (each node's top-k children), so the tree is verified with one-hot q.
 
 ``candidates="sampled"`` (Sequoia-style, temperature > 0): each fed node's
 ``topk`` children are drawn from the draft's warped q without replacement
-(Gumbel-top-k: the order is the order of the draws), and the tree is verified
+(one after another, each from q without the earlier ones), and the tree is verified
 with that q (``tree.accept``). Exactness needs every node's existence to be
 decided before its own token is drawn, so the kept set differs from the
 top-k mode's: depth d keeps ``sampled_depth_counts(...)[d - 1]`` nodes (a
@@ -97,14 +97,25 @@ def _sampled_selection_score(parent_score_BT, child_lq_BTC):
   return parent_score_BT[:, :, None] + rank_log_prior(ranks_C)[None, None, :]
 
 
-def _draws_without_replacement(log_q_BXV, keys_BX2, count: int):
-  """``count`` tokens drawn from each q without replacement, in draw order
-  (Gumbel-top-k: the top ``count`` of log q + Gumbel noise). Returns
-  (tokens [B, X, count], their log q: -inf past q's support)."""
-  noise_BXV = jax.vmap(jax.vmap(lambda key: jax.random.gumbel(
-      key, log_q_BXV.shape[-1:], jnp.float32)))(keys_BX2)
-  _, token_BXC = jax.lax.top_k(log_q_BXV + noise_BXV, count)
-  return token_BXC, jnp.take_along_axis(log_q_BXV, token_BXC, axis=-1)
+def _draws_without_replacement(q_BXV, keys_BX2, count: int):
+  """``count`` tokens drawn from each q without replacement, in draw order:
+  draw i from q without the earlier draws (``sampling.sample``'s exact
+  two-level draw, key ``fold_in(key, i)``; unnormalised is fine). A few
+  hundred random numbers per draw instead of a Gumbel per token. Returns
+  (tokens [B, X, count], their log q: -inf once q has no mass left)."""
+  vocab_V = jnp.arange(q_BXV.shape[-1])
+  left_BXV = q_BXV
+  tokens, log_qs = [], []
+  for i in range(count):
+    keys_i = jax.vmap(jax.vmap(lambda key: jax.random.fold_in(key, i)))(keys_BX2)
+    token_BX = sampling.sample(left_BXV, keys_i)
+    q_BX = jnp.take_along_axis(q_BXV, token_BX[..., None], axis=-1)[..., 0]
+    has_mass_BX = jnp.sum(left_BXV, axis=-1) > 0
+    tokens.append(token_BX)
+    log_qs.append(jnp.where(has_mass_BX & (q_BX > 0), jnp.log(jnp.maximum(q_BX, 1e-38)),
+                            -jnp.inf))
+    left_BXV = jnp.where(vocab_V == token_BX[..., None], 0.0, left_BXV)
+  return jnp.stack(tokens, axis=-1), jnp.stack(log_qs, axis=-1)
 
 
 def _candidate_keys(ctx: DraftContext, position_B, count: int) -> jax.Array:
@@ -162,7 +173,7 @@ def expand_tree(ctx: DraftContext, k: int, num_nodes: int, topk: int, root_logit
   root_q_BV, root_lq_BV = _warped(root_logits_BV, ctx, greedy)
   if sampled:
     token_B1T, lq_B1T = _draws_without_replacement(
-        root_lq_BV[:, None], _candidate_keys(ctx, length_B, 1), topk)
+        root_q_BV[:, None], _candidate_keys(ctx, length_B, 1), topk)
     token_BT, lq_BT = token_B1T[:, 0], lq_B1T[:, 0]
     keep_BT = jnp.isfinite(lq_BT) & (jnp.arange(topk)[None, :] < depth_counts[0])
     score_BT = jnp.where(keep_BT, lq_BT, -jnp.inf)
@@ -215,7 +226,7 @@ def expand_tree(ctx: DraftContext, k: int, num_nodes: int, topk: int, root_logit
     c = dict(c, fed_slot=fed_slot)
     if sampled:
       child_token_BTC, child_lq_BTC = _draws_without_replacement(
-          lq_BTV, _candidate_keys(ctx, length_B + d, topk), topk)
+          q_BTV, _candidate_keys(ctx, length_B + d, topk), topk)
       # Depth d + 1 keeps its static count, by the parent's score and the
       # draw rank only: a child's own token never decides whether it exists.
       valid_BX = (jnp.isfinite(front_score_BT)[:, :, None]
