@@ -562,19 +562,21 @@ SAMPLED_FIDELITY = {**TREE_FIDELITY, "drafter": "model", "decode.tree_candidates
 
 
 @pytest.mark.slow
-def test_sampled_tree_fidelity_with_depth_two_acceptances_and_a_broken_residual_fails(
+def test_sampled_tree_fidelity_with_depth_two_acceptances_and_broken_rules_fail(
     monkeypatch):
-  """The whole loop with sampled model-draft trees (depth 3, 6 nodes: two
-  children at depth 1, siblings deeper): the 3-token continuations match
-  the enumerated target distribution, with paths accepted two deep. Caught:
+  """The whole loop with sampled model-draft and feature-draft trees (depth
+  3, 6 nodes: two children at depth 1, siblings deeper): the 3-token
+  continuations match the enumerated target distribution, with paths
+  accepted two deep. Caught:
   the rule without its residual update, and a tree that keeps children by
   their own draft probability (EAGLE-2's rerank over the draws)."""
-  stats = run_fidelity(tiny_config(**{**SAMPLED_FIDELITY, "fidelity.num_samples": 6000}),
-                       log=lambda *a: None)
-  assert stats["passed"] and stats["p_value"] > 1e-3, stats
-  assert stats["impossible_samples"] == 0
-  assert stats["steps_accepting_2_or_more"] > 0.02 * stats["n_samples"], stats
-  assert stats["accepted"] < stats["proposed"], stats
+  for drafter, samples in (("model", 4000), ("feature", 3000)):
+    stats = run_fidelity(tiny_config(**{**SAMPLED_FIDELITY, "drafter": drafter,
+                                        "fidelity.num_samples": samples}), log=lambda *a: None)
+    assert stats["passed"] and stats["p_value"] > 1e-3, (drafter, stats)
+    assert stats["impossible_samples"] == 0
+    assert stats["steps_accepting_2_or_more"] > 0.02 * stats["n_samples"], (drafter, stats)
+    assert stats["accepted"] < stats["proposed"], (drafter, stats)
   with monkeypatch.context() as patch:
     patch.setattr(tree, "_recursive_rejection", _broken_recursive_rejection)
     broken = run_fidelity(tiny_config(**{**SAMPLED_FIDELITY, "fidelity.num_samples": 2500}),
