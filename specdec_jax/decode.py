@@ -66,6 +66,7 @@ class DecodeSpec:
   def __post_init__(self):
     check_verify_widths(self.verify_widths, self.k_max)
     tree.check_settings(self.tree_nodes, self.tree_topk, self.k_max)
+    tree.check_candidates(self.tree_candidates)
 
 
 def default_verify_widths(k_max: int) -> tuple[int, ...]:

@@ -147,6 +147,7 @@ class Generator:
     for eos in eos_ids:
       if not 0 <= eos < target.cfg.vocab_size:
         raise ValueError(f"eos id {eos} outside the vocabulary [0, {target.cfg.vocab_size})")
+    tree.check_candidates(tree_candidates)
     if tree_nodes:
       tree.check_setup(tree_nodes, tree_topk, k_max, drafter if k_max > 0 else None, rule,
                        policy, verify_widths, tree_candidates)

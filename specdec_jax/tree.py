@@ -8,6 +8,8 @@ child of the root, the newest committed token; else a smaller node index),
 In the verify block, index 0 is the root and index j + 1 is node j.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -43,14 +45,19 @@ def check_settings(tree_nodes, tree_topk, k_max: int) -> None:
     raise ValueError(f"tree_topk={tree_topk!r} must be an int in [1, tree_nodes={tree_nodes}]")
 
 
+def check_candidates(candidates) -> None:
+  """ValueError unless ``candidates`` is one of ``TREE_CANDIDATES``."""
+  if candidates not in TREE_CANDIDATES:
+    raise ValueError(f"tree_candidates={candidates!r}; expected one of {TREE_CANDIDATES}")
+
+
 def check_setup(tree_nodes, tree_topk, k_max, drafter, rule, policy,
                 verify_widths=None, candidates: str = "topk") -> None:
   """ValueError, naming the fix, unless draft trees can run with these
   settings (docs/design.md, "Draft trees"); tree_nodes > 0. ``drafter``: a
   Drafter or its registry entry (``drafters.DrafterKind``)."""
   check_settings(tree_nodes, tree_topk, k_max)
-  if candidates not in TREE_CANDIDATES:
-    raise ValueError(f"tree_candidates={candidates!r}; expected one of {TREE_CANDIDATES}")
+  check_candidates(candidates)
   if k_max == 0 or drafter is None:
     raise ValueError(f"tree_nodes={tree_nodes} needs a drafter and k >= 1")
   if not drafter.builds_trees:
@@ -207,12 +214,11 @@ def _recursive_rejection(p_BV, draft_BN, child_BN, q_BNV, keys_B2, position_B, v
   was rejected, p where there is none; mass_B: the probability, given the
   candidates, that some child is accepted)."""
   batch, n = draft_BN.shape
-  r_BV = p_BV
-  drawn_BV = jnp.zeros_like(p_BV)    # the earlier siblings' tokens
-  none_B = jnp.ones((batch,), jnp.float32)   # P(every child so far rejected)
-  done_B = jnp.zeros((batch,), bool)
-  hit = []
-  for j in range(n):
+
+  def sibling(j, carry):
+    """Child j's test, and r as if it were rejected (read only while no
+    sibling was accepted); rows where node j is no child pass through."""
+    r_BV, drawn_BV, none_B, done_B = carry   # drawn: the earlier siblings' tokens
     t_B = draft_BN[:, j]
     is_child_B = child_BN[:, j]
     onehot_BV = jax.nn.one_hot(t_B, vocab, dtype=r_BV.dtype)
@@ -227,20 +233,32 @@ def _recursive_rejection(p_BV, draft_BN, child_BN, q_BNV, keys_B2, position_B, v
       q_t_B = jnp.take_along_axis(qi_BV, t_B[:, None], axis=1)[:, 0]
     u_B = sampling.uniform(sampling.position_keys(keys_B2, position_B,
                                                   SIBLING_PURPOSE_BASE + j))
-    bar_B = r_sum_B * q_t_B      # accept when u * Q(t) * sum(r) < r(t)
-    ok_B = is_child_B & ~done_B & verify.accept_test(u_B, r_t_B, bar_B)
-    hit.append(ok_B)
-    done_B = done_B | ok_B
-    accept_prob_B = jnp.where(bar_B > 0, jnp.minimum(r_t_B / jnp.maximum(bar_B, 1e-30), 1.0), 0.0)
+    threshold_B = r_sum_B * q_t_B      # accept when u * Q(t) * sum(r) < r(t)
+    ok_B = is_child_B & ~done_B & verify.accept_test(u_B, r_t_B, threshold_B)
+    # min(1, r(t) / (sum(r) Q(t))), as the test decides it (1 where the
+    # threshold underflows to 0 with r(t) > 0).
+    accept_prob_B = jnp.where(threshold_B > 0,
+                              jnp.minimum(r_t_B / jnp.maximum(threshold_B, 1e-30), 1.0),
+                              (r_t_B > 0).astype(jnp.float32))
     none_B = jnp.where(is_child_B, none_B * (1.0 - accept_prob_B), none_B)
-    # The residual as if this child were rejected (after an acceptance it is
-    # never read).
     if q_BNV is None:
       rejected_BV = r_BV * (1.0 - onehot_BV)
     else:
       rejected_BV = jnp.maximum(r_BV / jnp.maximum(r_sum_B, 1e-30)[:, None] - qi_BV, 0.0)
       drawn_BV = jnp.where(is_child_B[:, None], jnp.maximum(drawn_BV, onehot_BV), drawn_BV)
     r_BV = jnp.where(is_child_B[:, None], rejected_BV, r_BV)
+    return (r_BV, drawn_BV, none_B, done_B | ok_B), ok_B
+
+  carry = (p_BV, jnp.zeros_like(p_BV), jnp.ones((batch,), jnp.float32),
+           jnp.zeros((batch,), bool))
+  hit = []
+  for j in range(n):
+    # Node j is a child of no row's current node (most nodes at most
+    # depths): skip its vocabulary-wide work.
+    carry, ok_B = jax.lax.cond(jnp.any(child_BN[:, j]), functools.partial(sibling, j),
+                               lambda c: (c, jnp.zeros((batch,), bool)), carry)
+    hit.append(ok_B)
+  r_BV, _, none_B, _ = carry
   return jnp.stack(hit, axis=1), r_BV, 1.0 - none_B
 
 

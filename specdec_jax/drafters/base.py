@@ -35,7 +35,8 @@ class Proposal:
 
   draft_BK: int32 proposed tokens (slots >= num_proposed_B are ignored).
   q_BKV: float32 warped draft distributions the drafts were sampled from, or
-    None for a deterministic (one-hot) proposal.
+    None for a deterministic (one-hot) proposal. For a sampled tree, node
+    j's parent's q, before its earlier siblings' draws are removed.
   num_proposed_B: int32 in [0, K]: how many drafts the row really proposes.
   shadow_B: int32 [B] or None: for a deterministic source (prompt lookup), how
     many of draft_BK are real candidates even where the policy let the row

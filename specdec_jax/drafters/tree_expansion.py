@@ -42,11 +42,14 @@ from specdec_jax.drafters.base import DraftContext, Proposal
 from specdec_jax.tree import ROOT
 
 # Sampled trees: the chance that the r-th draw (r = 1, 2, ..) of a node's
-# children is accepted, as the tree's shape assumes it: 0.6 / r^2 (the shape
-# of Sequoia's measured acceptance by draw rank at temperature 1).
+# children is accepted, as the tree's shape assumes it: FIRST / r^POWER (the
+# shape of Sequoia's measured acceptance by draw rank at temperature 1).
+PRIOR_FIRST, PRIOR_POWER = 0.6, 2.0
+
+
 def rank_log_prior(rank: int | jax.Array):
   """log of the assumed acceptance chance of the ``rank``-th draw (1-based)."""
-  return math.log(0.6) - 2.0 * jnp.log(jnp.asarray(rank, jnp.float32))
+  return math.log(PRIOR_FIRST) - PRIOR_POWER * jnp.log(jnp.asarray(rank, jnp.float32))
 
 # (state, tokens_BT, positions_BT, slots_BT, visible_BTS, parent_slot_BT)
 #   -> (logits_BTV, state); parent_slot_BT: the slot the node's parent was fed
@@ -68,7 +71,7 @@ def sampled_depth_counts(num_nodes: int, topk: int, k: int) -> tuple[int, ...]:
   (``rank_log_prior``; ties to the shallower node), capped at what the
   expansion can grow: the ``topk`` children of each of the ``topk`` nodes
   it feeds per depth."""
-  cost = lambda r: -(math.log(0.6) - 2.0 * math.log(r))
+  cost = lambda r: PRIOR_POWER * math.log(r) - math.log(PRIOR_FIRST)   # -log prior(r)
   heap = [(cost(r), 1, (r,)) for r in range(1, topk + 1)]
   counts = [0] * k
   for _ in range(num_nodes):
@@ -89,11 +92,10 @@ def sampled_depth_counts(num_nodes: int, topk: int, k: int) -> tuple[int, ...]:
 def _sampled_selection_score(parent_score_BT, child_lq_BTC):
   """What a sampled tree keeps children by, [B, T, C]: the parent's path
   log-probability plus the prior of the child's draw rank. Never the
-  child's own log q (``child_lq_BTC``, unused): a child kept for its own
+  child's own log q (only ``child_lq_BTC``'s shape is read): a child kept for its own
   token would no longer be a draw from q, and the rule's output would
   leave p (tests/test_tree.py checks both)."""
-  del child_lq_BTC
-  ranks_C = 1 + jnp.arange(parent_score_BT.shape[1])
+  ranks_C = 1 + jnp.arange(child_lq_BTC.shape[-1])   # the shape, never the values
   return parent_score_BT[:, :, None] + rank_log_prior(ranks_C)[None, None, :]
 
 
@@ -118,13 +120,17 @@ def _draws_without_replacement(q_BXV, keys_BX2, count: int):
   return jnp.stack(tokens, axis=-1), jnp.stack(log_qs, axis=-1)
 
 
-def _candidate_keys(ctx: DraftContext, position_B, count: int) -> jax.Array:
-  """uint32 [B, count, 2]: the keys of the draws of the children at
-  ``position_B`` of the depth's fed nodes 0 .. count - 1 (the DRAFT purpose,
-  which the tree's accept tests never use)."""
+def _candidate_keys(ctx: DraftContext, position_B, depth: int | jax.Array,
+                    count: int) -> jax.Array:
+  """uint32 [B, count, 2]: the keys of the draws of the children (at
+  ``position_B``) of the fed nodes 0 .. count - 1 of ``depth`` (0: the
+  root). The DRAFT purpose, which the tree's accept tests never use;
+  folding the depth in keeps a later step (whose root stands at a position
+  an earlier step drafted deeper) from reusing an earlier step's draws."""
   keys_B2 = sampling.position_keys(ctx.keys_B2, position_B, sampling.DRAFT)
-  return jax.vmap(lambda key: jax.vmap(lambda t: jax.random.fold_in(key, t))(
-      jnp.arange(count)))(keys_B2)
+  return jax.vmap(lambda key: jax.vmap(
+      lambda t: jax.random.fold_in(jax.random.fold_in(key, depth), t))(jnp.arange(count)))(
+          keys_B2)
 
 
 def _warped(logits_BXV, ctx: DraftContext, greedy: bool) -> tuple[jax.Array, jax.Array]:
@@ -166,30 +172,31 @@ def expand_tree(ctx: DraftContext, k: int, num_nodes: int, topk: int, root_logit
   pad = pool - topk
   scratch = scratch_slots(k, topk)
   scratch_start = num_slots - scratch
-  # Sampled: nodes kept per depth (the pruning below); top-k: the rerank's.
+  # Sampled: nodes kept per depth (the pruning below); top-k: unused (the
+  # rerank keeps the N best of the pool).
   depth_counts = jnp.asarray(sampled_depth_counts(num_nodes, topk, k) if sampled else (0,),
                              jnp.int32)
 
   root_q_BV, root_lq_BV = _warped(root_logits_BV, ctx, greedy)
   if sampled:
     token_B1T, lq_B1T = _draws_without_replacement(
-        root_q_BV[:, None], _candidate_keys(ctx, length_B, 1), topk)
+        root_q_BV[:, None], _candidate_keys(ctx, length_B, 0, 1), topk)
     token_BT, lq_BT = token_B1T[:, 0], lq_B1T[:, 0]
     keep_BT = jnp.isfinite(lq_BT) & (jnp.arange(topk)[None, :] < depth_counts[0])
     score_BT = jnp.where(keep_BT, lq_BT, -jnp.inf)
-    sel_BT = jnp.where(keep_BT, rank_log_prior(1 + jnp.arange(topk))[None, :], -jnp.inf)
+    keep_score_BT = jnp.where(keep_BT, rank_log_prior(1 + jnp.arange(topk))[None, :], -jnp.inf)
   else:
     score_BT, token_BT = jax.lax.top_k(root_lq_BV, topk)
-    sel_BT = score_BT
+    keep_score_BT = score_BT
   fill = lambda x, value: jnp.pad(x, ((0, 0), (0, pad)), constant_values=value)
   carry = dict(
       token=fill(token_BT.astype(jnp.int32), 0),
       parent=jnp.full((batch, pool), ROOT, jnp.int32),
       depth=fill(jnp.ones((batch, topk), jnp.int32), k + 1),
       score=fill(score_BT, -jnp.inf),   # the path's draft log-probability
-      sel=fill(sel_BT, -jnp.inf),       # what the kept set is chosen by
+      keep_score=fill(keep_score_BT, -jnp.inf),   # what the kept set is chosen by
       fed_slot=jnp.full((batch, pool), -1, jnp.int32))
-  if sampled:   # the q each fed node's children were drawn from
+  if sampled:   # the q each fed node's children were drawn from (a dummy row at k = 1)
     carry["fed_q"] = jnp.zeros((batch, max(scratch, 1), root_q_BV.shape[-1]), jnp.float32)
   slot_ids_S = jnp.arange(num_slots)
   vocab = root_logits_BV.shape[-1]
@@ -226,24 +233,25 @@ def expand_tree(ctx: DraftContext, k: int, num_nodes: int, topk: int, root_logit
     c = dict(c, fed_slot=fed_slot)
     if sampled:
       child_token_BTC, child_lq_BTC = _draws_without_replacement(
-          q_BTV, _candidate_keys(ctx, length_B + d, topk), topk)
+          q_BTV, _candidate_keys(ctx, length_B + d, d, topk), topk)
       # Depth d + 1 keeps its static count, by the parent's score and the
       # draw rank only: a child's own token never decides whether it exists.
       valid_BX = (jnp.isfinite(front_score_BT)[:, :, None]
                   & jnp.isfinite(child_lq_BTC)).reshape(batch, topk * topk)
-      sel_BX = jnp.where(valid_BX, _sampled_selection_score(front_score_BT, child_lq_BTC).reshape(
-          batch, topk * topk), -jnp.inf)
-      order_BX = jnp.argsort(-sel_BX, axis=1, stable=True)
+      keep_score_BX = jnp.where(
+          valid_BX, _sampled_selection_score(front_score_BT, child_lq_BTC).reshape(
+              batch, topk * topk), -jnp.inf)
+      order_BX = jnp.argsort(-keep_score_BX, axis=1, stable=True)
       rank_BX = jnp.zeros_like(order_BX).at[rows_B1, order_BX].set(
           jnp.broadcast_to(jnp.arange(topk * topk), (batch, topk * topk)))
       keep_BTC = (valid_BX & (rank_BX < depth_counts[d])).reshape(batch, topk, topk)
       child_score_BTC = jnp.where(keep_BTC, front_score_BT[:, :, None] + child_lq_BTC, -jnp.inf)
-      child_sel_BTC = jnp.where(keep_BTC, sel_BX.reshape(batch, topk, topk), -jnp.inf)
+      child_keep_BTC = jnp.where(keep_BTC, keep_score_BX.reshape(batch, topk, topk), -jnp.inf)
       c["fed_q"] = jax.lax.dynamic_update_slice_in_dim(c["fed_q"], q_BTV, (d - 1) * topk, 1)
     else:
       child_lq_BTC, child_token_BTC = jax.lax.top_k(lq_BTV, topk)
       child_score_BTC = front_score_BT[:, :, None] + child_lq_BTC
-      child_sel_BTC = child_score_BTC
+      child_keep_BTC = child_score_BTC
     start = topk + (d - 1) * topk * topk
     put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
         buf, x.reshape(batch, topk * topk).astype(buf.dtype), start, 1)
@@ -251,7 +259,7 @@ def expand_tree(ctx: DraftContext, k: int, num_nodes: int, topk: int, root_logit
              parent=put(c["parent"], jnp.repeat(front_BT[:, :, None], topk, axis=2)),
              depth=put(c["depth"], jnp.full((batch, topk, topk), d + 1)),
              score=put(c["score"], child_score_BTC),
-             sel=put(c["sel"], child_sel_BTC))
+             keep_score=put(c["keep_score"], child_keep_BTC))
     return (c, state), None
 
   if k > 1:
@@ -259,8 +267,8 @@ def expand_tree(ctx: DraftContext, k: int, num_nodes: int, topk: int, root_logit
   proposal, order_BN = _rerank(carry, ctx.max_k_B, num_nodes, k)
   if sampled:   # each node's parent's q: the root's, or a fed node's
     parent_BN = carry["parent"][rows_B1, order_BN]
-    fed_BN = carry["fed_slot"][rows_B1, jnp.maximum(parent_BN, 0)] - scratch_start
-    fed_q_BNV = carry["fed_q"][rows_B1, jnp.clip(fed_BN, 0, max(scratch, 1) - 1)]
+    fed_row_BN = carry["fed_slot"][rows_B1, jnp.maximum(parent_BN, 0)] - scratch_start
+    fed_q_BNV = carry["fed_q"][rows_B1, jnp.clip(fed_row_BN, 0, max(scratch, 1) - 1)]
     proposal = proposal.replace(q_BKV=jnp.where(
         (parent_BN >= 0)[..., None], fed_q_BNV, root_q_BV[:, None]))
   return proposal, state
@@ -268,15 +276,15 @@ def expand_tree(ctx: DraftContext, k: int, num_nodes: int, topk: int, root_logit
 
 def _rerank(c: dict, max_k_B, num_nodes: int, k: int) -> tuple[Proposal, jax.Array]:
   """The ``num_nodes`` best pool nodes the row may propose (depth <= its
-  k_b): higher ``sel`` first, then shallower, then pool order (two stable
+  k_b): higher ``keep_score`` first, then shallower, then pool order (two stable
   sorts); laid out by depth so that every parent precedes its children (and
   a family's draws in draw order). Returns (the Proposal, q_BKV None; the
   pool index of each node [B, N])."""
-  batch, pool = c["sel"].shape
+  batch, pool = c["keep_score"].shape
   rows_B1 = jnp.arange(batch)[:, None]
-  valid_BP = jnp.isfinite(c["sel"]) & (c["depth"] <= max_k_B[:, None])
+  valid_BP = jnp.isfinite(c["keep_score"]) & (c["depth"] <= max_k_B[:, None])
   by_depth_BP = jnp.argsort(c["depth"], axis=1, stable=True)
-  key_BP = jnp.where(valid_BP, -c["sel"], jnp.inf)[rows_B1, by_depth_BP]
+  key_BP = jnp.where(valid_BP, -c["keep_score"], jnp.inf)[rows_B1, by_depth_BP]
   best_BP = by_depth_BP[rows_B1, jnp.argsort(key_BP, axis=1, stable=True)]
   rank_BP = jnp.zeros((batch, pool), jnp.int32).at[rows_B1, best_BP].set(
       jnp.broadcast_to(jnp.arange(pool, dtype=jnp.int32), (batch, pool)))
