@@ -253,10 +253,12 @@ def _recursive_rejection(p_BV, draft_BN, child_BN, q_BNV, keys_B2, position_B, v
            jnp.zeros((batch,), bool))
   hit = []
   for j in range(n):
-    # Node j is a child of no row's current node (most nodes at most
-    # depths): skip its vocabulary-wide work.
-    carry, ok_B = jax.lax.cond(jnp.any(child_BN[:, j]), functools.partial(sibling, j),
-                               lambda c: (c, jnp.zeros((batch,), bool)), carry)
+    if q_BNV is None:   # a few cheap [B, V] products: straight-line code compiles faster
+      carry, ok_B = sibling(j, carry)
+    else:   # node j is a child of no row's current node (most nodes at most
+      # depths): skip its vocabulary-wide work with q
+      carry, ok_B = jax.lax.cond(jnp.any(child_BN[:, j]), functools.partial(sibling, j),
+                                 lambda c: (c, jnp.zeros((batch,), bool)), carry)
     hit.append(ok_B)
   r_BV, _, none_B, _ = carry
   return jnp.stack(hit, axis=1), r_BV, 1.0 - none_B
