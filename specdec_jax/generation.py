@@ -147,7 +147,6 @@ class Generator:
     for eos in eos_ids:
       if not 0 <= eos < target.cfg.vocab_size:
         raise ValueError(f"eos id {eos} outside the vocabulary [0, {target.cfg.vocab_size})")
-    tree.check_candidates(tree_candidates)
     if tree_nodes:
       tree.check_setup(tree_nodes, tree_topk, k_max, drafter if k_max > 0 else None, rule,
                        policy, verify_widths, tree_candidates)
@@ -166,7 +165,7 @@ class Generator:
         max_new_tokens=max_new_tokens, eos_ids=tuple(int(e) for e in eos_ids), greedy=False,
         rule=rule, policy=policy, typical_epsilon=typical_epsilon,
         typical_alpha=typical_alpha, verify_widths=widths, tree_nodes=tree_nodes,
-        tree_topk=tree_topk, tree_candidates=tree_candidates if tree_nodes else "topk")
+        tree_topk=tree_topk, tree_candidates=tree_candidates)
     self.target = target
     self.drafter = drafter if k_max > 0 else None
     self.max_prompt_len = max_prompt_len

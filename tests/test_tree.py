@@ -553,11 +553,10 @@ def test_sampled_tree_shape_keeps_static_counts_and_draw_order():
   assert families >= 2 * (1 + 2)   # the root's family and families below depth 1
 
 
-def test_sampled_trees_are_greedy_top_k_trees_at_temperature_zero_and_never_recompile():
-  """At temperature 0 the candidates are the top-k (a greedy run of a
-  sampled-tree Generator is plain greedy decoding, token for token). At
-  temperature 1, other seeds, draft params and temperatures reuse the
-  compiled loop."""
+def test_sampled_tree_generator_is_plain_greedy_at_temperature_zero_and_never_recompiles():
+  """A greedy run of a sampled-tree Generator is plain greedy decoding,
+  token for token. At temperature 1, other seeds, draft params and
+  temperatures reuse the compiled loop."""
   plain = generators("rejection")[0]
   trees = Generator(TARGET, ModelDrafter(TARGET), k_max=2, rule="rejection",
                     max_prompt_len=16, max_new_tokens=MAX_NEW, batch_size=BATCH,

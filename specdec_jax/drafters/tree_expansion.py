@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from specdec_jax import sampling
 from specdec_jax.drafters.base import DraftContext, Proposal
@@ -47,9 +48,11 @@ from specdec_jax.tree import ROOT
 PRIOR_FIRST, PRIOR_POWER = 0.6, 2.0
 
 
-def rank_log_prior(rank: int | jax.Array):
-  """log of the assumed acceptance chance of the ``rank``-th draw (1-based)."""
-  return math.log(PRIOR_FIRST) - PRIOR_POWER * jnp.log(jnp.asarray(rank, jnp.float32))
+def rank_log_prior(rank):
+  """log of the assumed acceptance chance of the ``rank``-th draw (1-based;
+  an int or a numpy array of them)."""
+  return math.log(PRIOR_FIRST) - PRIOR_POWER * np.log(rank)
+
 
 # (state, tokens_BT, positions_BT, slots_BT, visible_BTS, parent_slot_BT)
 #   -> (logits_BTV, state); parent_slot_BT: the slot the node's parent was fed
@@ -71,7 +74,7 @@ def sampled_depth_counts(num_nodes: int, topk: int, k: int) -> tuple[int, ...]:
   (``rank_log_prior``; ties to the shallower node), capped at what the
   expansion can grow: the ``topk`` children of each of the ``topk`` nodes
   it feeds per depth."""
-  cost = lambda r: PRIOR_POWER * math.log(r) - math.log(PRIOR_FIRST)   # -log prior(r)
+  cost = lambda r: -float(rank_log_prior(r))
   heap = [(cost(r), 1, (r,)) for r in range(1, topk + 1)]
   counts = [0] * k
   for _ in range(num_nodes):
@@ -92,11 +95,11 @@ def sampled_depth_counts(num_nodes: int, topk: int, k: int) -> tuple[int, ...]:
 def _sampled_selection_score(parent_score_BT, child_lq_BTC):
   """What a sampled tree keeps children by, [B, T, C]: the parent's path
   log-probability plus the prior of the child's draw rank. Never the
-  child's own log q (only ``child_lq_BTC``'s shape is read): a child kept for its own
-  token would no longer be a draw from q, and the rule's output would
-  leave p (tests/test_tree.py checks both)."""
-  ranks_C = 1 + jnp.arange(child_lq_BTC.shape[-1])   # the shape, never the values
-  return parent_score_BT[:, :, None] + rank_log_prior(ranks_C)[None, None, :]
+  child's own log q (only ``child_lq_BTC``'s shape is read): a child kept
+  for its own token would no longer be a draw from q, and the rule's output
+  would leave p (tests/test_tree.py checks both)."""
+  prior_C = rank_log_prior(1 + np.arange(child_lq_BTC.shape[-1])).astype(np.float32)
+  return parent_score_BT[:, :, None] + prior_C[None, None, :]
 
 
 def _draws_without_replacement(q_BXV, keys_BX2, count: int):
@@ -184,7 +187,8 @@ def expand_tree(ctx: DraftContext, k: int, num_nodes: int, topk: int, root_logit
     token_BT, lq_BT = token_B1T[:, 0], lq_B1T[:, 0]
     keep_BT = jnp.isfinite(lq_BT) & (jnp.arange(topk)[None, :] < depth_counts[0])
     score_BT = jnp.where(keep_BT, lq_BT, -jnp.inf)
-    keep_score_BT = jnp.where(keep_BT, rank_log_prior(1 + jnp.arange(topk))[None, :], -jnp.inf)
+    prior_T = rank_log_prior(1 + np.arange(topk)).astype(np.float32)
+    keep_score_BT = jnp.where(keep_BT, prior_T[None, :], -jnp.inf)
   else:
     score_BT, token_BT = jax.lax.top_k(root_lq_BV, topk)
     keep_score_BT = score_BT
